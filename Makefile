@@ -1,0 +1,37 @@
+# Targets a developer runs; each works on a fresh clone after `make install`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_FILES := $(wildcard protos/sira/experiments/v1/*.proto)
+
+.PHONY: install run test migrate protos lint typecheck bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+
+run: install
+	$(VENV)/bin/sira-server
+
+test: install
+	$(PY) -m pytest -q
+
+migrate:
+	$(VENV)/bin/sira migrate
+
+# Regenerate the committed stubs from protos/ (tests fail when they drift).
+protos:
+	$(PY) -m sira_server.codegen client
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) -m sira_loadtest.bench
+
+clean:
+	rm -rf $(VENV) .sira .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated API of the SIRA decision server, by proto package version."""

@@ -1,0 +1,136 @@
+"""Server settings, read once from the environment in `main` and passed down.
+
+Nothing reads the environment at import time. Every field documents its
+variable; `Settings.from_env` is the only place that parses them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEV_SECRET_FILE = "dev-jwt-secret"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    algorithm: str = "HS256"
+    """SIRA_JWT_ALGORITHM: HS256 (shared secret), RS256 or ES256 (public key)."""
+    secret: str | None = None
+    """SIRA_JWT_SECRET: HS256 shared secret. Embedded default: generated once
+    and kept in `<data dir>/dev-jwt-secret`."""
+    public_key: str | None = None
+    """SIRA_JWT_PUBLIC_KEY (PEM text) or SIRA_JWT_PUBLIC_KEY_FILE: for RS256/ES256."""
+    audience: str | None = None
+    """SIRA_JWT_AUDIENCE: when set, tokens must carry this `aud`."""
+    issuer: str | None = None
+    """SIRA_JWT_ISSUER: when set, tokens must carry this `iss`."""
+    leeway_seconds: float = 30.0
+    """SIRA_JWT_LEEWAY_SECONDS: clock skew tolerated on exp/nbf."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    """SIRA_DATABASE_URL: Postgres DSN. Unset: start the embedded Postgres."""
+    redis_url: str | None = None
+    """SIRA_REDIS_URL: Redis URL. Unset: start the embedded Redis."""
+    grpc_host: str = "0.0.0.0"
+    """SIRA_GRPC_HOST: interface the gRPC server binds."""
+    grpc_port: int = 50051
+    """SIRA_GRPC_PORT: gRPC port (0 picks a free one)."""
+    metrics_port: int | None = 9464
+    """SIRA_METRICS_PORT: Prometheus exporter port; 0 or empty disables it."""
+    data_dir: Path = field(default_factory=lambda: Path(".sira"))
+    """SIRA_DATA_DIR: where the embedded servers and the dev secret live."""
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    shutdown_grace_seconds: float = 10.0
+    """SIRA_SHUTDOWN_GRACE_SECONDS: time in-flight RPCs get on SIGTERM."""
+    workers: int = 1
+    """SIRA_WORKERS: server processes sharing the port (SO_REUSEPORT)."""
+    tls_cert_file: Path | None = None
+    """SIRA_TLS_CERT_FILE / SIRA_TLS_KEY_FILE: serve TLS when both are set."""
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """SIRA_TLS_CLIENT_CA_FILE: require client certificates signed by this CA (mTLS)."""
+    log_level: str = "INFO"
+    """SIRA_LOG_LEVEL: Python logging level."""
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def integer(name: str, default: int, minimum: int = 0) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            if value < minimum:
+                raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+            return value
+
+        def number(name: str, default: float) -> float:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        public_key = text("SIRA_JWT_PUBLIC_KEY")
+        key_file = text("SIRA_JWT_PUBLIC_KEY_FILE")
+        if public_key is None and key_file is not None:
+            try:
+                public_key = Path(key_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"SIRA_JWT_PUBLIC_KEY_FILE: cannot read {key_file}: {exc}") from None
+        algorithm = (text("SIRA_JWT_ALGORITHM") or "HS256").upper()
+        if algorithm not in ("HS256", "RS256", "ES256"):
+            raise ConfigError(f"SIRA_JWT_ALGORITHM must be HS256, RS256 or ES256, got {algorithm}")
+        if algorithm != "HS256" and public_key is None:
+            raise ConfigError(f"SIRA_JWT_ALGORITHM={algorithm} needs SIRA_JWT_PUBLIC_KEY(_FILE)")
+        metrics_port = integer("SIRA_METRICS_PORT", 9464)
+        cert, key = text("SIRA_TLS_CERT_FILE"), text("SIRA_TLS_KEY_FILE")
+        if (cert is None) != (key is None):
+            raise ConfigError("SIRA_TLS_CERT_FILE and SIRA_TLS_KEY_FILE must be set together")
+        client_ca = text("SIRA_TLS_CLIENT_CA_FILE")
+        return cls(
+            database_url=text("SIRA_DATABASE_URL"),
+            redis_url=text("SIRA_REDIS_URL"),
+            grpc_host=text("SIRA_GRPC_HOST") or "0.0.0.0",
+            grpc_port=integer("SIRA_GRPC_PORT", 50051),
+            metrics_port=metrics_port or None,
+            data_dir=Path(text("SIRA_DATA_DIR") or ".sira"),
+            jwt=JwtSettings(
+                algorithm=algorithm,
+                secret=text("SIRA_JWT_SECRET"),
+                public_key=public_key,
+                audience=text("SIRA_JWT_AUDIENCE"),
+                issuer=text("SIRA_JWT_ISSUER"),
+                leeway_seconds=number("SIRA_JWT_LEEWAY_SECONDS", 30.0),
+            ),
+            shutdown_grace_seconds=number("SIRA_SHUTDOWN_GRACE_SECONDS", 10.0),
+            workers=integer("SIRA_WORKERS", 1, minimum=1),
+            tls_cert_file=Path(cert) if cert else None,
+            tls_key_file=Path(key) if key else None,
+            tls_client_ca_file=Path(client_ca) if client_ca else None,
+            log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
+        )
