@@ -1,0 +1,357 @@
+"""gRPC server interceptors: domain errors to rich statuses, and JWT + RBAC.
+
+Order (see `build_interceptors`): grpc.aio hands control to interceptors in
+list order, so the first one's wrapper ends up outermost around the handler.
+
+    ErrorInterceptor   outermost: turns every SiraError raised below it,
+                       including AuthInterceptor's, into a status with
+                       google.rpc.ErrorInfo (+ BadRequest); anything else
+                       into INTERNAL with a request id. Never UNKNOWN.
+    AuthInterceptor    reads the bearer token, checks the RBAC table, sets
+                       the principal for the servicer, then calls it.
+    servicer
+
+Anything that must observe final statuses (metrics, access logs) belongs
+before ErrorInterceptor in the list.
+
+Both wrap a method's behaviour once and reuse the wrapper for every later call
+(the per-call work is a dict lookup plus what the wrapper itself does), since
+Assign and Track go through here on the hot path. Per-call inputs (metadata)
+are read from the servicer context, not captured at wrap time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
+
+from sira_server import rbac
+from sira_server.api.context import set_principal
+from sira_server.auth import ANONYMOUS, Principal, TokenVerifier
+from sira_server.errors import PermissionDenied, SiraError, Unauthenticated
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AuthInterceptor",
+    "ErrorInterceptor",
+    "InternalError",
+    "bearer_token",
+    "build_interceptors",
+    "error_status",
+]
+
+logger = logging.getLogger("sira_server.api")
+
+ERROR_DOMAIN = "sira.experiments.v1"
+"""`google.rpc.ErrorInfo.domain` of every error SIRA reports."""
+
+_STATUS_CODES: dict[str, Any] = {
+    code.name: code
+    for code in grpc.StatusCode
+    if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN)
+}
+
+# grpc.aio's own abort exception (context.abort / abort_with_status): let it through.
+_AbortError: type[BaseException] = grpc.aio.AbortError
+
+Behaviour = Callable[[Any, Any], Any]
+UnaryBehaviour = Callable[[Any, Any], Awaitable[Any]]
+StreamBehaviour = Callable[[Any, Any], AsyncIterator[Any]]
+Continuation = Callable[[Any], Awaitable[Any]]
+
+
+class InternalError(SiraError):
+    """An unexpected exception, as the caller sees it (details stay in the log)."""
+
+    status_name = "INTERNAL"
+    default_reason = "ERROR_REASON_INTERNAL"
+
+
+def _pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def error_status(err: SiraError) -> Any:
+    """The grpc.Status for `err`: code, message, ErrorInfo and, if any, BadRequest."""
+    code = _STATUS_CODES.get(err.status_name, grpc.StatusCode.INTERNAL)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason,
+        domain=ERROR_DOMAIN,
+        metadata={str(k): str(v) for k, v in err.metadata.items()},
+    )
+    details = [_pack(info)]
+    if err.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in err.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    proto = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    return rpc_status.to_status(proto)
+
+
+async def _abort(context: Any, err: SiraError, method: str) -> NoReturn:
+    if err.status_name == "UNAVAILABLE":
+        logger.warning("%s: %s", method, err.message)
+    else:
+        logger.debug("%s: %s %s", method, err.status_name, err.message)
+    await context.abort_with_status(error_status(err))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+async def _abort_internal(context: Any, method: str) -> NoReturn:
+    request_id = uuid.uuid4().hex[:16]
+    logger.exception("unhandled exception in %s (request id %s)", method, request_id)
+    err = InternalError(
+        f"internal error; see server logs (request id {request_id})",
+        metadata={"request_id": request_id},
+    )
+    await context.abort_with_status(error_status(err))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+# --- wrapping a handler's behaviour -------------------------------------------------
+
+
+def _as_coroutine(behaviour: Behaviour) -> UnaryBehaviour:
+    if inspect.iscoroutinefunction(behaviour):
+        return behaviour
+
+    async def call(request: Any, context: Any) -> Any:
+        result = behaviour(request, context)
+        return await result if inspect.isawaitable(result) else result
+
+    return call
+
+
+def _as_async_gen(behaviour: Behaviour) -> StreamBehaviour:
+    if inspect.isasyncgenfunction(behaviour):
+        return behaviour
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        result = behaviour(request, context)
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                yield item
+        elif result is not None:
+            for item in result:
+                yield item
+
+    return stream
+
+
+class _Wrapper:
+    """How an interceptor wraps the two shapes of aio behaviour."""
+
+    def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        raise NotImplementedError
+
+    def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        raise NotImplementedError
+
+    def handler(self, handler: Any, method: str) -> Any:
+        """A new RpcMethodHandler whose behaviour is wrapped, whatever its cardinality."""
+
+        def wrap(behaviour: Behaviour) -> Behaviour:
+            # A response-streaming coroutine writes through context.write: same
+            # shape as unary. Otherwise streaming behaviours are (async) generators.
+            if not handler.response_streaming or inspect.iscoroutinefunction(behaviour):
+                return self.unary(_as_coroutine(behaviour), method)
+            return self.stream(_as_async_gen(behaviour), method)
+
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **codecs)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **codecs)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **codecs)
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **codecs)
+
+
+class _HandlerCache:
+    """Wrapped handler per method, rebuilt only if the inner handler changes."""
+
+    def __init__(self, wrapper: _Wrapper) -> None:
+        self._wrapper = wrapper
+        self._entries: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any) -> Any:
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return None
+        entry = self._entries.get(method)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = self._wrapper.handler(handler, method)
+        self._entries[method] = (handler, wrapped)
+        return wrapped
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+class _ErrorWrapper(_Wrapper):
+    def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        async def guarded(request: Any, context: Any) -> Any:
+            try:
+                return await behaviour(request, context)
+            except _AbortError:
+                raise
+            except SiraError as err:
+                await _abort(context, err, method)
+            except Exception:
+                await _abort_internal(context, method)
+
+        return guarded
+
+    def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except _AbortError:
+                raise
+            except SiraError as err:
+                await _abort(context, err, method)
+            except Exception:
+                await _abort_internal(context, method)
+
+        return guarded
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps SiraError to its status and any other exception to INTERNAL."""
+
+    def __init__(self) -> None:
+        self._cache = _HandlerCache(_ErrorWrapper())
+
+    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
+        return self._cache.get(details.method, await continuation(details))
+
+
+# --- authentication and RBAC ----------------------------------------------------------
+
+TOKEN_MISSING = "ERROR_REASON_TOKEN_MISSING"
+TOKEN_INVALID = "ERROR_REASON_TOKEN_INVALID"
+ROLE_NOT_ALLOWED = "ERROR_REASON_ROLE_NOT_ALLOWED"
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token of the first `authorization` entry, None if there is none."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, token = str(value).strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthenticated(
+                    "'authorization' metadata must be 'Bearer <token>'", reason=TOKEN_INVALID
+                )
+            return token
+    return None
+
+
+Authorize = Callable[[Any], Principal]
+
+
+class _AuthWrapper(_Wrapper):
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verify = verifier.verify
+
+    def _authorizer(self, method: str) -> Authorize:
+        """The per-call check for `method`: context -> Principal, or a SiraError."""
+        allowed = rbac.allowed_roles(method)
+        required = ",".join(sorted(allowed or ()))
+        denial = {"method": method, "required_roles": required}
+        if allowed is None:
+
+            def deny(context: Any) -> Principal:
+                raise PermissionDenied(
+                    f"{method} is not in SIRA's RBAC table, so no one may call it",
+                    reason=ROLE_NOT_ALLOWED,
+                    metadata=denial,
+                )
+
+            return deny
+
+        anonymous_ok = rbac.allows_anonymous(method)
+        verify = self._verify
+
+        def authorize(context: Any) -> Principal:
+            token = bearer_token(context.invocation_metadata())
+            if token is None:
+                if anonymous_ok:
+                    return ANONYMOUS
+                raise Unauthenticated(
+                    "missing bearer token in 'authorization' metadata", reason=TOKEN_MISSING
+                )
+            principal = verify(token)
+            if principal.roles.isdisjoint(allowed):
+                held = ", ".join(sorted(principal.roles)) or "none"
+                raise PermissionDenied(
+                    f"{method} needs one of the roles {required.replace(',', ', ')}; "
+                    f"the token of '{principal.subject}' has roles: {held}",
+                    reason=ROLE_NOT_ALLOWED,
+                    metadata=denial,
+                )
+            return principal
+
+        return authorize
+
+    def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        authorize = self._authorizer(method)
+
+        async def authorized(request: Any, context: Any) -> Any:
+            set_principal(authorize(context))
+            return await behaviour(request, context)
+
+        return authorized
+
+    def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        authorize = self._authorizer(method)
+
+        async def authorized(request: Any, context: Any) -> AsyncIterator[Any]:
+            set_principal(authorize(context))
+            async for item in behaviour(request, context):
+                yield item
+
+        return authorized
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bearer JWT + the RBAC table; public methods pass through untouched.
+
+    Raises SiraError from inside the wrapped behaviour, so it must sit after
+    (inside) ErrorInterceptor, which turns those into statuses.
+    """
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._cache = _HandlerCache(_AuthWrapper(verifier))
+
+    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
+        method = details.method
+        if rbac.is_public(method):
+            return await continuation(details)
+        return self._cache.get(method, await continuation(details))
+
+
+def build_interceptors(verifier: TokenVerifier) -> list[Any]:
+    """The server's interceptors, outermost first: [ErrorInterceptor, AuthInterceptor]."""
+    return [ErrorInterceptor(), AuthInterceptor(verifier)]
