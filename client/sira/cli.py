@@ -1,0 +1,486 @@
+"""`sira`: the admin command line (create, start, stop, results, insights, audit, ...).
+
+Human tables by default; `--json` prints the API messages as JSON (proto field
+names) for scripts. Every failure is one line on stderr, never a traceback:
+exit 2 for usage and local problems (bad file, missing secret), 1 for errors
+reported by the server or the database, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console, RenderableType
+
+from sira import render
+from sira.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Client
+from sira.errors import SiraError
+from sira.experiments.v1 import experiment_pb2, lifecycle_service_pb2
+from sira.spec_file import SpecFileError, load_experiment
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_SERVER = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+STATUSES = ("draft", "running", "stopped", "archived")
+
+EXAMPLES = """examples:
+  export SIRA_TOKEN=$(sira token --role ops_admin)
+  sira create docs/examples/checkout-button-color.json
+  sira start checkout-button-color
+  sira insights checkout-button-color
+  sira stop checkout-button-color --winner green-button --reason "green converts better"
+  sira list --status running --json | jq '.experiments[].key'
+"""
+
+
+class UsageError(Exception):
+    """A problem on the caller's side, reported as one line with exit code 2."""
+
+
+# -- arguments ----------------------------------------------------------------
+
+
+def _add_global_options(parser: argparse.ArgumentParser, env: Mapping[str, str], sub: bool) -> None:
+    """The same options on the main parser and on every subcommand.
+
+    On subcommands their default is SUPPRESS so that `sira --json list` and
+    `sira list --json` both work without the subcommand resetting the value.
+    """
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if sub else value
+
+    group = parser.add_argument_group("connection and output")
+    group.add_argument(
+        "--address",
+        default=default(env.get("SIRA_ADDRESS") or DEFAULT_ADDRESS),
+        help=f"server host:port (env SIRA_ADDRESS, default {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token",
+        default=default(env.get("SIRA_TOKEN") or None),
+        help="bearer token (env SIRA_TOKEN; `sira token` makes one for development)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=default(DEFAULT_TIMEOUT),
+        help=f"deadline of each call in seconds (default {DEFAULT_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print JSON (API field names) instead of tables",
+    )
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(env.get("SIRA_TLS", "") not in ("", "0", "false")),
+        help="connect with TLS (env SIRA_TLS=1)",
+    )
+    group.add_argument(
+        "--ca-file",
+        default=default(env.get("SIRA_CA_FILE") or None),
+        help="PEM file of the CA that signed the server certificate (env SIRA_CA_FILE)",
+    )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sira",
+        description="Manage SIRA experiments: create, start, stop, results, insights, audit.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(parser, env, sub=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(sub, env, sub=True)
+        return sub
+
+    create = command("create", "create a draft experiment from a JSON or YAML file")
+    create.add_argument("file", type=Path, help="experiment file (see docs/examples/)")
+
+    listing = command("list", "list experiments, newest first")
+    listing.add_argument("--status", choices=STATUSES, help="only experiments in this status")
+    listing.add_argument("--page-size", type=_positive_int, default=0, help="experiments per page")
+    listing.add_argument("--page-token", default="", help="continue from a previous page")
+    listing.add_argument("--all", action="store_true", help="follow every page")
+
+    def on_experiment(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = command(name, help_text)
+        sub.add_argument("experiment", help="experiment id or key")
+        return sub
+
+    on_experiment("show", "show one experiment and its variants")
+    on_experiment("start", "start a draft experiment (draft -> running)")
+    stop = on_experiment("stop", "stop a running experiment (running -> stopped)")
+    stop.add_argument("--winner", default="", help="variant id or key served to everyone after")
+    stop.add_argument("--reason", default="", help="why it stops (kept in the audit log)")
+    on_experiment("archive", "archive a stopped experiment (stopped -> archived)")
+
+    stale = command("archive-stale", "archive experiments stopped long ago")
+    stale.add_argument("--older-than-days", type=_positive_int, default=90)
+    stale.add_argument("--dry-run", action="store_true", help="only list what would be archived")
+
+    delete = on_experiment("delete", "delete a draft or stopped experiment (ops_admin)")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    audit = command("audit", "audit events, newest first")
+    audit.add_argument("experiment", nargs="?", default="", help="only this experiment")
+    audit.add_argument("--limit", type=_positive_int, default=50, help="at most this many")
+
+    on_experiment("results", "observed counts, conversion rates and revenue per variant")
+    on_experiment("insights", "Bayesian statistics, fail-fast verdict and recommendation")
+
+    migrate = command("migrate", "apply pending database migrations")
+    migrate.add_argument(
+        "--database-url",
+        default=env.get("SIRA_DATABASE_URL") or None,
+        help="Postgres DSN (env SIRA_DATABASE_URL)",
+    )
+
+    token = command("token", "mint a development JWT (HS256)")
+    token.add_argument(
+        "--role", action="append", required=True, dest="roles", help="role claim (repeatable)"
+    )
+    token.add_argument("--subject", default="alice", help="sub claim (default alice)")
+    token.add_argument("--ttl", type=_positive_int, default=3600, help="lifetime in seconds")
+    token.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env.get("SIRA_DATA_DIR") or ".sira"),
+        help="where the server keeps dev-jwt-secret (env SIRA_DATA_DIR, default .sira)",
+    )
+    return parser
+
+
+# -- output -------------------------------------------------------------------
+
+
+class Output:
+    """Where a command's result goes: rich tables or JSON, on stdout."""
+
+    def __init__(self, as_json: bool, stream: TextIO) -> None:
+        self.as_json = as_json
+        self.stream = stream
+        self.console = Console(file=stream, highlight=False, soft_wrap=False)
+
+    def json(self, value: Message | Mapping[str, Any]) -> None:
+        data = (
+            json_format.MessageToDict(value, preserving_proto_field_name=True)
+            if isinstance(value, Message)
+            else value
+        )
+        self.stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def show(self, message: Message, view: Callable[[], RenderableType | str]) -> None:
+        if self.as_json:
+            self.json(message)
+        else:
+            self.console.print(view())
+
+
+# -- commands -----------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    credentials = None
+    if args.tls or args.ca_file:
+        root = None
+        if args.ca_file:
+            try:
+                root = Path(args.ca_file).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"cannot read --ca-file {args.ca_file}: {exc.strerror}") from None
+        credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    return Client(args.address, token=args.token, timeout=args.timeout, credentials=credentials)
+
+
+def _cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
+    experiment = client.create_experiment(load_experiment(args.file))
+    out.show(
+        experiment,
+        lambda: render.experiment_view(experiment),
+    )
+    if not out.as_json:
+        out.console.print(f"created {experiment.key} ({experiment.id}) as a draft")
+    return EXIT_OK
+
+
+def _cmd_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.all:
+        response = lifecycle_service_pb2.ListExperimentsResponse(
+            experiments=list(client.iter_experiments(args.status, page_size=args.page_size))
+        )
+    else:
+        response = client.list_experiments(
+            args.status, page_size=args.page_size, page_token=args.page_token
+        )
+    out.show(response, lambda: render.experiments_table(response.experiments))
+    if not out.as_json and response.next_page_token:
+        out.console.print(f"more: --all, or --page-token {response.next_page_token}")
+    return EXIT_OK
+
+
+def _cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
+    experiment = client.get_experiment(args.experiment)
+    out.show(experiment, lambda: render.experiment_view(experiment))
+    return EXIT_OK
+
+
+def _transition(verb: str) -> Callable[[Client, argparse.Namespace, Output], int]:
+    def run(client: Client, args: argparse.Namespace, out: Output) -> int:
+        if verb == "start":
+            experiment = client.start_experiment(args.experiment)
+        elif verb == "stop":
+            experiment = client.stop_experiment(
+                args.experiment, winner_variant=args.winner, reason=args.reason
+            )
+        else:
+            experiment = client.archive_experiment(args.experiment)
+        out.show(experiment, lambda: _transition_line(experiment))
+        return EXIT_OK
+
+    return run
+
+
+def _transition_line(experiment: experiment_pb2.Experiment) -> str:
+    status = render.enum_word(experiment_pb2.ExperimentStatus.Name(experiment.status))
+    line = f"{experiment.key}: {status}"
+    winner = next((v for v in experiment.variants if v.id == experiment.winner_variant_id), None)
+    if experiment.winner_variant_id and winner is not None:
+        line += f", winner {winner.key} ({winner.name})"
+    if experiment.stop_reason:
+        line += f", reason: {experiment.stop_reason}"
+    return line
+
+
+def _cmd_archive_stale(client: Client, args: argparse.Namespace, out: Output) -> int:
+    archived = client.archive_stale_experiments(args.older_than_days, dry_run=args.dry_run)
+    response = lifecycle_service_pb2.ArchiveStaleExperimentsResponse(experiments=archived)
+    verb = "would archive" if args.dry_run else "archived"
+    title = f"{verb} {len(archived)} experiment(s) stopped over {args.older_than_days} days ago"
+    out.show(response, lambda: render.experiments_table(archived, title=title))
+    return EXIT_OK
+
+
+def _cmd_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"refusing to delete {args.experiment!r} without --yes (no terminal)")
+        sys.stderr.write(f"delete experiment {args.experiment!r} for good? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            sys.stderr.write("not deleted\n")
+            return EXIT_USAGE
+    client.delete_experiment(args.experiment)
+    if out.as_json:
+        out.json({"deleted": args.experiment})
+    else:
+        out.console.print(f"deleted {args.experiment}")
+    return EXIT_OK
+
+
+def _cmd_audit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    events: list[lifecycle_service_pb2.AuditEvent] = []
+    for event in client.iter_audit_events(args.experiment, page_size=min(args.limit, 1000)):
+        events.append(event)
+        if len(events) >= args.limit:
+            break
+    response = lifecycle_service_pb2.ListAuditEventsResponse(events=events)
+    out.show(response, lambda: render.audit_table(events))
+    return EXIT_OK
+
+
+def _cmd_results(client: Client, args: argparse.Namespace, out: Output) -> int:
+    results = client.get_results(args.experiment)
+    out.show(results, lambda: render.results_view(results))
+    return EXIT_OK
+
+
+def _cmd_insights(client: Client, args: argparse.Namespace, out: Output) -> int:
+    insights = client.get_insights(args.experiment)
+    out.show(insights, lambda: render.insights_view(insights))
+    return EXIT_OK
+
+
+_SERVER_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], int]] = {
+    "create": _cmd_create,
+    "list": _cmd_list,
+    "show": _cmd_show,
+    "start": _transition("start"),
+    "stop": _transition("stop"),
+    "archive": _transition("archive"),
+    "archive-stale": _cmd_archive_stale,
+    "delete": _cmd_delete,
+    "audit": _cmd_audit,
+    "results": _cmd_results,
+    "insights": _cmd_insights,
+}
+
+
+def _cmd_migrate(args: argparse.Namespace, out: Output) -> int:
+    if not args.database_url:
+        raise UsageError(
+            "no database: pass --database-url or set SIRA_DATABASE_URL "
+            "(the embedded server migrates its own database on start)"
+        )
+    from sira_server.store.migrate import apply_migrations  # server side, only needed here
+
+    try:
+        applied = asyncio.run(apply_migrations(args.database_url))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a DB or file problem, reported as one line
+        sys.stderr.write(f"error: migration failed: {_one_line(str(exc)) or type(exc).__name__}\n")
+        return EXIT_SERVER
+    if out.as_json:
+        out.json({"applied": list(applied)})
+    elif applied:
+        for version in applied:
+            out.console.print(f"applied {version}")
+    else:
+        out.console.print("up to date")
+    return EXIT_OK
+
+
+def _cmd_token(args: argparse.Namespace, out: Output, env: Mapping[str, str]) -> int:
+    from sira_server.auth import mint_token, read_dev_secret  # server side, only needed here
+    from sira_server.config import ConfigError
+
+    secret = env.get("SIRA_JWT_SECRET", "").strip() or None
+    if secret is None:
+        try:
+            secret = read_dev_secret(args.data_dir)
+        except (ConfigError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+    if secret is None:
+        raise UsageError(
+            f"no JWT secret: set SIRA_JWT_SECRET, or start the server once (`sira-server`) "
+            f"so it creates {args.data_dir / 'dev-jwt-secret'} (or pass --data-dir)"
+        )
+    token = mint_token(
+        secret,
+        subject=args.subject,
+        roles=list(args.roles),
+        ttl_seconds=args.ttl,
+        audience=env.get("SIRA_JWT_AUDIENCE") or None,
+        issuer=env.get("SIRA_JWT_ISSUER") or None,
+    )
+    if out.as_json:
+        out.json({"token": token})
+    else:
+        out.stream.write(token + "\n")
+    return EXIT_OK
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe(error: SiraError, address: str) -> list[str]:
+    """The lines printed for a failed call: the error, then one per field violation."""
+    code = error.code_name
+    reason = f" ({error.reason})" if error.reason else ""
+    message = _one_line(error.message)
+    if error.code == grpc.StatusCode.UNAVAILABLE and not error.reason:
+        message = f"cannot reach the SIRA server at {address}: {message}"
+    elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        message = f"no answer from {address} in time (raise --timeout): {message}"
+    elif error.code == grpc.StatusCode.UNIMPLEMENTED:
+        message = f"the server at {address} does not implement this call yet: {message}"
+    elif error.reason == "ERROR_REASON_TOKEN_MISSING":
+        message += " (pass --token or set SIRA_TOKEN; `sira token --role ROLE` mints one)"
+    lines = [f"error: {code}{reason}: {message}"]
+    lines += [f"  {field}: {_one_line(description)}" for field, description in error.violations]
+    return lines
+
+
+# -- entry point --------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the process exit code."""
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv), os.environ)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK  # `sira list | head`: the reader left, nothing to report
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("SIRA_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+            "(SIRA_DEBUG=1 shows the traceback)\n"
+        )
+        return EXIT_SERVER
+
+
+def _run(argv: list[str], env: Mapping[str, str]) -> int:
+    parser = build_parser(env)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    out = Output(args.json, sys.stdout)
+    try:
+        if args.command == "migrate":
+            return _cmd_migrate(args, out)
+        if args.command == "token":
+            return _cmd_token(args, out, env)
+        with _connect(args) as client:
+            return _SERVER_COMMANDS[args.command](client, args, out)
+    except SiraError as exc:
+        for line in describe(exc, args.address):
+            sys.stderr.write(line + "\n")
+        return EXIT_SERVER
+    except (SpecFileError, UsageError) as exc:
+        sys.stderr.write(f"error: {_one_line(str(exc))}\n")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
