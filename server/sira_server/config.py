@@ -101,7 +101,9 @@ class Settings:
             try:
                 public_key = Path(key_file).read_text()
             except OSError as exc:
-                raise ConfigError(f"SIRA_JWT_PUBLIC_KEY_FILE: cannot read {key_file}: {exc}") from None
+                raise ConfigError(
+                    f"SIRA_JWT_PUBLIC_KEY_FILE: cannot read {key_file}: {exc}"
+                ) from None
         algorithm = (text("SIRA_JWT_ALGORITHM") or "HS256").upper()
         if algorithm not in ("HS256", "RS256", "ES256"):
             raise ConfigError(f"SIRA_JWT_ALGORITHM must be HS256, RS256 or ES256, got {algorithm}")

@@ -31,13 +31,14 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from sira_server import rbac
 from sira_server.api.context import set_principal
 from sira_server.auth import ANONYMOUS, Principal, TokenVerifier
 from sira_server.errors import PermissionDenied, SiraError, Unauthenticated
+from sira_server.metrics import Metrics
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -208,40 +209,73 @@ class _HandlerCache:
 # --- errors -------------------------------------------------------------------------
 
 
+Count = Callable[[str, str], None]
+"""Called with (method, status code name) once per finished RPC."""
+
+
+def _count_nothing(method: str, code: str) -> None:
+    return None
+
+
+def _aborted_code(context: Any) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 class _ErrorWrapper(_Wrapper):
+    def __init__(self, count: Count) -> None:
+        self._count = count
+
     def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        count = self._count
+
         async def guarded(request: Any, context: Any) -> Any:
             try:
-                return await behaviour(request, context)
+                response = await behaviour(request, context)
             except _AbortError:
+                count(method, _aborted_code(context))
                 raise
             except SiraError as err:
+                count(method, err.status_name if err.status_name != "UNKNOWN" else "INTERNAL")
                 await _abort(context, err, method)
+            except NotImplementedError:  # a generated servicer base: not served here
+                count(method, "UNIMPLEMENTED")
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
             except Exception:
+                count(method, "INTERNAL")
                 await _abort_internal(context, method)
+            count(method, "OK")
+            return response
 
         return guarded
 
     def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        count = self._count
+
         async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
                 async for item in behaviour(request, context):
                     yield item
             except _AbortError:
+                count(method, _aborted_code(context))
                 raise
             except SiraError as err:
+                count(method, err.status_name if err.status_name != "UNKNOWN" else "INTERNAL")
                 await _abort(context, err, method)
             except Exception:
+                count(method, "INTERNAL")
                 await _abort_internal(context, method)
+            count(method, "OK")
 
         return guarded
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps SiraError to its status and any other exception to INTERNAL."""
+    """Maps SiraError to its status and any other exception to INTERNAL; counts every
+    finished RPC by method and status code when given a `count` callback."""
 
-    def __init__(self) -> None:
-        self._cache = _HandlerCache(_ErrorWrapper())
+    def __init__(self, count: Count = _count_nothing) -> None:
+        self._cache = _HandlerCache(_ErrorWrapper(count))
 
     async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
         return self._cache.get(details.method, await continuation(details))
@@ -352,6 +386,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return self._cache.get(method, await continuation(details))
 
 
-def build_interceptors(verifier: TokenVerifier) -> list[Any]:
+def build_interceptors(verifier: TokenVerifier, metrics: Metrics | None = None) -> list[Any]:
     """The server's interceptors, outermost first: [ErrorInterceptor, AuthInterceptor]."""
-    return [ErrorInterceptor(), AuthInterceptor(verifier)]
+    count = metrics.count_rpc if metrics is not None else _count_nothing
+    return [ErrorInterceptor(count), AuthInterceptor(verifier)]

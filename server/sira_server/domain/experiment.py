@@ -90,6 +90,7 @@ class AuditAction(StrEnum):
     STOPPED = "stopped"
     ARCHIVED = "archived"
     DELETED = "deleted"
+    VARIANT_DROPPED = "variant_dropped"
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,7 +322,13 @@ class ExperimentRepository:
         return experiment
 
     async def stop(
-        self, ref: str, *, actor: str, winner: str | None = None, reason: str = ""
+        self,
+        ref: str,
+        *,
+        actor: str,
+        winner: str | None = None,
+        reason: str = "",
+        evidence: JsonObject | None = None,
     ) -> Experiment:
         """RUNNING -> STOPPED. ``winner`` (variant id or key) must be an active variant of
         this experiment: NotFound (VARIANT_NOT_FOUND) when it is not one of its variants,
@@ -354,10 +360,56 @@ class ExperimentRepository:
                     "stopped_at": changed["stopped_at"].isoformat(),
                     "ran_seconds": (changed["stopped_at"] - started_at).total_seconds(),
                     "version": changed["version"],
+                    **({"evidence": evidence} if evidence else {}),
                 },
             )
             experiment = await self._load(conn, row["id"])
         await self._changed(experiment.id)
+        return experiment
+
+    async def drop_variants(
+        self, ref: str, variant_ids: Sequence[str], *, actor: str, evidence: JsonObject
+    ) -> Experiment:
+        """Stop giving these variants to new subjects (their subjects stay sticky).
+
+        RUNNING only; variants already dropped are left as they are; at least one variant
+        must stay active (conclude the experiment instead). One audit row per variant,
+        carrying the numbers that justified the drop."""
+        async with self._transaction() as conn:
+            row = await self._lock_for(conn, ref, Operation.STOP)
+            dropped = await conn.fetch(
+                """UPDATE experiment_variants SET state = 'dropped', dropped_at = now()
+                WHERE experiment_id = $1 AND id = ANY($2::uuid[]) AND state = 'active'
+                RETURNING id, key""",
+                row["id"],
+                [uuid.UUID(v) for v in variant_ids],
+            )
+            active = await conn.fetchval(
+                "SELECT count(*) FROM experiment_variants "
+                "WHERE experiment_id = $1 AND state = 'active'",
+                row["id"],
+            )
+            if active == 0:
+                raise InvalidArgument.from_violations(
+                    [FieldViolation("variant_ids", "cannot drop every variant; stop instead")]
+                )
+            if dropped:
+                await conn.execute(
+                    "UPDATE experiments SET version = version + 1, updated_at = now() "
+                    "WHERE id = $1",
+                    row["id"],
+                )
+            for variant in dropped:
+                await self._audit(
+                    conn,
+                    row["id"],
+                    actor,
+                    AuditAction.VARIANT_DROPPED,
+                    {"variant_id": str(variant["id"]), "variant_key": variant["key"], **evidence},
+                )
+            experiment = await self._load(conn, row["id"])
+        if dropped:
+            await self._changed(experiment.id)
         return experiment
 
     async def archive(self, ref: str, *, actor: str) -> Experiment:

@@ -274,8 +274,10 @@ class AssignAllResponse(_message.Message):
     DECISIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
-        """One decision per running experiment the subject is eligible and exposed
-        for (and per stopped, not archived, experiment it was assigned in).
+        """One decision per live experiment that gives the subject a variant: running
+        experiments it is eligible and exposed for, and stopped ones it is eligible
+        for (their winner, reason CONCLUDED). Experiments without a variant for
+        the subject are left out.
         """
 
     def __init__(

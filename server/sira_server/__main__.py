@@ -1,0 +1,52 @@
+"""`sira-server`: run the SIRA gRPC decision server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sira_server.config import ConfigError, Settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sira-server",
+        description="SIRA gRPC decision server. Settings come from SIRA_* environment "
+        "variables (see README); with no SIRA_DATABASE_URL/SIRA_REDIS_URL it starts "
+        "embedded Postgres and Redis in SIRA_DATA_DIR (default ./.sira).",
+    )
+    parser.add_argument("--port", type=int, help="override SIRA_GRPC_PORT")
+    parser.add_argument("--data-dir", help="override SIRA_DATA_DIR")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        sys.exit(f"sira-server: configuration error: {exc}")
+    if args.port is not None:
+        settings = replace(settings, grpc_port=args.port)
+    if args.data_dir is not None:
+        settings = replace(settings, data_dir=Path(args.data_dir))
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from sira_server.app import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        sys.exit(f"sira-server: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

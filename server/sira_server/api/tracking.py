@@ -1,0 +1,240 @@
+"""TrackingService: what a subject did after its assignment.
+
+Validation happens here; the state rules (assigned? same variant? seen this event id?)
+are enforced atomically by the Track script in Redis, in ONE round trip, together with
+the counters and the write-behind record. Callable without a token: the script's
+assignment check is then the whole authorization, and errors never reveal which variant
+a subject has.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import grpc
+
+from sira.experiments.v1 import tracking_service_pb2 as pb
+from sira.experiments.v1 import tracking_service_pb2_grpc
+from sira_server.api.assignment import validate_subject
+from sira_server.api.context import current_principal
+from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
+from sira_server.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    SiraError,
+)
+from sira_server.metrics import Metrics
+from sira_server.store.hot_state import HotState, TrackEvent, TrackOutcome, TrackStatus
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+MAX_BATCH = 1000
+MAX_EVENT_ID = 128
+MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
+CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+CURRENCY = re.compile(r"^[A-Z]{3}$")
+BUILTIN_TYPES = {
+    pb.EVENT_TYPE_CONVERSION: "conversion",
+    pb.EVENT_TYPE_REFUND: "refund",
+    pb.EVENT_TYPE_CHURN: "churn",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ValidEvent:
+    live: LiveExperiment
+    event: TrackEvent
+
+
+def _event_type(event: pb.TrackedEvent, violations: list[FieldViolation]) -> str:
+    if event.event_type == pb.EVENT_TYPE_CUSTOM:
+        name = event.custom_event_name
+        if not CUSTOM_NAME.match(name):
+            violations.append(
+                FieldViolation(
+                    "event.custom_event_name",
+                    "required for EVENT_TYPE_CUSTOM: a lower-case slug "
+                    "([a-z][a-z0-9_-]*, at most 64 characters)",
+                )
+            )
+        elif name in BUILTIN_TYPES.values():
+            violations.append(
+                FieldViolation(
+                    "event.custom_event_name",
+                    f"'{name}' is a built-in type: use EVENT_TYPE_{name.upper()}",
+                )
+            )
+        return name
+    if event.event_type not in BUILTIN_TYPES:
+        violations.append(
+            FieldViolation(
+                "event.event_type",
+                "required: EVENT_TYPE_CONVERSION, EVENT_TYPE_REFUND, EVENT_TYPE_CHURN "
+                "or EVENT_TYPE_CUSTOM with custom_event_name",
+            )
+        )
+        return ""
+    if event.custom_event_name:
+        violations.append(
+            FieldViolation("event.custom_event_name", "only allowed with EVENT_TYPE_CUSTOM")
+        )
+    return BUILTIN_TYPES[event.event_type]
+
+
+def validate_event(event: pb.TrackedEvent, now_ms: int) -> TrackEvent:
+    """The event in domain form, or InvalidArgument listing every problem."""
+    violations: list[FieldViolation] = []
+    if not event.experiment:
+        violations.append(FieldViolation("event.experiment", "required: id or key"))
+    try:
+        validate_subject(event.subject_id, "event.subject_id")
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+    if not event.variant_id:
+        violations.append(
+            FieldViolation("event.variant_id", "required: the variant the subject was assigned")
+        )
+    event_type = _event_type(event, violations)
+    if not math.isfinite(event.value) or event.value < 0:
+        violations.append(
+            FieldViolation("event.value", "must be a finite number >= 0 (refunds too)")
+        )
+    if event.currency and not CURRENCY.match(event.currency):
+        violations.append(
+            FieldViolation("event.currency", "ISO 4217 code: three upper-case letters")
+        )
+    elif not event.currency and event.value > 0:
+        violations.append(FieldViolation("event.currency", "required when value > 0"))
+    if len(event.client_event_id) > MAX_EVENT_ID:
+        violations.append(
+            FieldViolation("event.client_event_id", f"at most {MAX_EVENT_ID} characters")
+        )
+    occurred_ms = now_ms
+    if event.HasField("occur_time"):
+        occurred_ms = event.occur_time.seconds * 1000 + event.occur_time.nanos // 1_000_000
+        if occurred_ms <= 0 or occurred_ms > now_ms + MAX_FUTURE_SKEW_MS:
+            violations.append(
+                FieldViolation("event.occur_time", "must be after 1970 and not in the future")
+            )
+    if violations:
+        raise InvalidArgument.from_violations(violations)
+    return TrackEvent(
+        subject_id=event.subject_id,
+        variant_id=event.variant_id,
+        event_type=event_type,
+        event_id=event.client_event_id or str(uuid.uuid4()),
+        occurred_ms=occurred_ms,
+        value=event.value,
+        currency=event.currency or None,
+    )
+
+
+def outcome_error(live: LiveExperiment, event: TrackEvent, outcome: TrackOutcome) -> SiraError:
+    key = live.experiment.key
+    if outcome.status is TrackStatus.NOT_ASSIGNED:
+        return FailedPrecondition(
+            f"subject '{event.subject_id}' was never assigned in experiment '{key}'; "
+            "call Assign first",
+            reason="ERROR_REASON_SUBJECT_NOT_ASSIGNED",
+            metadata={"experiment": key, "subject_id": event.subject_id},
+        )
+    metadata = {"experiment": key, "subject_id": event.subject_id, "variant": event.variant_id}
+    if not current_principal().is_anonymous and outcome.assigned_variant_id:
+        metadata["assigned_variant"] = outcome.assigned_variant_id
+    return FailedPrecondition(
+        f"subject '{event.subject_id}' is not assigned variant '{event.variant_id}' "
+        f"in experiment '{key}'",
+        reason="ERROR_REASON_VARIANT_MISMATCH",
+        metadata=metadata,
+    )
+
+
+def track_error(err: SiraError) -> pb.TrackError:
+    field = err.violations[0].field if err.violations else ""
+    return pb.TrackError(
+        code=grpc.StatusCode[err.status_name].value[0],
+        reason=err.reason,  # type: ignore[arg-type]  # enum accepts its value names
+        message=err.message,
+        field=field,
+    )
+
+
+class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
+    def __init__(self, catalog: ExperimentCatalog, hot: HotState, metrics: Metrics) -> None:
+        self._catalog = catalog
+        self._hot = hot
+        self._metrics = metrics
+
+    async def _resolve(self, event: pb.TrackedEvent, now_ms: int) -> ValidEvent:
+        valid = validate_event(event, now_ms)
+        live = await self._catalog.get(event.experiment)
+        index = live.index_of.get(event.variant_id)
+        if index is None:
+            raise NotFound(
+                f"experiment '{live.experiment.key}' has no variant '{event.variant_id}'",
+                reason="ERROR_REASON_VARIANT_NOT_FOUND",
+                metadata={"experiment": live.experiment.key, "variant": event.variant_id},
+            )
+        canonical = TrackEvent(
+            subject_id=valid.subject_id,
+            variant_id=live.variant_ids[index],
+            event_type=valid.event_type,
+            event_id=valid.event_id,
+            occurred_ms=valid.occurred_ms,
+            value=valid.value,
+            currency=valid.currency,
+        )
+        return ValidEvent(live, canonical)
+
+    def _answer(self, valid: ValidEvent, outcome: TrackOutcome) -> pb.TrackResponse:
+        if outcome.status is TrackStatus.ACCEPTED:
+            self._metrics.events.labels(valid.live.id, valid.event.event_type).inc()
+            return pb.TrackResponse(
+                event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_ACCEPTED
+            )
+        if outcome.status is TrackStatus.DUPLICATE:
+            return pb.TrackResponse(
+                event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_DUPLICATE
+            )
+        raise outcome_error(valid.live, valid.event, outcome)
+
+    async def Track(self, request: pb.TrackRequest, context: Context) -> pb.TrackResponse:
+        valid = await self._resolve(request.event, int(time.time() * 1000))
+        outcome = await self._hot.track(valid.live.id, valid.event)
+        return self._answer(valid, outcome)
+
+    async def TrackBatch(
+        self, request: pb.TrackBatchRequest, context: Context
+    ) -> pb.TrackBatchResponse:
+        if not request.events or len(request.events) > MAX_BATCH:
+            raise InvalidArgument.from_violations(
+                [FieldViolation("events", f"1..{MAX_BATCH} events per batch")]
+            )
+        now_ms = int(time.time() * 1000)
+        results: list[pb.TrackBatchResult | None] = [None] * len(request.events)
+        by_experiment: dict[str, list[tuple[int, ValidEvent]]] = defaultdict(list)
+        for position, event in enumerate(request.events):
+            try:
+                valid = await self._resolve(event, now_ms)
+            except SiraError as err:
+                results[position] = pb.TrackBatchResult(error=track_error(err))
+                continue
+            by_experiment[valid.live.id].append((position, valid))
+        for experiment_id, items in by_experiment.items():
+            outcomes = await self._hot.track_many(experiment_id, [v.event for _, v in items])
+            for (position, valid), outcome in zip(items, outcomes, strict=True):
+                try:
+                    answer = self._answer(valid, outcome)
+                except SiraError as err:
+                    results[position] = pb.TrackBatchResult(error=track_error(err))
+                else:
+                    results[position] = pb.TrackBatchResult(accepted=answer)
+        return pb.TrackBatchResponse(results=[r for r in results if r is not None])

@@ -1,0 +1,336 @@
+"""Composition root: build the gRPC server from its dependencies and run it.
+
+Start-up order: stores reachable (embedded ones started first when no URL is
+set) -> migrations (embedded only) -> servicers -> bind -> health SERVING.
+Shutdown order (SIGTERM/SIGINT): health NOT_SERVING, `server.stop(grace)`,
+stop background tasks, close pools, stop embedded servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sira.experiments.v1 import (
+    assignment_service_pb2,
+    assignment_service_pb2_grpc,
+    insights_service_pb2,
+    insights_service_pb2_grpc,
+    lifecycle_service_pb2,
+    lifecycle_service_pb2_grpc,
+    tracking_service_pb2,
+    tracking_service_pb2_grpc,
+)
+from sira_server.api.assignment import AssignmentServicer
+from sira_server.api.insights import InsightsServicer
+from sira_server.api.interceptors import build_interceptors
+from sira_server.api.lifecycle import LifecycleServicer
+from sira_server.api.tracking import TrackingServicer
+from sira_server.auth import TokenVerifier, ensure_dev_secret
+from sira_server.config import ConfigError, Settings
+from sira_server.domain import bayes
+from sira_server.engine.autopilot import FailFastAutopilot
+from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
+from sira_server.engine.insights_book import InsightsBook
+from sira_server.engine.posteriors import PosteriorBook
+from sira_server.metrics import Metrics, start_exporter
+from sira_server.store.experiments import ExperimentRepository
+from sira_server.store.flusher import WriteBehindFlusher
+from sira_server.store.hot_state import HotState
+from sira_server.store.postgres import create_pool
+from sira_server.store.redis_conn import create_redis
+
+log = logging.getLogger("sira_server")
+
+SERVICE_NAMES: tuple[str, ...] = (
+    lifecycle_service_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
+    assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentService"].full_name,
+    tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name,
+    insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name,
+)
+HEALTH_PROBE_SECONDS = 2.0
+# Health service name that stays SERVING while the process runs, even when a
+# store is down: Kubernetes liveness must not restart pods during a Postgres
+# outage (decisions go on from Redis), readiness uses the overall status "".
+LIVENESS_SERVICE = "liveness"
+GAUGE_SECONDS = 5.0
+
+
+@dataclass
+class Stores:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+
+    async def ping(self) -> bool:
+        """True when both Postgres and Redis answer right now."""
+        try:
+            async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+                await self.pool.fetchval("SELECT 1")
+                await self.redis.ping()
+        except Exception:  # any failure means "not serving"; the reason is logged
+            log.warning("store health probe failed", exc_info=True)
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.pool.close(), timeout=5.0)
+        self.pool.terminate()
+
+
+class SiraServer:
+    """The gRPC server with its servicers, background tasks, health and reflection."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stores: Stores,
+        verifier: TokenVerifier,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stores = stores
+        self.metrics = metrics or Metrics()
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=build_interceptors(verifier, self.metrics),
+            options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
+        )
+        self.hot = HotState(stores.redis, stores.pool)
+        self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
+        self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
+        self.catalog.add_listener(self._prepare_hot_state)
+        self.posteriors = PosteriorBook(self.catalog, self.hot)
+        self.insights = InsightsBook(self.hot)
+        self.autopilot = FailFastAutopilot(
+            self.catalog, self.insights, self.repository, stores.pool
+        )
+        self.flusher = WriteBehindFlusher(
+            stores.redis,
+            stores.pool,
+            f"{socket.gethostname()}-{os.getpid()}",
+            on_flush=self.metrics.record_flush,
+        )
+        lifecycle_service_pb2_grpc.add_LifecycleServiceServicer_to_server(
+            LifecycleServicer(self.repository), self.server
+        )
+        assignment_service_pb2_grpc.add_AssignmentServiceServicer_to_server(
+            AssignmentServicer(self.catalog, self.posteriors, self.hot, stores.pool, self.metrics),
+            self.server,
+        )
+        tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
+            TrackingServicer(self.catalog, self.hot, self.metrics), self.server
+        )
+        insights_service_pb2_grpc.add_InsightsServiceServicer_to_server(
+            InsightsServicer(self.catalog, self.repository, self.hot, self.insights),
+            self.server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self._bind()
+        self._probe_task: asyncio.Task[None] | None = None
+        self._flusher_task: asyncio.Task[None] | None = None
+        self._gauges_task: asyncio.Task[None] | None = None
+
+    async def _changed(self, experiment_id: str) -> None:
+        """After a lifecycle commit: refresh every process's catalog."""
+        await self.catalog.changed(experiment_id)
+
+    async def _prepare_hot_state(self, live: LiveExperiment | None, experiment_id: str) -> None:
+        """A running experiment needs its Redis state (counters, stream) before traffic;
+        a deleted one leaves nothing behind in Redis."""
+        if live is not None and live.running:
+            await self.hot.init_experiment(live.id, live.variant_ids, live.experiment.reward.value)
+        elif live is None and not await self._exists(experiment_id):
+            await self.hot.drop_experiment(experiment_id)
+
+    async def _exists(self, experiment_id: str) -> bool:
+        row = await self.stores.pool.fetchval(
+            "SELECT 1 FROM experiments WHERE id = $1", experiment_id
+        )
+        return row is not None
+
+    def _bind(self) -> int:
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        s = self.settings
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls_key_file.read_bytes(), s.tls_cert_file.read_bytes())],
+                root_certificates=(
+                    s.tls_client_ca_file.read_bytes() if s.tls_client_ca_file else None
+                ),
+                require_client_auth=s.tls_client_ca_file is not None,
+            )
+            port = self.server.add_secure_port(address, credentials)
+        else:
+            port = self.server.add_insecure_port(address)
+        port = int(port)
+        if port == 0:
+            raise ConfigError(f"cannot bind gRPC port {address}: already in use?")
+        return port
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _probe_stores(self) -> None:
+        """Health follows the stores: NOT_SERVING while Postgres or Redis is down."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_PROBE_SECONDS)
+            now_serving = await self.stores.ping()
+            if now_serving != serving:
+                log.warning("health: %s", "SERVING" if now_serving else "NOT_SERVING")
+                await self._set_serving(now_serving)
+                serving = now_serving
+
+    async def start(self) -> None:
+        await self._set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.server.start()
+        if not await self.stores.ping():
+            raise ConfigError("Postgres or Redis did not answer at start-up; see the log")
+        # Compile (or load from cache) every numba kernel before the first request.
+        await asyncio.to_thread(bayes.warm_up)
+        await self.catalog.start()
+        await self.posteriors.refresh()
+        await self.posteriors.start()
+        await self.insights.start()
+        await self.autopilot.start()
+        self._flusher_task = asyncio.create_task(self.flusher.run(), name="write-behind")
+        self._gauges_task = asyncio.create_task(self._update_gauges(), name="gauges")
+        await self._set_serving(True)
+        self._probe_task = asyncio.create_task(self._probe_stores(), name="health-probe")
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, let in-flight calls finish, then flush what they wrote."""
+        await self.health.enter_graceful_shutdown()
+        await _cancel(self._probe_task)
+        await _cancel(self._gauges_task)
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        await self.autopilot.stop()
+        await self.insights.stop()
+        await self.posteriors.stop()
+        await self.catalog.stop()
+        self.flusher.stop()
+        if self._flusher_task is not None:
+            await self._flusher_task
+        await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
+
+    async def _update_gauges(self) -> None:
+        """Gauges that are read from the stores rather than counted on the way."""
+        while True:
+            try:
+                for status, count in self.catalog.status_counts.items():
+                    self.metrics.experiments.labels(status).set(count)
+                for experiment_id, pending in (await self.flusher.backlog()).items():
+                    self.metrics.write_behind_pending.labels(experiment_id).set(pending)
+            except Exception as exc:  # a gauge is never worth a crash
+                log.debug("gauge update failed: %s", exc)
+            await asyncio.sleep(GAUGE_SECONDS)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def open_stores(database_url: str, redis_url: str) -> Stores:
+    try:
+        pool = await create_pool(database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
+    return Stores(pool=pool, redis=create_redis(redis_url))
+
+
+def resolve_jwt_secret(settings: Settings) -> Settings:
+    """HS256 needs a secret: the configured one, or the embedded dev secret."""
+    jwt = settings.jwt
+    if jwt.algorithm != "HS256" or jwt.secret:
+        return settings
+    if not settings.embedded:
+        raise ConfigError("SIRA_JWT_SECRET is required with HS256 when using external stores")
+    secret = ensure_dev_secret(settings.data_dir)
+    return replace(settings, jwt=replace(jwt, secret=secret))
+
+
+def banner(settings: Settings, port: int) -> Sequence[str]:
+    host = "127.0.0.1" if settings.grpc_host in ("0.0.0.0", "::", "[::]") else settings.grpc_host
+    lines = [f"SIRA listening on {host}:{port}"]
+    if settings.embedded:
+        lines.append(f"  data directory: {Path(settings.data_dir).resolve()}")
+        lines.append(
+            "  dev token:      sira token --role ops_admin --subject alice"
+            f" --data-dir {settings.data_dir}"
+        )
+    if settings.metrics_port:
+        lines.append(f"  metrics:        http://{host}:{settings.metrics_port}/metrics")
+    return lines
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    from sira_server.embedded import EmbeddedServers
+    from sira_server.store.migrate import apply_migrations
+
+    embedded: EmbeddedServers | None = None
+    stores: Stores | None = None
+    try:
+        if settings.embedded:
+            embedded = EmbeddedServers(settings.data_dir)
+            database_url, redis_url = await asyncio.to_thread(embedded.start)
+            settings = replace(
+                settings,
+                database_url=settings.database_url or database_url,
+                redis_url=settings.redis_url or redis_url,
+            )
+            applied = await apply_migrations(database_url)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        settings = resolve_jwt_secret(settings)
+        assert settings.database_url is not None
+        assert settings.redis_url is not None
+        stores = await open_stores(settings.database_url, settings.redis_url)
+        metrics = Metrics()
+        if settings.metrics_port:
+            start_exporter(metrics, settings.metrics_port)
+        sira = SiraServer(settings, stores, TokenVerifier(settings.jwt), metrics)
+        await sira.start()
+        for line in banner(settings, sira.port):
+            print(line, flush=True)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await sira.stop()
+    finally:
+        if stores is not None:
+            await stores.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

@@ -1,0 +1,89 @@
+"""What fail-fast does on its own (auto-stop on): pure planning from the insights.
+
+- A variant failing fail-fast or a guardrail stops receiving new subjects (dropped);
+  its subjects keep it (sticky).
+- When one active variant remains, or the insights recommend stopping with a winner
+  (the leader's P(best) reached the threshold with every active variant past
+  min_samples), the experiment concludes with that winner.
+
+The evidence (every number that justified the step) goes to the audit log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sira_server.domain.experiment import Experiment, ExperimentStatus
+from sira_server.domain.insights import ExperimentInsights, RecommendedAction
+
+AUTOPILOT_ACTOR = "sira"
+"""Audit actor of the server's own decisions."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    drop: tuple[str, ...] = ()
+    """Variant ids to drop."""
+    winner: str | None = None
+    """Conclude the experiment with this winner (after the drops)."""
+    reason: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.drop and self.winner is None
+
+
+def evidence(insights: ExperimentInsights) -> dict[str, Any]:
+    """The numbers behind a verdict, as they go into the audit log."""
+    return {
+        "threshold": insights.threshold,
+        "min_samples": insights.min_samples,
+        "draws": insights.draws,
+        "leading_variant_id": insights.leading_variant_id,
+        "recommendation": insights.recommendation,
+        "variants": [
+            {
+                "variant_id": v.variant_id,
+                "variant_key": v.variant_key,
+                "samples": v.samples,
+                "conversions": v.conversions,
+                "conversion_rate": v.conversion_rate,
+                "credible_interval": list(v.confidence_interval),
+                "prob_best": v.prob_best,
+                "prob_worse_than_best": v.prob_worse_than_best,
+                "expected_loss": v.expected_loss,
+                "fails_fast": v.fails_fast,
+                "guardrails_flagged": [g.metric for g in v.guardrails if g.flagged],
+            }
+            for v in insights.insights
+        ],
+    }
+
+
+def plan(experiment: Experiment, insights: ExperimentInsights) -> Plan:
+    """The steps auto-stop takes now; an empty plan when there is nothing to do."""
+    if not experiment.fail_fast.auto_stop or experiment.status is not ExperimentStatus.RUNNING:
+        return Plan()
+    active = [v.id for v in experiment.variants if v.is_active]
+    failing = tuple(v for v in insights.failing_variant_ids if v in active)
+    remaining = [v for v in active if v not in failing]
+    proof = evidence(insights)
+    if insights.action is RecommendedAction.STOP_WITH_WINNER and insights.leading_variant_id:
+        return Plan(
+            winner=insights.leading_variant_id, reason=insights.recommendation, evidence=proof
+        )
+    if failing and len(remaining) == 1:
+        winner = remaining[0]
+        name = next(v.name for v in experiment.variants if v.id == winner)
+        return Plan(
+            drop=failing,
+            winner=winner,
+            reason=f"auto-stop: every other variant failed; '{name}' wins. "
+            + insights.recommendation,
+            evidence=proof,
+        )
+    if failing and remaining:
+        return Plan(drop=failing, reason=insights.recommendation, evidence=proof)
+    return Plan()

@@ -1,0 +1,239 @@
+"""Live experiments compiled for the decision path, kept fresh in every process.
+
+Assign and Track read a dict; they never wait on Postgres for a known experiment.
+Freshness: a change committed by any replica is published on a Redis channel and every
+process reloads that experiment at once; a version check every few seconds is the safety
+net for a missed message (Redis restarted, subscriber reconnecting).
+
+Only running and stopped experiments live here. A reference to anything else is looked
+up in Postgres and answered with an error (draft: FAILED_PRECONDITION; archived or
+unknown: NOT_FOUND), remembered for a second so a flood of bad references cannot
+overload Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+import redis.asyncio as aioredis
+
+from sira_server.domain.experiment import Experiment, ExperimentStatus
+from sira_server.domain.targeting import TargetingPredicate, compile_targeting
+from sira_server.errors import FailedPrecondition, NotFound, SiraError, Unavailable
+from sira_server.store.experiments import ExperimentRepository
+from sira_server.store.live import live_versions, status_counts
+
+log = logging.getLogger(__name__)
+
+CHANGES_CHANNEL = "sira:experiments:changed"
+LIVE_STATUSES = (ExperimentStatus.RUNNING, ExperimentStatus.STOPPED)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveExperiment:
+    """An experiment plus what the decision path derives from it, computed once."""
+
+    experiment: Experiment
+    eligible: TargetingPredicate
+    variant_ids: tuple[str, ...]
+    index_of: dict[str, int]
+    """Variant id and key -> position."""
+    weights: npt.NDArray[np.float64]
+    active: npt.NDArray[np.bool_]
+
+    @property
+    def id(self) -> str:
+        return self.experiment.id
+
+    @property
+    def running(self) -> bool:
+        return self.experiment.status is ExperimentStatus.RUNNING
+
+    @classmethod
+    def compile(cls, experiment: Experiment) -> LiveExperiment:
+        variants = experiment.variants
+        index_of = {v.id: i for i, v in enumerate(variants)}
+        index_of.update({v.key: i for i, v in enumerate(variants)})
+        return cls(
+            experiment=experiment,
+            eligible=compile_targeting(experiment.targeting),
+            variant_ids=tuple(v.id for v in variants),
+            index_of=index_of,
+            weights=np.array([v.weight for v in variants], dtype=np.float64),
+            active=np.array([v.is_active for v in variants], dtype=np.bool_),
+        )
+
+
+ChangeListener = Callable[[LiveExperiment | None, str], Awaitable[None]]
+"""Called with (new definition or None when it left the catalog, experiment id)."""
+
+
+class ExperimentCatalog:
+    def __init__(
+        self,
+        repository: ExperimentRepository,
+        pool: asyncpg.Pool,
+        redis: aioredis.Redis,
+        *,
+        version_check_seconds: float = 3.0,
+        negative_ttl_seconds: float = 1.0,
+    ) -> None:
+        self._repository = repository
+        self._pool = pool
+        self._redis = redis
+        self._version_check_seconds = version_check_seconds
+        self._negative_ttl = negative_ttl_seconds
+        self._by_id: dict[str, LiveExperiment] = {}
+        self._by_ref: dict[str, LiveExperiment] = {}
+        self._misses: dict[str, tuple[float, SiraError]] = {}
+        self._listeners: list[ChangeListener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.status_counts: dict[str, int] = {}
+
+    # --- reads (the hot path) ---
+
+    def live(self) -> list[LiveExperiment]:
+        return list(self._by_id.values())
+
+    def running(self) -> list[LiveExperiment]:
+        return [e for e in self._by_id.values() if e.running]
+
+    async def get(self, ref: str) -> LiveExperiment:
+        """The live experiment named by id or key; raises for any other state."""
+        live = self._by_ref.get(ref)
+        if live is not None:
+            return live
+        miss = self._misses.get(ref)
+        if miss is not None and miss[0] > time.monotonic():
+            raise miss[1]
+        try:
+            experiment = await self._repository.get(ref)
+            if experiment.status is ExperimentStatus.DRAFT:
+                raise FailedPrecondition(
+                    f"experiment '{experiment.key}' is a draft; start it before assigning",
+                    metadata={
+                        "experiment": experiment.key,
+                        "status": experiment.status.value,
+                        "allowed_statuses": "running,stopped",
+                    },
+                )
+            if experiment.status is ExperimentStatus.ARCHIVED:
+                raise NotFound(
+                    f"experiment '{experiment.key}' is archived",
+                    metadata={"experiment": ref},
+                )
+        except (FailedPrecondition, NotFound) as exc:
+            self._misses[ref] = (time.monotonic() + self._negative_ttl, exc)
+            if len(self._misses) > 10_000:
+                self._misses.clear()
+            raise
+        return self._install(experiment)
+
+    # --- changes ---
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    async def changed(self, experiment_id: str) -> None:
+        """A change committed here: reload now, and tell the other processes."""
+        await self.reload(experiment_id)
+        try:
+            await self._redis.publish(CHANGES_CHANNEL, experiment_id)
+        except Exception:  # the version check catches up; the change is committed
+            log.warning("could not publish change of %s", experiment_id, exc_info=True)
+
+    async def reload(self, experiment_id: str) -> None:
+        self._misses.clear()
+        try:
+            experiment = await self._repository.get(experiment_id)
+        except NotFound:
+            experiment = None
+        if experiment is not None and experiment.status in LIVE_STATUSES:
+            live: LiveExperiment | None = self._install(experiment)
+        else:
+            live = None
+            self._remove(experiment_id)
+        for listener in self._listeners:
+            await listener(live, experiment_id)
+
+    def _install(self, experiment: Experiment) -> LiveExperiment:
+        live = LiveExperiment.compile(experiment)
+        self._remove(experiment.id)
+        self._by_id[experiment.id] = live
+        self._by_ref[experiment.id] = live
+        self._by_ref[experiment.key] = live
+        return live
+
+    def _remove(self, experiment_id: str) -> None:
+        old = self._by_id.pop(experiment_id, None)
+        if old is not None:
+            self._by_ref.pop(old.id, None)
+            self._by_ref.pop(old.experiment.key, None)
+
+    # --- background ---
+
+    async def start(self) -> None:
+        await self.sync()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="catalog-listen"),
+            asyncio.create_task(self._check_versions(), name="catalog-versions"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def sync(self) -> None:
+        """Reload every live experiment whose version differs from ours; drop the gone."""
+        try:
+            versions = await live_versions(self._pool, [s.value for s in LIVE_STATUSES])
+            self.status_counts = await status_counts(self._pool)
+        except (OSError, asyncpg.PostgresError, Unavailable) as exc:
+            log.warning("catalog version check failed: %s", exc)
+            return
+        for experiment_id in [i for i in self._by_id if i not in versions]:
+            await self.reload(experiment_id)
+        for experiment_id, version in versions.items():
+            live = self._by_id.get(experiment_id)
+            if live is None or live.experiment.version != version:
+                await self.reload(experiment_id)
+
+    async def _check_versions(self) -> None:
+        while True:
+            await asyncio.sleep(self._version_check_seconds)
+            try:
+                await self.sync()
+            except Exception:  # never let the safety net die
+                log.exception("catalog sync failed")
+
+    async def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANGES_CHANNEL)
+                    backoff = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        data = message["data"]
+                        experiment_id = data.decode() if isinstance(data, bytes) else str(data)
+                        await self.reload(experiment_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("catalog change listener: %s; retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)

@@ -1,0 +1,75 @@
+"""Pure choice of an arm for a new subject, and of the arm a concluded experiment serves.
+
+No I/O: the caller hands in the compiled experiment, the posterior snapshot and the
+random state, so every branch is unit-testable.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from sira_server.domain.allocation import weighted_choice, weighted_propensities
+from sira_server.domain.bayes import thompson_choose
+from sira_server.domain.experiment import Allocation, Experiment
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+StateArray = npt.NDArray[np.uint64]
+
+MIN_PROPENSITY = 1e-6
+"""Floor of a logged Thompson propensity: a Monte Carlo estimate of P(best) can be 0 for an
+arm that was nonetheless drawn; the true probability is positive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Posterior:
+    """Beta posteriors of one experiment's arms, in variant order, and P(best) per arm."""
+
+    alpha: FloatArray
+    beta: FloatArray
+    prob_best: FloatArray
+    """Monte Carlo estimate among active arms: the propensity of a Thompson choice."""
+
+    @classmethod
+    def uniform(cls, active: BoolArray) -> Posterior:
+        """Beta(1, 1) everywhere: what a just-started experiment has."""
+        n = active.size
+        share = active / max(int(active.sum()), 1)
+        return cls(np.ones(n), np.ones(n), share.astype(np.float64))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    propensity: float
+
+
+def choose_new_arm(
+    allocation: Allocation,
+    weights: FloatArray,
+    active: BoolArray,
+    posterior: Posterior,
+    rng_state: StateArray,
+    rng: random.Random,
+) -> Choice:
+    """The arm a new subject gets, with the probability it had of being picked."""
+    if allocation is Allocation.FIXED_WEIGHTS:
+        index = weighted_choice(weights, active, rng.random())
+        return Choice(index, float(weighted_propensities(weights, active)[index]))
+    index = int(thompson_choose(posterior.alpha, posterior.beta, active, rng_state))
+    return Choice(index, max(float(posterior.prob_best[index]), MIN_PROPENSITY))
+
+
+def concluded_index(experiment: Experiment) -> int:
+    """The arm a stopped experiment serves everyone: the winner, else the control, else
+    the first variant (an experiment without a control, like the seed's payment-method test)."""
+    for ref in (experiment.winner_variant_id, experiment.control and experiment.control.id):
+        if ref:
+            for index, variant in enumerate(experiment.variants):
+                if variant.id == ref:
+                    return index
+    return 0

@@ -1,0 +1,690 @@
+"""Hot state of the decision path in Redis: sticky assignments, bandit counters.
+
+Every key of one experiment carries the hash tag ``{exp:<id>}``, so each Lua
+script touches a single slot (Redis Cluster safe)::
+
+    sira:{exp:<id>}:meta      HASH  ready=1 once the state exists; reward mode
+    sira:{exp:<id>}:asg       HASH  subject -> "variant_id|propensity|assigned_ms"
+    sira:{exp:<id>}:trials    HASH  variant -> assigned subjects
+    sira:{exp:<id>}:succ      HASH  variant -> successes (per the reward rule)
+    sira:{exp:<id>}:conv      SET   subjects with a conversion
+    sira:{exp:<id>}:refunded  SET   subjects with a refund
+    sira:{exp:<id>}:churned   SET   subjects with a churn
+    sira:{exp:<id>}:events    SET   event ids seen (dedupe)
+    sira:{exp:<id>}:cnt       HASH  "variant|counter[|currency or name]" -> number
+    sira:{exp:<id>}:wb        STREAM write-behind records for the flusher
+    sira:{exp:<id>}:dead      STREAM records the flusher could not write
+    sira:{exp:<id>}:lock      STRING rebuild lock
+    sira:streams              SET   every write-behind stream (flusher registry)
+
+Each Assign / Track is one EVALSHA: the state change and its write-behind
+record are one atomic step, which is what "acknowledged" means. When a script
+finds no ``ready`` marker (Redis lost its data), the state is rebuilt from
+Postgres under a lock and the call retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import hashlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from sira_server.errors import NotFound, Unavailable
+
+STREAM_REGISTRY = "sira:streams"
+"""SET of every experiment's write-behind stream key."""
+FLUSHER_GROUP = "flusher"
+"""Consumer group of the write-behind flushers."""
+
+REWARD_CONVERSION = "conversion"
+REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
+REWARDS = (REWARD_CONVERSION, REWARD_CONVERSION_NOT_REFUNDED)
+
+CONVERSION = "conversion"
+REFUND = "refund"
+CHURN = "churn"
+
+MAX_REBUILD_ATTEMPTS = 3
+
+_LUA_DIR = Path(__file__).with_name("lua")
+_STREAM_PREFIX = "sira:{exp:"
+_STREAM_SUFFIX = "}:wb"
+
+REDIS_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,  # includes BusyLoadingError (Redis still loading its AOF)
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # failover in progress
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    OSError,
+)
+
+
+# --- key layout ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentKeys:
+    """Names of one experiment's Redis keys (all in the slot of ``{exp:<id>}``)."""
+
+    experiment_id: str
+    meta: str
+    asg: str
+    trials: str
+    succ: str
+    conv: str
+    refunded: str
+    churned: str
+    events: str
+    cnt: str
+    wb: str
+    dead: str
+    lock: str
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        """Keys a rebuild recomputes (not the stream, the dead letters or the lock)."""
+        return (
+            self.meta,
+            self.asg,
+            self.trials,
+            self.succ,
+            self.conv,
+            self.refunded,
+            self.churned,
+            self.events,
+            self.cnt,
+        )
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.state, self.wb, self.dead, self.lock)
+
+
+@functools.lru_cache(maxsize=4096)  # hot path: built once per experiment
+def experiment_keys(experiment_id: str) -> ExperimentKeys:
+    base = f"sira:{{exp:{experiment_id}}}:"
+    return ExperimentKeys(
+        experiment_id=experiment_id,
+        meta=base + "meta",
+        asg=base + "asg",
+        trials=base + "trials",
+        succ=base + "succ",
+        conv=base + "conv",
+        refunded=base + "refunded",
+        churned=base + "churned",
+        events=base + "events",
+        cnt=base + "cnt",
+        wb=base + "wb",
+        dead=base + "dead",
+        lock=base + "lock",
+    )
+
+
+def experiment_id_of_stream(stream_key: str | bytes) -> str:
+    """The experiment id in ``sira:{exp:<id>}:wb``."""
+    key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
+    if not (key.startswith(_STREAM_PREFIX) and key.endswith(_STREAM_SUFFIX)):
+        raise ValueError(f"not a write-behind stream key: {key!r}")
+    return key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)]
+
+
+# --- values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignOutcome:
+    created: bool
+    """True when this call made the assignment; False when it already existed."""
+    variant_id: str
+    propensity: float
+    assigned_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    variant_id: str
+    propensity: float
+    assigned_ms: int
+
+
+class TrackStatus(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    """The event id was already recorded; nothing changed."""
+    NOT_ASSIGNED = "not_assigned"
+    """The subject has no assignment in this experiment; nothing changed."""
+    MISMATCH = "mismatch"
+    """The subject is assigned another variant; nothing changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrackEvent:
+    subject_id: str
+    variant_id: str
+    event_type: str
+    """``conversion``, ``refund``, ``churn`` or a custom event name (slug)."""
+    event_id: str
+    occurred_ms: int
+    value: float = 0.0
+    currency: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackOutcome:
+    status: TrackStatus
+    first_conversion: bool = False
+    """The event is the subject's first conversion (one success for its variant)."""
+    assigned_variant_id: str | None = None
+    """For MISMATCH: the variant the subject really has."""
+
+
+@dataclass(frozen=True, slots=True)
+class VariantCounters:
+    """Observed results of one variant, from the hot counters."""
+
+    assigned_subjects: int = 0
+    successes: int = 0
+    conversions: int = 0
+    converted_subjects: int = 0
+    refunds: int = 0
+    refunded_subjects: int = 0
+    churns: int = 0
+    churned_subjects: int = 0
+    revenue: dict[str, float] = field(default_factory=dict)
+    """Sum of conversion values per currency."""
+    refund_amount: dict[str, float] = field(default_factory=dict)
+    """Sum of refund values per currency."""
+    custom: dict[str, int] = field(default_factory=dict)
+    """Custom event name -> count."""
+
+
+Posteriors = dict[str, dict[str, tuple[int, int]]]
+"""experiment_id -> variant_id -> (trials, successes)."""
+
+
+# --- write-behind records (the stream format the Lua scripts write) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRecord:
+    subject_id: str
+    variant_id: str
+    propensity: float
+    assigned_ms: int
+    context_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRecord:
+    subject_id: str
+    variant_id: str
+    event_type: str
+    value: float
+    currency: str | None
+    event_id: str
+    occurred_ms: int
+    received_ms: int
+
+
+def parse_record(fields: Mapping[bytes, bytes]) -> AssignmentRecord | MetricRecord:
+    """Decode one stream entry; ValueError/KeyError when it is malformed."""
+    kind = fields[b"t"]
+    if kind == b"a":
+        return AssignmentRecord(
+            subject_id=fields[b"s"].decode(),
+            variant_id=fields[b"v"].decode(),
+            propensity=float(fields[b"p"]),
+            assigned_ms=int(fields[b"ts"]),
+            context_json=fields[b"c"].decode(),
+        )
+    if kind == b"m":
+        currency = fields[b"cur"].decode()
+        return MetricRecord(
+            subject_id=fields[b"s"].decode(),
+            variant_id=fields[b"v"].decode(),
+            event_type=fields[b"e"].decode(),
+            value=float(fields[b"x"]),
+            currency=currency or None,
+            event_id=fields[b"id"].decode(),
+            occurred_ms=int(fields[b"ts"]),
+            received_ms=int(fields[b"rts"]),
+        )
+    raise ValueError(f"unknown write-behind record type {kind!r}")
+
+
+def format_assignment(variant_id: str, propensity: float, assigned_ms: int) -> str:
+    """The ``asg`` hash value (the Lua script builds the same string)."""
+    return f"{variant_id}|{float(propensity)!r}|{assigned_ms}"
+
+
+def parse_assignment(value: bytes | str) -> Assignment:
+    text = value.decode() if isinstance(value, bytes) else value
+    variant_id, propensity, assigned_ms = text.split("|")
+    return Assignment(variant_id, float(propensity), int(assigned_ms))
+
+
+# --- errors and scripts --------------------------------------------------------------
+
+
+@contextmanager
+def redis_errors_as_unavailable() -> Iterator[None]:
+    """Connection-level Redis failures become Unavailable (the caller retries)."""
+    try:
+        yield
+    except REDIS_UNAVAILABLE_ERRORS as exc:
+        raise Unavailable(
+            f"the hot state store (Redis) is unavailable: {exc or type(exc).__name__}",
+            metadata={"store": "redis"},
+        ) from exc
+
+
+class LuaScript:
+    """A script from ``store/lua/`` run with EVALSHA, reloaded on NOSCRIPT.
+
+    Unlike redis-py's Script in a pipeline, this never adds a SCRIPT EXISTS
+    round trip: the script is loaded only after a NOSCRIPT reply.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = (_LUA_DIR / name).read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def load(self, redis: aioredis.Redis) -> None:
+        await redis.script_load(self.source)
+
+    async def call(self, redis: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def call_many(
+        self, redis: aioredis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run every call in one pipelined round trip; replies in call order.
+
+        A NOSCRIPT reply means that call did not run, so only those are re-run.
+        """
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = redis.pipeline(transaction=False)
+            for index in todo:
+                keys, args = calls[index]
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, result in zip(todo, results, strict=True):
+                if isinstance(result, redis_errors.NoScriptError) and attempt == 0:
+                    missing.append(index)
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    replies[index] = result
+            if not missing:
+                break
+            await self.load(redis)
+            todo = missing
+        return replies
+
+
+ASSIGN_SCRIPT = LuaScript("assign.lua")
+TRACK_SCRIPT = LuaScript("track.lua")
+LOCK_SCRIPT = LuaScript("lock.lua")
+ACK_SCRIPT = LuaScript("ack.lua")
+
+
+# --- reads shared with the flusher ---------------------------------------------------
+
+
+def _int_hash(raw: Mapping[bytes, bytes]) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def read_posteriors(
+    redis: aioredis.Redis, experiment_ids: Sequence[str]
+) -> tuple[Posteriors, list[str]]:
+    """(trials, successes) per variant in one pipelined read, and the ids not ready.
+
+    Successes are read before trials: a success needs an earlier assignment,
+    so the pair read this way always has successes <= trials.
+    """
+    pipe = redis.pipeline(transaction=False)
+    for experiment_id in experiment_ids:
+        keys = experiment_keys(experiment_id)
+        pipe.hexists(keys.meta, "ready")
+        pipe.hgetall(keys.succ)
+        pipe.hgetall(keys.trials)
+    results = await pipe.execute()
+    posteriors: Posteriors = {}
+    missing: list[str] = []
+    for index, experiment_id in enumerate(experiment_ids):
+        ready, succ_raw, trials_raw = results[3 * index : 3 * index + 3]
+        if not ready:
+            missing.append(experiment_id)
+            continue
+        succ = _int_hash(succ_raw)
+        posteriors[experiment_id] = {
+            variant: (trials, succ.get(variant, 0))
+            for variant, trials in _int_hash(trials_raw).items()
+        }
+    return posteriors, missing
+
+
+def _counters_from_hashes(
+    trials: Mapping[bytes, bytes], succ: Mapping[bytes, bytes], cnt: Mapping[bytes, bytes]
+) -> dict[str, VariantCounters]:
+    parts: dict[str, dict[str, Any]] = {}
+    for raw_variant, raw_value in trials.items():
+        parts.setdefault(raw_variant.decode(), {})["assigned_subjects"] = int(raw_value)
+    for raw_variant, raw_value in succ.items():
+        parts.setdefault(raw_variant.decode(), {})["successes"] = int(raw_value)
+    for raw_field, raw_value in cnt.items():
+        variant, name, *rest = raw_field.decode().split("|")
+        entry = parts.setdefault(variant, {})
+        if rest:  # revenue|CUR, refund_amount|CUR, custom|name
+            converted: float | int = int(raw_value) if name == "custom" else float(raw_value)
+            entry.setdefault(name, {})[rest[0]] = converted
+        else:
+            entry[name] = int(raw_value)
+    return {variant: VariantCounters(**values) for variant, values in parts.items()}
+
+
+# --- the hot state -------------------------------------------------------------------
+
+
+class HotState:
+    """The only interface to the hot Redis state; one per process.
+
+    Every method is one pipelined round trip in the normal case (a rebuild,
+    when Redis lost the state, adds its own). Redis connection failures raise
+    ``Unavailable`` with metadata ``store=redis``. The client must return
+    bytes (``decode_responses=False``, as `store.redis_conn.create_redis`).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        *,
+        rebuild_lock_ms: int = 120_000,
+        rebuild_wait_seconds: float = 60.0,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.rebuild_lock_ms = rebuild_lock_ms
+        self.rebuild_wait_seconds = rebuild_wait_seconds
+        self._rebuilds: dict[str, asyncio.Future[bool]] = {}
+
+    # --- lifecycle ---
+
+    async def init_experiment(
+        self, experiment_id: str, variant_ids: Sequence[str], reward: str
+    ) -> None:
+        """On Start (idempotent, any process, any time): make the hot state exist.
+
+        Ready state: only the stream registration and the variants' zero
+        counters are ensured. Missing state is built from Postgres (the rebuild:
+        zero counters for a new experiment), never assumed empty, so calling
+        this after Redis lost its data cannot reset counters or stickiness.
+        """
+        if reward not in REWARDS:
+            raise ValueError(f"unknown reward {reward!r}")
+        from sira_server.store.rebuild import rebuild_experiment  # imports this module
+
+        keys = experiment_keys(experiment_id)
+        with redis_errors_as_unavailable():
+            if not await self.redis.hexists(keys.meta, "ready"):
+                await rebuild_experiment(
+                    self.redis,
+                    self.pool,
+                    experiment_id,
+                    variant_ids,
+                    reward,
+                    lock_ms=self.rebuild_lock_ms,
+                    wait_seconds=self.rebuild_wait_seconds,
+                )
+                return
+            await ensure_stream(self.redis, keys)
+            pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
+            for variant_id in variant_ids:
+                pipe.hsetnx(keys.trials, variant_id, 0)
+                pipe.hsetnx(keys.succ, variant_id, 0)
+            await pipe.execute()
+
+    async def drop_experiment(self, experiment_id: str) -> None:
+        """On Delete: every key of the experiment, unflushed records included."""
+        keys = experiment_keys(experiment_id)
+        with redis_errors_as_unavailable():
+            await self.redis.srem(STREAM_REGISTRY, keys.wb)
+            await self.redis.delete(*keys.all)
+
+    async def ensure_ready(self, experiment_id: str, *, force: bool = False) -> bool:
+        """Rebuild the experiment's hot state from Postgres unless it exists.
+
+        True when this process rebuilt it. Concurrent callers of one process
+        share one attempt (no herd polling the lock). NotFound when Postgres
+        does not know the experiment; Unavailable when Redis or Postgres is down.
+        """
+        if force:
+            return await self._rebuild(experiment_id, force=True)
+        task = self._rebuilds.get(experiment_id)
+        if task is None:
+            task = asyncio.ensure_future(self._rebuild(experiment_id, force=False))
+            self._rebuilds[experiment_id] = task
+            task.add_done_callback(lambda done: self._rebuild_done(experiment_id, done))
+        # Shielded: a cancelled request must not cancel the rebuild others wait for.
+        return await asyncio.shield(task)
+
+    def _rebuild_done(self, experiment_id: str, task: asyncio.Future[bool]) -> None:
+        self._rebuilds.pop(experiment_id, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter gets it; none may be left
+
+    async def _rebuild(self, experiment_id: str, *, force: bool) -> bool:
+        from sira_server.store.rebuild import rebuild_from_postgres  # imports this module
+
+        with redis_errors_as_unavailable():
+            return await rebuild_from_postgres(
+                self.redis,
+                self.pool,
+                experiment_id,
+                force=force,
+                lock_ms=self.rebuild_lock_ms,
+                wait_seconds=self.rebuild_wait_seconds,
+            )
+
+    # --- decisions ---
+
+    async def assign(
+        self,
+        experiment_id: str,
+        subject_id: str,
+        variant_id: str,
+        propensity: float,
+        context_json: str = "{}",
+    ) -> AssignOutcome:
+        """Make `variant_id` the subject's sticky assignment unless it already has one.
+
+        The outcome carries the assignment that holds (possibly an older one).
+        """
+        keys = experiment_keys(experiment_id)
+        args = (subject_id, variant_id, repr(float(propensity)), _now_ms(), context_json)
+        for _ in range(MAX_REBUILD_ATTEMPTS):
+            with redis_errors_as_unavailable():
+                reply = await ASSIGN_SCRIPT.call(
+                    self.redis, (keys.meta, keys.asg, keys.trials, keys.wb), args
+                )
+            tag = reply[0]
+            if tag == b"R":
+                await self.ensure_ready(experiment_id)
+                continue
+            if tag == b"U":
+                raise NotFound(
+                    f"variant {variant_id} is not a variant of experiment {experiment_id}",
+                    reason="ERROR_REASON_VARIANT_NOT_FOUND",
+                    metadata={"experiment_id": experiment_id, "variant_id": variant_id},
+                )
+            held = parse_assignment(reply[1])
+            return AssignOutcome(tag == b"C", held.variant_id, held.propensity, held.assigned_ms)
+        raise _not_rebuilt(experiment_id)
+
+    async def get_assignment(self, experiment_id: str, subject_id: str) -> Assignment | None:
+        keys = experiment_keys(experiment_id)
+        for _ in range(MAX_REBUILD_ATTEMPTS):
+            with redis_errors_as_unavailable():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hexists(keys.meta, "ready")
+                pipe.hget(keys.asg, subject_id)
+                ready, value = await pipe.execute()
+            if not ready:
+                await self.ensure_ready(experiment_id)
+                continue
+            return None if value is None else parse_assignment(value)
+        raise _not_rebuilt(experiment_id)
+
+    # --- tracking ---
+
+    async def track(self, experiment_id: str, event: TrackEvent) -> TrackOutcome:
+        return (await self.track_many(experiment_id, (event,)))[0]
+
+    async def track_many(
+        self, experiment_id: str, events: Sequence[TrackEvent]
+    ) -> list[TrackOutcome]:
+        """Apply the events in order, one pipelined round trip; one outcome each."""
+        if not events:
+            return []
+        keys = experiment_keys(experiment_id)
+        script_keys = (
+            keys.meta,
+            keys.asg,
+            keys.succ,
+            keys.conv,
+            keys.refunded,
+            keys.churned,
+            keys.events,
+            keys.cnt,
+            keys.wb,
+        )
+        received_ms = _now_ms()
+        outcomes: list[TrackOutcome | None] = [None] * len(events)
+        todo = list(range(len(events)))
+        for _ in range(MAX_REBUILD_ATTEMPTS):
+            calls = [(script_keys, _track_args(events[i], received_ms)) for i in todo]
+            with redis_errors_as_unavailable():
+                if len(calls) == 1:
+                    replies = [await TRACK_SCRIPT.call(self.redis, *calls[0])]
+                else:
+                    replies = await TRACK_SCRIPT.call_many(self.redis, calls)
+            retry = []
+            for index, reply in zip(todo, replies, strict=True):
+                if reply[0] == b"R":
+                    retry.append(index)
+                else:
+                    outcomes[index] = _track_outcome(reply)
+            if not retry:
+                return [outcome for outcome in outcomes if outcome is not None]
+            await self.ensure_ready(experiment_id)
+            todo = retry
+        raise _not_rebuilt(experiment_id)
+
+    # --- reads ---
+
+    async def posteriors(self, experiment_ids: Sequence[str]) -> Posteriors:
+        """(trials, successes) per variant of each experiment; one pipelined read.
+
+        Experiments whose hot state is missing are rebuilt first; those
+        Postgres does not know are left out.
+        """
+        with redis_errors_as_unavailable():
+            result, missing = await read_posteriors(self.redis, experiment_ids)
+        if missing:
+            rebuilt = []
+            for experiment_id in missing:
+                try:
+                    await self.ensure_ready(experiment_id)
+                except NotFound:
+                    continue
+                rebuilt.append(experiment_id)
+            with redis_errors_as_unavailable():
+                again, _ = await read_posteriors(self.redis, rebuilt)
+            result.update(again)
+        return result
+
+    async def counters(self, experiment_id: str) -> dict[str, VariantCounters]:
+        """Results counters per variant (for GetResults)."""
+        keys = experiment_keys(experiment_id)
+        for _ in range(MAX_REBUILD_ATTEMPTS):
+            with redis_errors_as_unavailable():
+                pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
+                pipe.hexists(keys.meta, "ready")
+                pipe.hgetall(keys.trials)
+                pipe.hgetall(keys.succ)
+                pipe.hgetall(keys.cnt)
+                ready, trials, succ, cnt = await pipe.execute()
+            if not ready:
+                await self.ensure_ready(experiment_id)
+                continue
+            return _counters_from_hashes(trials, succ, cnt)
+        raise _not_rebuilt(experiment_id)
+
+
+async def ensure_stream(redis: aioredis.Redis, keys: ExperimentKeys) -> None:
+    """Create the write-behind stream with its consumer group, and register it."""
+    try:
+        await redis.xgroup_create(keys.wb, FLUSHER_GROUP, id="0", mkstream=True)
+    except redis_errors.ResponseError as exc:
+        if not str(exc).startswith("BUSYGROUP"):
+            raise
+    await redis.sadd(STREAM_REGISTRY, keys.wb)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _track_args(event: TrackEvent, received_ms: int) -> tuple[str | int, ...]:
+    return (
+        event.subject_id,
+        event.variant_id,
+        event.event_type,
+        repr(float(event.value)),
+        event.currency or "",
+        event.event_id,
+        event.occurred_ms,
+        received_ms,
+    )
+
+
+def _track_outcome(reply: list[Any]) -> TrackOutcome:
+    tag = reply[0]
+    if tag == b"A":
+        return TrackOutcome(TrackStatus.ACCEPTED, first_conversion=reply[1] == 1)
+    if tag == b"D":
+        return TrackOutcome(TrackStatus.DUPLICATE)
+    if tag == b"N":
+        return TrackOutcome(TrackStatus.NOT_ASSIGNED)
+    if tag == b"M":
+        return TrackOutcome(TrackStatus.MISMATCH, assigned_variant_id=reply[1].decode())
+    raise ValueError(f"unexpected reply from track.lua: {reply!r}")
+
+
+def _not_rebuilt(experiment_id: str) -> Unavailable:
+    return Unavailable(
+        f"the hot state of experiment {experiment_id} could not be rebuilt; retry",
+        metadata={"store": "redis", "experiment_id": experiment_id},
+    )
