@@ -39,11 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from sira_server.app import serve
+    from sira_server.embedded import EmbeddedServerError
+    from sira_server.errors import SiraError
+    from sira_server.store.migrate import MigrationError
 
     try:
         asyncio.run(serve(settings))
-    except ConfigError as exc:
+    except (ConfigError, EmbeddedServerError, MigrationError) as exc:
         sys.exit(f"sira-server: {exc}")
+    except SiraError as exc:  # e.g. a store unreachable at start-up
+        sys.exit(f"sira-server: {exc.message}")
     except KeyboardInterrupt:
         pass
 

@@ -266,21 +266,21 @@ async def open_stores(database_url: str, redis_url: str) -> Stores:
     return Stores(pool=pool, redis=create_redis(redis_url))
 
 
-def resolve_jwt_secret(settings: Settings) -> Settings:
-    """HS256 needs a secret: the configured one, or the embedded dev secret."""
+def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
+    """HS256 needs a secret: the configured one, or (embedded default) the dev secret."""
     jwt = settings.jwt
     if jwt.algorithm != "HS256" or jwt.secret:
         return settings
-    if not settings.embedded:
+    if not embedded:
         raise ConfigError("SIRA_JWT_SECRET is required with HS256 when using external stores")
     secret = ensure_dev_secret(settings.data_dir)
     return replace(settings, jwt=replace(jwt, secret=secret))
 
 
-def banner(settings: Settings, port: int) -> Sequence[str]:
+def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
     host = "127.0.0.1" if settings.grpc_host in ("0.0.0.0", "::", "[::]") else settings.grpc_host
     lines = [f"SIRA listening on {host}:{port}"]
-    if settings.embedded:
+    if embedded:
         lines.append(f"  data directory: {Path(settings.data_dir).resolve()}")
         lines.append(
             "  dev token:      sira token --role ops_admin --subject alice"
@@ -298,6 +298,11 @@ async def serve(settings: Settings) -> None:
 
     embedded: EmbeddedServers | None = None
     stores: Stores | None = None
+    # Handlers first: a SIGTERM during start-up still shuts down cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         if settings.embedded:
             embedded = EmbeddedServers(settings.data_dir)
@@ -310,7 +315,7 @@ async def serve(settings: Settings) -> None:
             applied = await apply_migrations(database_url)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
-        settings = resolve_jwt_secret(settings)
+        settings = resolve_jwt_secret(settings, embedded=embedded is not None)
         assert settings.database_url is not None
         assert settings.redis_url is not None
         stores = await open_stores(settings.database_url, settings.redis_url)
@@ -318,14 +323,11 @@ async def serve(settings: Settings) -> None:
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port)
         sira = SiraServer(settings, stores, TokenVerifier(settings.jwt), metrics)
+        if stop.is_set():
+            return
         await sira.start()
-        for line in banner(settings, sira.port):
+        for line in banner(settings, sira.port, embedded=embedded is not None):
             print(line, flush=True)
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
         await sira.stop()

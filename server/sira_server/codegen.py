@@ -30,7 +30,9 @@ def generate(out_dir: Path) -> list[Path]:
     """Run protoc with the Python, gRPC and mypy-protobuf plugins into out_dir."""
     from grpc_tools import protoc  # dev dependency, imported only here
 
-    plugin_dir = Path(sys.executable).parent
+    plugin_dir = str(Path(sys.executable).parent)
+    mypy_plugin = shutil.which("protoc-gen-mypy", path=plugin_dir)
+    mypy_grpc_plugin = shutil.which("protoc-gen-mypy_grpc", path=plugin_dir)
     well_known = Path(protoc.__file__).parent / "_proto"
     for stale in generated_files(out_dir) if (out_dir / PROTO_PACKAGE_DIR).exists() else []:
         stale.unlink()
@@ -39,8 +41,8 @@ def generate(out_dir: Path) -> list[Path]:
         "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
         f"--proto_path={well_known}",
-        f"--plugin=protoc-gen-mypy={shutil.which('protoc-gen-mypy', path=str(plugin_dir))}",
-        f"--plugin=protoc-gen-mypy_grpc={shutil.which('protoc-gen-mypy_grpc', path=str(plugin_dir))}",
+        f"--plugin=protoc-gen-mypy={mypy_plugin}",
+        f"--plugin=protoc-gen-mypy_grpc={mypy_grpc_plugin}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",

@@ -114,6 +114,11 @@ class Settings:
         if (cert is None) != (key is None):
             raise ConfigError("SIRA_TLS_CERT_FILE and SIRA_TLS_KEY_FILE must be set together")
         client_ca = text("SIRA_TLS_CLIENT_CA_FILE")
+        if (text("SIRA_DATABASE_URL") is None) != (text("SIRA_REDIS_URL") is None):
+            raise ConfigError(
+                "set both SIRA_DATABASE_URL and SIRA_REDIS_URL, or neither for the embedded "
+                "Postgres and Redis"
+            )
         return cls(
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType, ModuleType, TracebackType
 from typing import Protocol
 
-import psutil  # type: ignore[import-untyped]  # no stubs in the dev environment
+import psutil
 import redis
 
 log = logging.getLogger(__name__)

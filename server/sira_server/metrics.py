@@ -102,5 +102,5 @@ class Metrics:
 
 def start_exporter(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
     """Serve /metrics on a daemon thread (without the `_created` series: noise here)."""
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     start_http_server(port, addr=host, registry=metrics.registry)
