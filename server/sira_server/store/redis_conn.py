@@ -6,11 +6,16 @@ import redis.asyncio as aioredis
 
 
 def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """A client whose pool is shared by every coroutine of this process."""
-    return aioredis.Redis.from_url(
+    """A client whose pool is shared by every coroutine of this process.
+
+    Blocking pool: a burst of more calls than connections waits for a free connection
+    (up to `timeout`) instead of failing with MaxConnectionsError.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
-        decode_responses=False,
         max_connections=max_connections,
+        timeout=5,
         socket_connect_timeout=2.0,
         health_check_interval=15,
     )
+    return aioredis.Redis(connection_pool=pool, decode_responses=False)
