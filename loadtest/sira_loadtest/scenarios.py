@@ -1,0 +1,127 @@
+"""Where each call's method and bytes come from: one `--call`, or a predefined mix.
+
+Scenarios (`--scenario`, all aimed at `--experiment KEY`):
+
+- assign-heavy: Assign only; 80 % returning subjects (drawn from the pool of
+  `--subjects` ids, pre-assigned before the clock starts), 20 % new subjects.
+- track-heavy: Track only; a CONVERSION for a pre-assigned subject, naming the
+  variant it was given, with a unique client_event_id (no duplicates).
+- mixed: 70 % Assign (same 80/20 subject mix), 30 % Track as above.
+
+Requests are built with the generated message classes and serialised per call
+(a couple of microseconds), never through JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
+from sira_loadtest.config import LoadConfig
+from sira_loadtest.payloads import Encoder, build_encoder
+from sira_loadtest.template import RenderContext, returning_subject_id
+
+ASSIGN_METHOD = "/sira.experiments.v1.AssignmentService/Assign"
+TRACK_METHOD = "/sira.experiments.v1.TrackingService/Track"
+RETURNING_SHARE = 0.8
+"""assign-heavy and mixed: share of Assign calls for a returning subject."""
+MIXED_ASSIGN_SHARE = 0.7
+"""mixed: share of Assign calls (the rest are Track)."""
+CONVERSION_CURRENCY = "XOF"
+
+
+class CallSource(Protocol):
+    """Produces the next call of one in-flight slot."""
+
+    @property
+    def methods(self) -> tuple[str, ...]: ...
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]: ...
+
+
+@dataclass(frozen=True)
+class SingleCall:
+    """`--call` with a `-d` template."""
+
+    method: str
+    encoder: Encoder
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (self.method,)
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        return self.method, self.encoder.encode(ctx)
+
+
+@dataclass(frozen=True)
+class AssignMix:
+    experiment: str
+    pool_size: int
+    returning_share: float = RETURNING_SHARE
+    methods: tuple[str, ...] = (ASSIGN_METHOD,)
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        if ctx.rng.random() < self.returning_share:
+            subject = ctx.ids.returning_subject(ctx.rng.randrange(self.pool_size))
+        else:
+            subject = ctx.ids.new_subject()
+        request = assignment_service_pb2.AssignRequest(
+            experiment=self.experiment, subject_id=subject
+        )
+        return ASSIGN_METHOD, request.SerializeToString()
+
+
+@dataclass(frozen=True)
+class TrackConversions:
+    experiment: str
+    preassigned: Sequence[tuple[str, str]]
+    """(subject id, variant id or key); never empty (see `build_source`)."""
+    methods: tuple[str, ...] = (TRACK_METHOD,)
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        subject, variant = self.preassigned[ctx.rng.randrange(len(self.preassigned))]
+        event = tracking_service_pb2.TrackedEvent(
+            experiment=self.experiment,
+            subject_id=subject,
+            variant_id=variant,
+            event_type=tracking_service_pb2.EVENT_TYPE_CONVERSION,
+            value=float(ctx.rng.randrange(500, 50_000)),
+            currency=CONVERSION_CURRENCY,
+            client_event_id=ctx.ids.new_event(),
+        )
+        return TRACK_METHOD, tracking_service_pb2.TrackRequest(event=event).SerializeToString()
+
+
+@dataclass(frozen=True)
+class Mixed:
+    assign: AssignMix
+    track: TrackConversions
+    assign_share: float = MIXED_ASSIGN_SHARE
+    methods: tuple[str, ...] = (ASSIGN_METHOD, TRACK_METHOD)
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        if ctx.rng.random() < self.assign_share:
+            return self.assign.next_call(ctx)
+        return self.track.next_call(ctx)
+
+
+def build_source(config: LoadConfig) -> CallSource:
+    """The call source of a validated config (scenario set up already, if any)."""
+    if not config.scenario:
+        return SingleCall(config.call, build_encoder(config.call, config.data))
+    assign = AssignMix(config.experiment, config.returning_subjects)
+    # Without a known assignment (setup failed) Track still runs, naming no
+    # variant: the server rejects those calls and the report shows why.
+    preassigned = config.preassigned or tuple(
+        (returning_subject_id(config.subject_prefix, i), "")
+        for i in range(config.returning_subjects)
+    )
+    track = TrackConversions(config.experiment, preassigned)
+    if config.scenario == "assign-heavy":
+        return assign
+    if config.scenario == "track-heavy":
+        return track
+    return Mixed(assign, track)

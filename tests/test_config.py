@@ -1,0 +1,53 @@
+"""Settings come from the environment once, with clear errors naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sira_server.config import ConfigError, Settings
+
+
+def test_defaults_are_the_embedded_development_setup() -> None:
+    s = Settings.from_env({})
+    assert s.embedded
+    assert (s.grpc_port, s.metrics_port, s.data_dir) == (50051, 9464, Path(".sira"))
+    assert s.jwt.algorithm == "HS256"
+    assert s.jwt.secret is None
+
+
+def test_external_stores_and_jwt_settings_are_read() -> None:
+    s = Settings.from_env(
+        {
+            "SIRA_DATABASE_URL": "postgresql://db/sira",
+            "SIRA_REDIS_URL": "redis://cache:6379/0",
+            "SIRA_GRPC_PORT": "6000",
+            "SIRA_METRICS_PORT": "0",
+            "SIRA_JWT_SECRET": "s" * 40,
+            "SIRA_JWT_AUDIENCE": "sira",
+            "SIRA_JWT_ISSUER": "molam-id",
+        }
+    )
+    assert not s.embedded
+    assert s.grpc_port == 6000
+    assert s.metrics_port is None
+    assert (s.jwt.audience, s.jwt.issuer) == ("sira", "molam-id")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SIRA_GRPC_PORT": "fifty"}, "SIRA_GRPC_PORT"),
+        ({"SIRA_WORKERS": "0"}, "SIRA_WORKERS"),
+        ({"SIRA_JWT_ALGORITHM": "none"}, "SIRA_JWT_ALGORITHM"),
+        ({"SIRA_JWT_ALGORITHM": "RS256"}, "SIRA_JWT_PUBLIC_KEY"),
+        ({"SIRA_TLS_CERT_FILE": "/x.pem"}, "SIRA_TLS_KEY_FILE"),
+        ({"SIRA_DATABASE_URL": "postgresql://db/sira"}, "SIRA_REDIS_URL"),
+        ({"SIRA_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "SIRA_JWT_PUBLIC_KEY_FILE"),
+        ({"SIRA_SHUTDOWN_GRACE_SECONDS": "soon"}, "SIRA_SHUTDOWN_GRACE_SECONDS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(env)
