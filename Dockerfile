@@ -1,0 +1,24 @@
+# SIRA decision server image. Build: docker build -t sira .
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY client client
+COPY server server
+COPY loadtest loadtest
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 sira
+COPY --from=build /install /usr/local
+COPY migrations /app/migrations
+ENV SIRA_MIGRATIONS_DIR=/app/migrations \
+    SIRA_GRPC_PORT=50051 \
+    SIRA_METRICS_PORT=9464 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
+    PYTHONUNBUFFERED=1
+USER sira
+WORKDIR /home/sira
+EXPOSE 50051 9464
+# Production sets SIRA_DATABASE_URL, SIRA_REDIS_URL and the JWT settings; the
+# migration Job runs `sira migrate` before the Deployment rolls out.
+ENTRYPOINT ["sira-server"]
