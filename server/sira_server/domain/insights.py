@@ -1,0 +1,514 @@
+"""Insights: what the Beta posteriors say about each variant, and what to do next.
+
+Pure functions, dataclasses in and out; the gRPC servicer maps `ExperimentInsights` field
+for field onto ``GetInsightsResponse`` (experiment id, status and compute time are its own).
+Formulas and where they differ from the seed: ``docs/statistics.md``.
+
+    counts per variant --reward_successes--> successes
+        --> Beta(1 + successes, 1 + samples - successes) per variant
+        --> exact credible intervals, one Monte Carlo pass (P(best), P(worse than the
+            leader), expected loss, lift vs control), one pass per guardrail metric
+        --> fail-fast verdicts, guardrail flags, SRM check
+        --> one recommended action in plain words
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special, stats
+
+from sira_server.domain import bayes
+from sira_server.domain.experiment import (
+    Allocation,
+    ExperimentStatus,
+    FailFast,
+    Reward,
+    Variant,
+    VariantState,
+)
+
+__all__ = [
+    "CREDIBLE_LEVEL",
+    "DEFAULT_DRAWS",
+    "DEFAULT_SEED",
+    "GUARDRAIL_METRICS",
+    "SRM_P_VALUE",
+    "ArmCounts",
+    "ExperimentInsights",
+    "GuardrailInsight",
+    "Interval",
+    "RecommendedAction",
+    "SrmCheck",
+    "VariantInsight",
+    "compute_insights",
+    "credible_interval",
+    "posterior_mean",
+    "reward_successes",
+    "srm_check",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+CREDIBLE_LEVEL = 0.95
+DEFAULT_DRAWS = 100_000
+"""Monte Carlo draws per pass: standard error of a probability at most 0.0016."""
+DEFAULT_SEED = 147
+"""Fixed by default so that the same counts always give the same insights."""
+SRM_P_VALUE = 0.001
+"""An SRM check with a smaller p-value is flagged."""
+GUARDRAIL_METRICS = ("refund", "churn")
+_SEED_SPACE = 1 << 63
+
+
+class RecommendedAction(StrEnum):
+    """Values are the names of the proto enum ``RecommendedAction``."""
+
+    UNSPECIFIED = "RECOMMENDED_ACTION_UNSPECIFIED"
+    KEEP_RUNNING = "RECOMMENDED_ACTION_KEEP_RUNNING"
+    STOP_WITH_WINNER = "RECOMMENDED_ACTION_STOP_WITH_WINNER"
+    DROP_VARIANTS = "RECOMMENDED_ACTION_DROP_VARIANTS"
+    CONCLUDED = "RECOMMENDED_ACTION_CONCLUDED"
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+def reward_successes(reward: Reward, converted_subjects: int, refunded_converted: int) -> int:
+    """Successes of one variant under the experiment's reward.
+
+    ``converted_subjects``: subjects with at least one conversion. ``refunded_converted``:
+    those of them with a refund after a conversion. CONVERSION counts every converted
+    subject; CONVERSION_NOT_REFUNDED does not count a refunded one, so a variant cannot
+    win by selling what comes back. Counting subjects, not events, keeps successes <=
+    trials (a Beta posterior needs it) whatever the number of conversions per subject.
+    """
+    if converted_subjects < 0 or refunded_converted < 0:
+        raise ValueError("counts must be non-negative")
+    if refunded_converted > converted_subjects:
+        raise ValueError(
+            f"refunded converted subjects ({refunded_converted}) exceed converted subjects "
+            f"({converted_subjects})"
+        )
+    if reward is Reward.CONVERSION_NOT_REFUNDED:
+        return converted_subjects - refunded_converted
+    return converted_subjects
+
+
+@dataclass(frozen=True, slots=True)
+class ArmCounts:
+    """What the store counted for one variant, and what the insights need to know of it.
+    Every count is of distinct subjects."""
+
+    variant_id: str
+    assigned_subjects: int
+    """Trials: subjects assigned to the variant."""
+    converted_subjects: int = 0
+    """Subjects with at least one conversion."""
+    refunded_converted_subjects: int = 0
+    """Converted subjects with a refund after a conversion (the reward integrity count)."""
+    refunded_subjects: int = 0
+    """Subjects with at least one refund (refund guardrail)."""
+    churned_subjects: int = 0
+    """Subjects with at least one churn event (churn guardrail)."""
+    variant_key: str = ""
+    name: str = ""
+    is_control: bool = False
+    state: VariantState = VariantState.ACTIVE
+    weight: float = 1.0
+    """Configured weight (used by the SRM check of fixed-weight allocation)."""
+
+    def __post_init__(self) -> None:
+        counts = (
+            self.assigned_subjects,
+            self.converted_subjects,
+            self.refunded_converted_subjects,
+            self.refunded_subjects,
+            self.churned_subjects,
+        )
+        if min(counts) < 0:
+            raise ValueError(f"variant {self.variant_id}: counts must be non-negative")
+        for label, value in (
+            ("converted", self.converted_subjects),
+            ("refunded", self.refunded_subjects),
+            ("churned", self.churned_subjects),
+        ):
+            if value > self.assigned_subjects:
+                raise ValueError(
+                    f"variant {self.variant_id}: {label} subjects ({value}) exceed assigned "
+                    f"subjects ({self.assigned_subjects})"
+                )
+
+    @classmethod
+    def from_variant(
+        cls,
+        variant: Variant,
+        *,
+        assigned_subjects: int,
+        converted_subjects: int = 0,
+        refunded_converted_subjects: int = 0,
+        refunded_subjects: int = 0,
+        churned_subjects: int = 0,
+    ) -> ArmCounts:
+        return cls(
+            variant_id=variant.id,
+            assigned_subjects=assigned_subjects,
+            converted_subjects=converted_subjects,
+            refunded_converted_subjects=refunded_converted_subjects,
+            refunded_subjects=refunded_subjects,
+            churned_subjects=churned_subjects,
+            variant_key=variant.key,
+            name=variant.name,
+            is_control=variant.is_control,
+            state=variant.state,
+            weight=variant.weight,
+        )
+
+    @property
+    def label(self) -> str:
+        """How the recommendation names the variant."""
+        return self.name or self.variant_key or self.variant_id
+
+
+# --- outputs (one dataclass per proto message) -------------------------------------------
+
+
+class Interval(NamedTuple):
+    """A (lower, upper) pair; unpacks like a tuple."""
+
+    lower: float
+    upper: float
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailInsight:
+    metric: str
+    """"refund" or "churn" (lower is better)."""
+    subjects: int
+    """Subjects with at least one such event."""
+    rate: float
+    """Posterior mean of the rate, Beta(1 + subjects, 1 + samples - subjects)."""
+    credible_interval: Interval
+    prob_worse_than_best: float
+    """P(rate > rate of the active variant with the lowest posterior mean); for that
+    variant itself, P(its rate > the runner-up's)."""
+    flagged: bool
+    """prob_worse_than_best > threshold and samples >= min_samples."""
+
+
+@dataclass(frozen=True, slots=True)
+class VariantInsight:
+    variant_id: str
+    variant_key: str
+    variant: str
+    is_control: bool
+    state: VariantState
+    samples: int
+    conversions: int
+    """Successes under the experiment's reward."""
+    conversion_rate: float
+    """Posterior mean."""
+    confidence_interval: Interval
+    """Exact equal-tailed 95 % credible interval."""
+    prob_best: float
+    """P(highest rate among active variants); 0 for a dropped variant."""
+    prob_worse_than_best: float
+    """P(rate < the leader's rate); for the leader, P(its rate < the runner-up's)."""
+    expected_loss: float
+    """E[max over active variants - this variant's rate]."""
+    lift: float | None
+    """Posterior median of rate / control rate - 1; None for the control or without one."""
+    lift_interval: Interval | None
+    guardrails: tuple[GuardrailInsight, ...]
+    fails_fast: bool
+    """samples >= min_samples and prob_worse_than_best > threshold."""
+
+
+@dataclass(frozen=True, slots=True)
+class SrmCheck:
+    applicable: bool
+    chi_square: float = 0.0
+    degrees_of_freedom: int = 0
+    p_value: float = 1.0
+    flagged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentInsights:
+    insights: tuple[VariantInsight, ...]
+    leading_variant_id: str
+    """Active variant with the highest posterior mean; "" before any sample."""
+    action: RecommendedAction
+    recommendation: str
+    failing_variant_ids: tuple[str, ...]
+    """Active variants failing fail-fast or a guardrail."""
+    threshold: float
+    min_samples: int
+    srm: SrmCheck
+    draws: int
+
+
+# --- building blocks ---------------------------------------------------------------------
+
+
+def _check_counts(successes: int, trials: int) -> None:
+    if trials < 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} and {trials}")
+
+
+def posterior_mean(successes: int, trials: int) -> float:
+    """Mean of Beta(1 + successes, 1 + trials - successes): the seed's Beta(1, 1) prior."""
+    _check_counts(successes, trials)
+    return (1.0 + successes) / (2.0 + trials)
+
+
+def credible_interval(successes: int, trials: int, level: float = CREDIBLE_LEVEL) -> Interval:
+    """Equal-tailed interval of Beta(1 + successes, 1 + trials - successes) from its exact
+    quantiles (the seed's mean +- 1.96 sd is wrong near 0 and 1 and for small counts)."""
+    _check_counts(successes, trials)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    a, b = 1.0 + successes, 1.0 + trials - successes
+    tail = (1.0 - level) / 2.0
+    return Interval(
+        float(special.betaincinv(a, b, tail)), float(special.betaincinv(a, b, 1 - tail))
+    )
+
+
+def srm_check(assigned: Sequence[int], weights: Sequence[float]) -> SrmCheck:
+    """Pearson chi-square of assigned counts against the split the weights promise.
+    Not applicable with fewer than two arms or no subject; flagged at p < `SRM_P_VALUE`."""
+    if len(assigned) != len(weights):
+        raise ValueError("assigned and weights must have the same length")
+    observed = np.asarray(assigned, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if observed.size < 2 or observed.sum() <= 0 or not bool(np.all(w > 0)):
+        return SrmCheck(applicable=False)
+    expected = observed.sum() * w / w.sum()
+    chi_square = float(np.sum((observed - expected) ** 2 / expected))
+    dof = observed.size - 1
+    p_value = float(stats.chi2.sf(chi_square, dof))
+    return SrmCheck(True, chi_square, dof, p_value, p_value < SRM_P_VALUE)
+
+
+def _percent(p: float) -> str:
+    return f"{100.0 * p:.1f}%"
+
+
+# --- the whole picture -------------------------------------------------------------------
+
+
+def compute_insights(
+    arms: Sequence[ArmCounts],
+    fail_fast: FailFast | None = None,
+    *,
+    reward: Reward = Reward.CONVERSION,
+    allocation: Allocation = Allocation.THOMPSON_SAMPLING,
+    status: ExperimentStatus = ExperimentStatus.RUNNING,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = DEFAULT_SEED,
+) -> ExperimentInsights:
+    """Every statistic of `ExperimentInsights`, in the order of ``arms``.
+
+    Probabilities compare *active* variants: a dropped variant is never the best nor the
+    leader (it no longer gets subjects, so its stale posterior would otherwise cap the
+    leader's P(best) forever), but it still gets its rates, intervals and comparison with
+    the active leader. The three Monte Carlo passes (reward, refund, churn) use streams
+    derived from ``seed``: the same counts always give the same answer.
+    """
+    rule = fail_fast or FailFast()
+    if not arms:
+        raise ValueError("no variant")
+    if sum(arm.is_control for arm in arms) > 1:
+        raise ValueError("at most one control variant")
+    if draws < 1:
+        raise ValueError("draws must be at least 1")
+    if not 0 <= seed < _SEED_SPACE:
+        raise ValueError("seed must be a non-negative 63-bit integer")
+
+    samples = np.array([arm.assigned_subjects for arm in arms], dtype=np.int64)
+    successes = np.array(
+        [
+            reward_successes(reward, arm.converted_subjects, arm.refunded_converted_subjects)
+            for arm in arms
+        ],
+        dtype=np.int64,
+    )
+    active = np.array([arm.state is VariantState.ACTIVE for arm in arms], dtype=np.bool_)
+    control = next((i for i, arm in enumerate(arms) if arm.is_control), -1)
+    alpha = 1.0 + successes.astype(np.float64)
+    beta = 1.0 + (samples - successes).astype(np.float64)
+
+    prob_best, prob_worse, loss, lift_draws = bayes.monte_carlo_core(
+        alpha, beta, active, control, draws, seed
+    )
+    lift_q = np.empty((3, 0))
+    if control >= 0:  # the draws are ours to reorder: no copy
+        lift_q = np.quantile(lift_draws, [0.025, 0.5, 0.975], axis=1, overwrite_input=True)
+
+    guardrails: list[list[GuardrailInsight]] = [[] for _ in arms]
+    guardrail_flags: dict[int, list[str]] = {}
+    for m, metric in enumerate(GUARDRAIL_METRICS):
+        events = np.array(
+            [arm.refunded_subjects if metric == "refund" else arm.churned_subjects for arm in arms],
+            dtype=np.int64,
+        )
+        g_alpha = 1.0 + events.astype(np.float64)
+        g_beta = 1.0 + (samples - events).astype(np.float64)
+        # Lower is better: R ~ Beta(a, b) iff 1 - R ~ Beta(b, a), so the "worse than the
+        # leader" of the swapped pass is "higher rate than the lowest-rate variant".
+        g_seed = (seed + m + 1) % _SEED_SPACE
+        _, g_worse, _, _ = bayes.monte_carlo_core(g_beta, g_alpha, active, -1, draws, g_seed)
+        for i in range(len(arms)):
+            flagged = bool(g_worse[i] > rule.threshold and samples[i] >= rule.min_samples)
+            guardrails[i].append(
+                GuardrailInsight(
+                    metric=metric,
+                    subjects=int(events[i]),
+                    rate=posterior_mean(int(events[i]), int(samples[i])),
+                    credible_interval=credible_interval(int(events[i]), int(samples[i])),
+                    prob_worse_than_best=float(g_worse[i]),
+                    flagged=flagged,
+                )
+            )
+            if flagged and active[i]:
+                guardrail_flags.setdefault(i, []).append(metric)
+
+    fails = (samples >= rule.min_samples) & (prob_worse > rule.threshold)
+    insights = tuple(
+        VariantInsight(
+            variant_id=arm.variant_id,
+            variant_key=arm.variant_key,
+            variant=arm.name,
+            is_control=arm.is_control,
+            state=arm.state,
+            samples=int(samples[i]),
+            conversions=int(successes[i]),
+            conversion_rate=posterior_mean(int(successes[i]), int(samples[i])),
+            confidence_interval=credible_interval(int(successes[i]), int(samples[i])),
+            prob_best=float(prob_best[i]),
+            prob_worse_than_best=float(prob_worse[i]),
+            expected_loss=float(loss[i]),
+            lift=None if control < 0 or i == control else float(lift_q[1, i]),
+            lift_interval=(
+                None
+                if control < 0 or i == control
+                else Interval(float(lift_q[0, i]), float(lift_q[2, i]))
+            ),
+            guardrails=tuple(guardrails[i]),
+            fails_fast=bool(fails[i]),
+        )
+        for i, arm in enumerate(arms)
+    )
+
+    leader, _ = bayes.leader_and_runner_up(alpha, beta, active)
+    has_data = bool(samples[active].sum() > 0)
+    failing = [i for i in range(len(arms)) if active[i] and (fails[i] or i in guardrail_flags)]
+    action, text = _recommend(
+        arms, insights, active, leader if has_data else -1, failing, guardrail_flags, rule, status
+    )
+    srm = SrmCheck(applicable=False)
+    if allocation is Allocation.FIXED_WEIGHTS:
+        # Active variants only: their relative split stays w_i / sum(active w) before and
+        # after any drop, so dropping a variant does not fake a mismatch.
+        live = [i for i in range(len(arms)) if active[i]]
+        srm = srm_check([int(samples[i]) for i in live], [arms[i].weight for i in live])
+    return ExperimentInsights(
+        insights=insights,
+        leading_variant_id=arms[leader].variant_id if leader >= 0 and has_data else "",
+        action=action,
+        recommendation=text,
+        failing_variant_ids=tuple(arms[i].variant_id for i in failing),
+        threshold=rule.threshold,
+        min_samples=rule.min_samples,
+        srm=srm,
+        draws=draws,
+    )
+
+
+def _recommend(
+    arms: Sequence[ArmCounts],
+    insights: Sequence[VariantInsight],
+    active: npt.NDArray[np.bool_],
+    leader: int,
+    failing: list[int],
+    guardrail_flags: dict[int, list[str]],
+    rule: FailFast,
+    status: ExperimentStatus,
+) -> tuple[RecommendedAction, str]:
+    """The first rule that applies: concluded, not started, nothing active, a winner,
+    variants to drop, else keep running and say what is missing."""
+    if status in (ExperimentStatus.STOPPED, ExperimentStatus.ARCHIVED):
+        return RecommendedAction.CONCLUDED, f"The experiment is {status}: nothing to decide."
+    if status is ExperimentStatus.DRAFT:
+        return RecommendedAction.UNSPECIFIED, "Draft: start the experiment to collect data."
+    live = [i for i in range(len(arms)) if active[i]]
+    if not live:
+        return (
+            RecommendedAction.UNSPECIFIED,
+            "No active variant left: stop the experiment without a winner.",
+        )
+    if len(live) == 1:
+        only = arms[live[0]].label
+        return (
+            RecommendedAction.STOP_WITH_WINNER,
+            f"Stop: '{only}' is the only active variant left; ship it.",
+        )
+    short = [i for i in live if insights[i].samples < rule.min_samples]
+    if leader >= 0 and not short and leader not in guardrail_flags:
+        p_best = insights[leader].prob_best
+        if p_best >= rule.threshold:
+            return (
+                RecommendedAction.STOP_WITH_WINNER,
+                f"Stop: '{arms[leader].label}' wins with P(best)={_percent(p_best)} "
+                f"(threshold {_percent(rule.threshold)}), every active variant has at least "
+                f"{rule.min_samples} samples.",
+            )
+    leader_label = arms[leader].label if leader >= 0 else ""
+    if failing and len(failing) < len(live):
+        reasons = []
+        for i in failing:
+            why = []
+            if insights[i].fails_fast:
+                p = insights[i].prob_worse_than_best
+                why.append(f"P(worse than '{leader_label}')={_percent(p)}")
+            for g in insights[i].guardrails:
+                if g.flagged:
+                    why.append(
+                        f"{g.metric} rate P(worse than best)={_percent(g.prob_worse_than_best)}"
+                    )
+            reasons.append(f"'{arms[i].label}' ({', '.join(why)})")
+        return (
+            RecommendedAction.DROP_VARIANTS,
+            f"Drop {', '.join(reasons)} (threshold {_percent(rule.threshold)}); "
+            "keep running the others.",
+        )
+    if failing:
+        return (
+            RecommendedAction.KEEP_RUNNING,
+            "Every active variant fails fail-fast or a guardrail: review the guardrails "
+            "before dropping anything.",
+        )
+    if short:
+        needs = ", ".join(
+            f"{rule.min_samples - insights[i].samples} more on '{arms[i].label}'" for i in short
+        )
+        lead = (
+            f" Leader so far: '{leader_label}' with P(best)={_percent(insights[leader].prob_best)}."
+            if leader >= 0
+            else ""
+        )
+        return (
+            RecommendedAction.KEEP_RUNNING,
+            f"Keep running: need {needs} (min_samples={rule.min_samples}).{lead}",
+        )
+    return (
+        RecommendedAction.KEEP_RUNNING,
+        f"Keep running: no variant above threshold yet: '{leader_label}' leads with "
+        f"P(best)={_percent(insights[leader].prob_best)} < {_percent(rule.threshold)}.",
+    )
