@@ -122,3 +122,25 @@ def test_embedded_default_end_to_end_through_the_cli() -> None:
             assert json.loads(shown.stdout)["status"] == "EXPERIMENT_STATUS_RUNNING"
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_workers_share_the_port_and_stop_together(
+    sira_server_database_url: str, redis_server_url: str
+) -> None:
+    from server_fixtures import redis_url_with_db
+
+    data_dir = Path(tempfile.mkdtemp(prefix="sira-workers-"))
+    try:
+        with run_sira_server(
+            sira_server_database_url,
+            redis_url_with_db(redis_server_url, 12),
+            data_dir,
+            extra_env={"SIRA_WORKERS": "2"},
+        ) as server:
+            # Connections are spread by the kernel; every one of them is served.
+            for _ in range(6):
+                assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
+            assert server.stop(signal.SIGTERM) == 0
+            assert server.log().count("shutting down") == 2
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)

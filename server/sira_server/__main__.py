@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from dataclasses import replace
@@ -21,6 +20,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, help="override SIRA_GRPC_PORT")
     parser.add_argument("--data-dir", help="override SIRA_DATA_DIR")
+    parser.add_argument(
+        "--workers", type=int, help="override SIRA_WORKERS (processes sharing the port)"
+    )
     return parser.parse_args(argv)
 
 
@@ -34,18 +36,22 @@ def main(argv: list[str] | None = None) -> None:
         settings = replace(settings, grpc_port=args.port)
     if args.data_dir is not None:
         settings = replace(settings, data_dir=Path(args.data_dir))
+    if args.workers is not None:
+        if args.workers < 1:
+            sys.exit("sira-server: --workers must be at least 1")
+        settings = replace(settings, workers=args.workers)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from sira_server.app import serve
     from sira_server.embedded import EmbeddedServerError
     from sira_server.errors import SiraError
+    from sira_server.launcher import WorkerFailed, run
     from sira_server.store.migrate import MigrationError
 
     try:
-        asyncio.run(serve(settings))
-    except (ConfigError, EmbeddedServerError, MigrationError) as exc:
+        run(settings)
+    except (ConfigError, EmbeddedServerError, MigrationError, WorkerFailed) as exc:
         sys.exit(f"sira-server: {exc}")
     except SiraError as exc:  # e.g. a store unreachable at start-up
         sys.exit(f"sira-server: {exc.message}")

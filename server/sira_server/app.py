@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -291,34 +291,18 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
     return lines
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT."""
-    from sira_server.embedded import EmbeddedServers
-    from sira_server.store.migrate import apply_migrations
-
-    embedded: EmbeddedServers | None = None
-    stores: Stores | None = None
+async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
+    """Run one server process on resolved settings (store URLs and JWT key set) until
+    SIGTERM or SIGINT; `on_ready(port)` once it reports SERVING."""
+    assert settings.database_url is not None
+    assert settings.redis_url is not None
     # Handlers first: a SIGTERM during start-up still shuts down cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    stores = await open_stores(settings.database_url, settings.redis_url)
     try:
-        if settings.embedded:
-            embedded = EmbeddedServers(settings.data_dir)
-            database_url, redis_url = await asyncio.to_thread(embedded.start)
-            settings = replace(
-                settings,
-                database_url=settings.database_url or database_url,
-                redis_url=settings.redis_url or redis_url,
-            )
-            applied = await apply_migrations(database_url)
-            if applied:
-                log.info("applied migrations: %s", ", ".join(applied))
-        settings = resolve_jwt_secret(settings, embedded=embedded is not None)
-        assert settings.database_url is not None
-        assert settings.redis_url is not None
-        stores = await open_stores(settings.database_url, settings.redis_url)
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port)
@@ -326,13 +310,9 @@ async def serve(settings: Settings) -> None:
         if stop.is_set():
             return
         await sira.start()
-        for line in banner(settings, sira.port, embedded=embedded is not None):
-            print(line, flush=True)
+        on_ready(sira.port)
         await stop.wait()
         log.info("shutting down")
         await sira.stop()
     finally:
-        if stores is not None:
-            await stores.close()
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        await stores.close()

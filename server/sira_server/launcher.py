@@ -1,0 +1,126 @@
+"""Process management of `sira-server`: embedded stores, migrations, worker processes.
+
+One process per core is how a Python gRPC server uses a machine: N workers share the
+port with SO_REUSEPORT and the kernel spreads connections across them. Workers are
+forked before any gRPC object exists (grpc is not fork-safe once started). The parent
+owns the embedded Postgres and Redis (started once, migrated once) and forwards
+SIGTERM/SIGINT to the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import signal
+import socket
+import time
+from dataclasses import replace
+from multiprocessing.connection import Connection
+
+from sira_server.app import banner, resolve_jwt_secret, serve
+from sira_server.config import Settings
+from sira_server.embedded import EmbeddedServers
+from sira_server.store.migrate import apply_migrations
+
+log = logging.getLogger("sira_server")
+
+WORKER_READY_TIMEOUT_SECONDS = 300.0
+
+
+def run(settings: Settings) -> None:
+    """Run the server (single process or workers) until SIGTERM/SIGINT."""
+    embedded: EmbeddedServers | None = None
+    try:
+        if settings.embedded:
+            embedded = EmbeddedServers(settings.data_dir)
+            database_url, redis_url = embedded.start()
+            settings = replace(settings, database_url=database_url, redis_url=redis_url)
+            applied = asyncio.run(apply_migrations(database_url))
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        settings = resolve_jwt_secret(settings, embedded=embedded is not None)
+        if settings.workers == 1:
+            asyncio.run(serve(settings, lambda port: announce(settings, port, embedded)))
+        else:
+            run_workers(settings, embedded)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def announce(settings: Settings, port: int, embedded: EmbeddedServers | None) -> None:
+    for line in banner(settings, port, embedded=embedded is not None):
+        print(line, flush=True)
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(settings: Settings, ready: Connection) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    asyncio.run(serve(settings, ready.send))
+
+
+def run_workers(settings: Settings, embedded: EmbeddedServers | None) -> None:
+    port = settings.grpc_port or free_port(settings.grpc_host)
+    context = multiprocessing.get_context("fork")
+    workers = []
+    pipes = []
+    for index in range(settings.workers):
+        receive, send = context.Pipe(duplex=False)
+        worker_settings = replace(
+            settings,
+            grpc_port=port,
+            # Each worker exports its own metrics: base port + worker index.
+            metrics_port=settings.metrics_port + index if settings.metrics_port else None,
+        )
+        process = context.Process(
+            target=_worker, args=(worker_settings, send), name=f"sira-worker-{index}"
+        )
+        process.start()
+        workers.append(process)
+        pipes.append(receive)
+
+    def forward(signum: int, _frame: object) -> None:
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        for receive, process in zip(pipes, workers, strict=True):
+            wait_ready(receive, process)
+        announce(settings, port, embedded)
+        print(f"  workers:        {settings.workers} processes sharing the port", flush=True)
+        for process in workers:
+            process.join()
+    finally:
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
+
+
+def wait_ready(receive: Connection, process: multiprocessing.process.BaseProcess) -> None:
+    """Until the worker reports its port; a worker that dies first ends the launch."""
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT_SECONDS
+    while not receive.poll(0.2):
+        if not process.is_alive():
+            raise WorkerFailed(f"{process.name} exited during start-up (code {process.exitcode})")
+        if time.monotonic() > deadline:
+            raise WorkerFailed(f"{process.name} not ready in {WORKER_READY_TIMEOUT_SECONDS}s")
+    receive.recv()
+
+
+class WorkerFailed(RuntimeError):
+    """A worker process could not start; its own log says why."""
