@@ -177,6 +177,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Postgres DSN (env SIRA_DATABASE_URL)",
     )
 
+    rebuild = command(
+        "rebuild", "recompute an experiment's hot Redis state from Postgres (operators)"
+    )
+    rebuild.add_argument("experiment", help="experiment id or key")
+    rebuild.add_argument(
+        "--database-url",
+        default=env.get("SIRA_DATABASE_URL") or None,
+        help="Postgres DSN (env SIRA_DATABASE_URL)",
+    )
+    rebuild.add_argument(
+        "--redis-url",
+        default=env.get("SIRA_REDIS_URL") or None,
+        help="Redis URL (env SIRA_REDIS_URL)",
+    )
+
     token = command("token", "mint a development JWT (HS256)")
     token.add_argument(
         "--role", action="append", required=True, dest="roles", help="role claim (repeatable)"
@@ -382,6 +397,40 @@ def _cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _cmd_rebuild(args: argparse.Namespace, out: Output) -> int:
+    if not args.database_url or not args.redis_url:
+        raise UsageError(
+            "rebuild talks to the stores directly: pass --database-url and --redis-url "
+            "(or set SIRA_DATABASE_URL and SIRA_REDIS_URL)"
+        )
+    from sira_server.errors import SiraError as StoreError  # server side, only needed here
+    from sira_server.store.admin import rebuild_hot_state
+
+    try:
+        report = asyncio.run(rebuild_hot_state(args.database_url, args.redis_url, args.experiment))
+    except StoreError as exc:
+        sys.stderr.write(f"error: {exc.status_name}: {_one_line(exc.message)}\n")
+        return EXIT_SERVER
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot reach the stores: {_one_line(str(exc))}\n")
+        return EXIT_SERVER
+    if out.as_json:
+        out.json(
+            {
+                "experiment_id": report.experiment_id,
+                "experiment_key": report.experiment_key,
+                "assigned_subjects": report.assigned_subjects,
+                "successes": report.successes,
+            }
+        )
+    else:
+        out.console.print(
+            f"rebuilt {report.experiment_key}: {report.assigned_subjects} assigned subjects, "
+            f"{report.successes} successes"
+        )
+    return EXIT_OK
+
+
 def _cmd_token(args: argparse.Namespace, out: Output, env: Mapping[str, str]) -> int:
     from sira_server.auth import mint_token, read_dev_secret  # server side, only needed here
     from sira_server.config import ConfigError
@@ -471,6 +520,8 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
             return _cmd_migrate(args, out)
         if args.command == "token":
             return _cmd_token(args, out, env)
+        if args.command == "rebuild":
+            return _cmd_rebuild(args, out)
         with _connect(args) as client:
             return _SERVER_COMMANDS[args.command](client, args, out)
     except SiraError as exc:

@@ -18,4 +18,4 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         socket_connect_timeout=2.0,
         health_check_interval=15,
     )
-    return aioredis.Redis(connection_pool=pool, decode_responses=False)
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
