@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -55,12 +55,11 @@ from sira_server.store.redis_conn import create_redis
 
 log = logging.getLogger("sira_server")
 
-SERVICE_NAMES: tuple[str, ...] = (
-    lifecycle_service_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name,
-    assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentService"].full_name,
-    tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name,
-    insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name,
-)
+LIFECYCLE = lifecycle_service_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name
+ASSIGNMENT = assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentService"].full_name
+TRACKING = tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
+INSIGHTS = insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name
+SERVICE_NAMES: tuple[str, ...] = (LIFECYCLE, ASSIGNMENT, TRACKING, INSIGHTS)
 HEALTH_PROBE_SECONDS = 2.0
 # Health service name that stays SERVING while the process runs, even when a
 # store is down: Kubernetes liveness must not restart pods during a Postgres
@@ -69,21 +68,31 @@ LIVENESS_SERVICE = "liveness"
 GAUGE_SECONDS = 5.0
 
 
+async def _answers(store: str, probe: Awaitable[object]) -> bool:
+    try:
+        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
+            await probe
+    except Exception as exc:  # any failure means "not serving"; the reason is logged
+        log.warning("health probe: %s does not answer: %s", store, exc)
+        return False
+    return True
+
+
 @dataclass
 class Stores:
     pool: asyncpg.Pool
     redis: aioredis.Redis
 
+    async def postgres_ok(self) -> bool:
+        return await _answers("Postgres", self.pool.fetchval("SELECT 1"))
+
+    async def redis_ok(self) -> bool:
+        return await _answers("Redis", self.redis.ping())
+
     async def ping(self) -> bool:
         """True when both Postgres and Redis answer right now."""
-        try:
-            async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-                await self.pool.fetchval("SELECT 1")
-                await self.redis.ping()
-        except Exception:  # any failure means "not serving"; the reason is logged
-            log.warning("store health probe failed", exc_info=True)
-            return False
-        return True
+        postgres, redis = await asyncio.gather(self.postgres_ok(), self.redis_ok())
+        return postgres and redis
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -147,6 +156,7 @@ class SiraServer:
         self._probe_task: asyncio.Task[None] | None = None
         self._flusher_task: asyncio.Task[None] | None = None
         self._gauges_task: asyncio.Task[None] | None = None
+        self._serving: dict[str, bool] = {}
 
     async def _changed(self, experiment_id: str) -> None:
         """After a lifecycle commit: refresh every process's catalog."""
@@ -186,24 +196,30 @@ class SiraServer:
         return port
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, status)
+            await self.health.set(name, _status(serving))
 
     async def _probe_stores(self) -> None:
-        """Health follows the stores: NOT_SERVING while Postgres or Redis is down."""
-        serving = True
+        """Health follows the stores, per service: lifecycle needs Postgres; decisions,
+        tracking and insights need Redis (Postgres may be down: the write-behind
+        catches up). The overall status, which load balancers read, follows Redis."""
         while True:
             await asyncio.sleep(HEALTH_PROBE_SECONDS)
-            now_serving = await self.stores.ping()
-            if now_serving != serving:
-                log.warning("health: %s", "SERVING" if now_serving else "NOT_SERVING")
-                await self._set_serving(now_serving)
-                serving = now_serving
+            postgres, redis = await asyncio.gather(
+                self.stores.postgres_ok(), self.stores.redis_ok()
+            )
+            wanted = {
+                "": redis,
+                LIFECYCLE: postgres,
+                ASSIGNMENT: redis,
+                TRACKING: redis,
+                INSIGHTS: redis,
+            }
+            for name, serving in wanted.items():
+                if self._serving.get(name) != serving:
+                    log.warning("health %s: %s", name or "(overall)", _status_name(serving))
+                    await self.health.set(name, _status(serving))
+                    self._serving[name] = serving
 
     async def start(self) -> None:
         await self._set_serving(False)
@@ -221,6 +237,7 @@ class SiraServer:
         self._flusher_task = asyncio.create_task(self.flusher.run(), name="write-behind")
         self._gauges_task = asyncio.create_task(self._update_gauges(), name="gauges")
         await self._set_serving(True)
+        self._serving = dict.fromkeys(("", *SERVICE_NAMES), True)
         self._probe_task = asyncio.create_task(self._probe_stores(), name="health-probe")
 
     async def stop(self) -> None:
@@ -249,6 +266,16 @@ class SiraServer:
             except Exception as exc:  # a gauge is never worth a crash
                 log.debug("gauge update failed: %s", exc)
             await asyncio.sleep(GAUGE_SECONDS)
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _status_name(serving: bool) -> str:
+    return "SERVING" if serving else "NOT_SERVING"
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
