@@ -31,6 +31,7 @@ from sira_server.domain.insights import (
     compute_insights,
     credible_interval,
     posterior_mean,
+    prob_greater,
     reward_successes,
     srm_check,
 )
@@ -347,30 +348,74 @@ def test_no_data_yet() -> None:
 # --- guardrails --------------------------------------------------------------------------------
 
 
+def _quad_prob_greater(a1: float, b1: float, a2: float, b2: float) -> float:
+    """P(X1 > X2) = integral of f_1(x) F_2(x) dx, numerically."""
+    lo, hi = 0.0, 1.0
+    points = sorted({a1 / (a1 + b1), a2 / (a2 + b2)})
+    value = integrate.quad(
+        lambda x: stats.beta.pdf(x, a1, b1) * stats.beta.cdf(x, a2, b2),
+        lo,
+        hi,
+        points=points,
+        limit=400,
+        epsabs=1e-12,
+    )[0]
+    return float(value)
+
+
+@pytest.mark.parametrize(
+    ("a1", "b1", "a2", "b2"),
+    [
+        (1, 1, 1, 1),
+        (3, 8, 2, 9),
+        (2, 9, 3, 8),
+        (46, 956, 21, 981),
+        (21, 981, 46, 956),
+        (1, 5001, 3, 4999),
+        (301, 9701, 280, 9722),
+        (120, 30, 118, 35),
+    ],
+)
+def test_prob_greater_matches_numerical_integration(a1: int, b1: int, a2: int, b2: int) -> None:
+    got = prob_greater(a1, b1, a2, b2)
+    assert got == pytest.approx(_quad_prob_greater(a1, b1, a2, b2), abs=1e-7)
+    assert got + prob_greater(a2, b2, a1, b1) == pytest.approx(1.0, abs=1e-12)
+
+
 def test_a_high_refund_rate_is_flagged_against_the_best_variant() -> None:
     arms = [
         _arm("a", 1000, 100, refunded_subjects=20, churned_subjects=10),
         _arm("b", 1000, 102, refunded_subjects=45, churned_subjects=11),
+        _arm("c", 1000, 101, refunded_subjects=24, churned_subjects=30),
     ]
-    result = compute_insights(arms, draws=100_000)
-    a, b = result.insights
+    result = compute_insights(arms, draws=DRAWS)
+    a, b, c = result.insights
     refund_a, churn_a = a.guardrails
-    refund_b, _ = b.guardrails
+    refund_b, churn_b = b.guardrails
+    refund_c, churn_c = c.guardrails
     assert (refund_a.metric, churn_a.metric) == ("refund", "churn")
-    exact = _p_b_beats_a(21, 981, 46, 956)  # P(refund rate of b > refund rate of a)
-    se = math.sqrt(exact * (1 - exact) / result.draws)
-    assert refund_b.prob_worse_than_best == pytest.approx(exact, abs=3 * se)
-    assert refund_a.prob_worse_than_best == pytest.approx(1 - exact, abs=3 * se)
-    assert refund_b.flagged
-    assert not refund_a.flagged
+    # Refunds: a has the lowest rate; b and c are compared with a, a with the runner-up c.
+    assert refund_b.prob_worse_than_best == pytest.approx(_quad_prob_greater(46, 956, 21, 981))
+    assert refund_c.prob_worse_than_best == pytest.approx(_quad_prob_greater(25, 977, 21, 981))
+    assert refund_a.prob_worse_than_best == pytest.approx(_quad_prob_greater(21, 981, 25, 977))
+    # Churn: a is best again; c churns three times as much.
+    assert churn_c.prob_worse_than_best == pytest.approx(_quad_prob_greater(31, 971, 11, 991))
+    # The same numbers from a Monte Carlo pass on the mirrored posteriors 1 - R.
+    events = np.array([20.0, 45.0, 24.0])
+    mc = bayes.monte_carlo_pass(1001.0 - events, 1.0 + events, 100_000, 5)[1]
+    got = [g.prob_worse_than_best for g in (refund_a, refund_b, refund_c)]
+    np.testing.assert_allclose(mc, got, atol=4 * math.sqrt(0.25 / 100_000))
+    assert [refund_a.flagged, refund_b.flagged, refund_c.flagged] == [False, True, False]
+    assert [churn_a.flagged, churn_b.flagged, churn_c.flagged] == [False, False, True]
     assert refund_b.subjects == 45
     assert refund_b.rate == pytest.approx(46 / 1002)
     assert refund_b.credible_interval == credible_interval(45, 1000)
-    assert result.failing_variant_ids == ("b",)
+    assert result.failing_variant_ids == ("b", "c")
     assert result.action is RecommendedAction.DROP_VARIANTS
     assert "'B' (refund rate P(worse than best)=" in result.recommendation
+    assert "'C' (churn rate P(worse than best)=" in result.recommendation
     few = compute_insights(arms, FailFast(0.95, 5000), draws=DRAWS)
-    assert not few.insights[1].guardrails[0].flagged
+    assert not any(g.flagged for v in few.insights for g in v.guardrails)
 
 
 def test_every_active_variant_failing_asks_for_a_review() -> None:

@@ -5,8 +5,8 @@
 Prints, each as the median over ``--runs`` timed runs after a warm-up:
 - one Monte Carlo pass (arms x draws), the work behind P(best), P(worse) and expected loss;
 - one Thompson decision over the arms, Python call included (what Assign pays);
-- the pure compute of GetInsights for that many variants (three passes, lift quantiles,
-  exact credible intervals, SRM, recommendation);
+- the pure compute of GetInsights for that many variants (one pass with lift draws and
+  their quantiles, exact guardrail comparisons and credible intervals, SRM, recommendation);
 - numpy's own Beta sampler per draw, for comparison.
 Machine noise shows as the gap between median and min: run it on a quiet machine.
 """

@@ -7,7 +7,7 @@ Formulas and where they differ from the seed: ``docs/statistics.md``.
     counts per variant --reward_successes--> successes
         --> Beta(1 + successes, 1 + samples - successes) per variant
         --> exact credible intervals, one Monte Carlo pass (P(best), P(worse than the
-            leader), expected loss, lift vs control), one pass per guardrail metric
+            leader), expected loss, lift vs control), exact pairwise guardrail comparisons
         --> fail-fast verdicts, guardrail flags, SRM check
         --> one recommended action in plain words
 """
@@ -49,6 +49,7 @@ __all__ = [
     "compute_insights",
     "credible_interval",
     "posterior_mean",
+    "prob_greater",
     "reward_successes",
     "srm_check",
 ]
@@ -196,7 +197,7 @@ class GuardrailInsight:
     credible_interval: Interval
     prob_worse_than_best: float
     """P(rate > rate of the active variant with the lowest posterior mean); for that
-    variant itself, P(its rate > the runner-up's)."""
+    variant itself, P(its rate > the runner-up's). Exact (closed form), not Monte Carlo."""
     flagged: bool
     """prob_worse_than_best > threshold and samples >= min_samples."""
 
@@ -296,6 +297,43 @@ def srm_check(assigned: Sequence[int], weights: Sequence[float]) -> SrmCheck:
     return SrmCheck(True, chi_square, dof, p_value, p_value < SRM_P_VALUE)
 
 
+def prob_greater(a1: int, b1: int, a2: int, b2: int) -> float:
+    """Exact P(X1 > X2) for independent X1 ~ Beta(a1, b1), X2 ~ Beta(a2, b2) with integer
+    parameters (Evan Miller's sum, over the smaller of a1 and a2)."""
+    if min(a1, b1, a2, b2) < 1:
+        raise ValueError("Beta parameters must be positive integers")
+    if a1 > a2:
+        return 1.0 - prob_greater(a2, b2, a1, b1)
+    i = np.arange(a1, dtype=np.float64)
+    log_terms = (
+        special.betaln(a2 + i, b1 + b2)
+        - np.log(b1 + i)
+        - special.betaln(1.0 + i, b1)
+        - special.betaln(a2, b2)
+    )
+    return float(np.clip(np.exp(log_terms).sum(), 0.0, 1.0))
+
+
+def _prob_higher_than_lowest(
+    events: npt.NDArray[np.int64], samples: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
+) -> FloatArray:
+    """Per variant, P(rate > rate of the active variant with the lowest posterior mean);
+    for that variant itself, against the active runner-up. Exact, so guardrails need no
+    Monte Carlo pass. 0 where there is nothing to compare with."""
+    alpha = 1 + events
+    beta = 1 + samples - events
+    # Lowest mean first, ties to the lower index (as the reward's leader).
+    live = [i for i in np.argsort(alpha / (alpha + beta), kind="stable") if active[i]]
+    out = np.zeros(events.size)
+    if len(live) < 2:
+        return out
+    best, runner = int(live[0]), int(live[1])
+    for i in range(events.size):
+        other = runner if i == best else best
+        out[i] = prob_greater(int(alpha[i]), int(beta[i]), int(alpha[other]), int(beta[other]))
+    return out
+
+
 def _percent(p: float) -> str:
     return f"{100.0 * p:.1f}%"
 
@@ -318,8 +356,8 @@ def compute_insights(
     Probabilities compare *active* variants: a dropped variant is never the best nor the
     leader (it no longer gets subjects, so its stale posterior would otherwise cap the
     leader's P(best) forever), but it still gets its rates, intervals and comparison with
-    the active leader. The three Monte Carlo passes (reward, refund, churn) use streams
-    derived from ``seed``: the same counts always give the same answer.
+    the active leader. The Monte Carlo pass uses a fixed default ``seed``: the same counts
+    always give the same answer.
     """
     rule = fail_fast or FailFast()
     if not arms:
@@ -353,17 +391,12 @@ def compute_insights(
 
     guardrails: list[list[GuardrailInsight]] = [[] for _ in arms]
     guardrail_flags: dict[int, list[str]] = {}
-    for m, metric in enumerate(GUARDRAIL_METRICS):
+    for metric in GUARDRAIL_METRICS:
         events = np.array(
             [arm.refunded_subjects if metric == "refund" else arm.churned_subjects for arm in arms],
             dtype=np.int64,
         )
-        g_alpha = 1.0 + events.astype(np.float64)
-        g_beta = 1.0 + (samples - events).astype(np.float64)
-        # Lower is better: R ~ Beta(a, b) iff 1 - R ~ Beta(b, a), so the "worse than the
-        # leader" of the swapped pass is "higher rate than the lowest-rate variant".
-        g_seed = (seed + m + 1) % _SEED_SPACE
-        _, g_worse, _, _ = bayes.monte_carlo_core(g_beta, g_alpha, active, -1, draws, g_seed)
+        g_worse = _prob_higher_than_lowest(events, samples, active)
         for i in range(len(arms)):
             flagged = bool(g_worse[i] > rule.threshold and samples[i] >= rule.min_samples)
             guardrails[i].append(

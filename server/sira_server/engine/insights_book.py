@@ -88,7 +88,9 @@ class InsightsBook:
     async def compute(self, experiment: Experiment) -> CachedInsights:
         draft = experiment.status is ExperimentStatus.DRAFT
         counters = {} if draft else await self._hot.counters(experiment.id)
-        insights = compute_insights(
+        # ~25-50 ms of numba work that releases the GIL: keep the event loop answering.
+        insights = await asyncio.to_thread(
+            compute_insights,
             arm_counts(experiment, counters),
             experiment.fail_fast,
             reward=experiment.reward,

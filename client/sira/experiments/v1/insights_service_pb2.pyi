@@ -315,7 +315,10 @@ class VariantInsight(_message.Message):
     prob_best: _builtins.float
     """Probability this variant has the highest rate."""
     prob_worse_than_best: _builtins.float
-    """Probability its rate is below the best other variant's."""
+    """Probability its rate is below the leader's (the active variant with the
+    highest posterior mean); for the leader itself, below the runner-up's.
+    Pairwise, like the seed's fail-fast rule (not 1 - prob_best).
+    """
     expected_loss: _builtins.float
     """E[max over variants - this variant]: the expected shortfall if chosen."""
     lift: _builtins.float
