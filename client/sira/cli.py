@@ -216,7 +216,9 @@ class Output:
     def __init__(self, as_json: bool, stream: TextIO) -> None:
         self.as_json = as_json
         self.stream = stream
-        self.console = Console(file=stream, highlight=False, soft_wrap=False)
+        # Piped output has no terminal width; 80 columns would truncate the tables.
+        width = None if stream.isatty() or "COLUMNS" in os.environ else 140
+        self.console = Console(file=stream, highlight=False, soft_wrap=False, width=width)
 
     def json(self, value: Message | Mapping[str, Any]) -> None:
         data = (

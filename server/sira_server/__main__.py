@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # every pg_ctl call at INFO
     from sira_server.embedded import EmbeddedServerError
     from sira_server.errors import SiraError
     from sira_server.launcher import WorkerFailed, run
