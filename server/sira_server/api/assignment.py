@@ -180,6 +180,7 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
             self._posteriors.get(live),
             self._rng_state,
             self._rng,
+            experiment.fail_fast.min_samples,
         )
         try:
             outcome = await self._hot.assign(

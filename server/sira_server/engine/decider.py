@@ -25,6 +25,10 @@ MIN_PROPENSITY = 1e-6
 arm that was nonetheless drawn; the true probability is positive."""
 
 
+WARM_UP_SHARE = 0.1
+"""Share of new subjects given uniformly to active arms still short of min_samples."""
+
+
 @dataclass(frozen=True, slots=True)
 class Posterior:
     """Beta posteriors of one experiment's arms, in variant order, and P(best) per arm."""
@@ -55,13 +59,31 @@ def choose_new_arm(
     posterior: Posterior,
     rng_state: StateArray,
     rng: random.Random,
+    min_samples: int,
 ) -> Choice:
-    """The arm a new subject gets, with the probability it had of being picked."""
+    """The arm a new subject gets, with the probability it had of being picked.
+
+    Thompson sampling starves an arm that looks bad early, and fail-fast can only judge
+    an arm with `min_samples` subjects: without help such an arm may never get there,
+    and auto-stop would wait forever. So while some active arms are short of
+    `min_samples`, a `WARM_UP_SHARE` of new subjects goes uniformly to those arms.
+    The logged propensity is that of the whole mixture.
+    """
     if allocation is Allocation.FIXED_WEIGHTS:
         index = weighted_choice(weights, active, rng.random())
         return Choice(index, float(weighted_propensities(weights, active)[index]))
-    index = int(thompson_choose(posterior.alpha, posterior.beta, active, rng_state))
-    return Choice(index, max(float(posterior.prob_best[index]), MIN_PROPENSITY))
+    trials = posterior.alpha + posterior.beta - 2.0
+    short = active & (trials < min_samples)
+    n_short = int(short.sum())
+    share = WARM_UP_SHARE if n_short else 0.0
+    if n_short and rng.random() < WARM_UP_SHARE:
+        index = int(np.flatnonzero(short)[rng.randrange(n_short)])
+    else:
+        index = int(thompson_choose(posterior.alpha, posterior.beta, active, rng_state))
+    propensity = (1.0 - share) * float(posterior.prob_best[index])
+    if short[index]:
+        propensity += share / n_short
+    return Choice(index, max(propensity, MIN_PROPENSITY))
 
 
 def concluded_index(experiment: Experiment) -> int:
