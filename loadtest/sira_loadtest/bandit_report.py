@@ -21,6 +21,7 @@ still drawn (numpy, seeded) because they drive the posteriors. Writes
 from __future__ import annotations
 
 import argparse
+import random
 import textwrap
 import time
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from sira_server.domain.bayes import new_rng_state, thompson_choose, warm_up
+from sira_server.domain.experiment import Allocation
+from sira_server.engine.decider import Posterior, choose_new_arm
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -63,6 +66,8 @@ class Policy:
     name: str
     batch: int
     """Decisions between posterior refreshes; 0 for uniform allocation."""
+    warm_up: bool = False
+    """The server's warm-up share for arms short of min_samples (engine.decider)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +97,25 @@ def simulate(
         alpha, beta = np.ones(arms), np.ones(arms)
         chosen = np.empty(horizon, dtype=np.int64)
         converts = rng.random(horizon)
+        ones = np.ones(arms)
+        py_rng = random.Random(seed)
         for t in range(horizon):
             if t % policy.batch == 0:  # the refresh: posteriors as of the last batch
                 alpha, beta = 1.0 + wins, 1.0 + trials - wins
-            arm = int(thompson_choose(alpha, beta, active, state))
+            if policy.warm_up:  # exactly the server's choice (propensity unused here)
+                posterior = Posterior(alpha, beta, np.zeros(arms))
+                choice = choose_new_arm(
+                    Allocation.THOMPSON_SAMPLING,
+                    ones,
+                    active,
+                    posterior,
+                    state,
+                    py_rng,
+                    MIN_SAMPLES,
+                )
+                arm = choice.index
+            else:
+                arm = int(thompson_choose(alpha, beta, active, state))
             chosen[t] = arm
             trials[arm] += 1.0
             wins[arm] += float(converts[t] < rates[arm])
@@ -127,7 +147,12 @@ def plot(results: Sequence[tuple[Scenario, list[Outcome]]], path: Path, batch: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"uniform": "#d62728", "thompson": "#1f77b4", "unbatched": "#2ca02c"}
+    colours = {
+        "uniform": "#d62728",
+        "thompson": "#1f77b4",
+        "no-warm-up": "#9467bd",
+        "unbatched": "#2ca02c",
+    }
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4), dpi=110)
     for ax, (scenario, outcomes) in zip(np.atleast_1d(axes), results, strict=True):
         horizon = outcomes[0].regret.shape[1]
@@ -141,11 +166,11 @@ def plot(results: Sequence[tuple[Scenario, list[Outcome]]], path: Path, batch: i
                 mean,
                 color=colours[kind],
                 label=outcome.policy,
-                linewidth=1.4 if kind == "unbatched" else 2.2,
-                linestyle=":" if kind == "unbatched" else "-",
+                linewidth=1.4 if kind in ("unbatched", "no-warm-up") else 2.2,
+                linestyle=":" if kind in ("unbatched", "no-warm-up") else "-",
                 zorder=3 if kind == "unbatched" else 2,
             )
-            if kind != "unbatched":  # its band would hide the server's
+            if kind in ("uniform", "thompson"):  # other bands would hide the server's
                 ax.fill_between(x, low, high, color=colours[kind], alpha=0.15, linewidth=0)
         ax.axhline(0.0, color="black", linewidth=1.0, linestyle="--", label="oracle (best arm)")
         ax.set_title(scenario.title, fontsize=10)
@@ -167,6 +192,8 @@ def plot(results: Sequence[tuple[Scenario, list[Outcome]]], path: Path, batch: i
 def _kind(policy: str) -> str:
     if policy.startswith("uniform"):
         return "uniform"
+    if "without warm-up" in policy:
+        return "no-warm-up"
     return "unbatched" if "every decision" in policy else "thompson"
 
 
@@ -196,8 +223,9 @@ def markdown(
             "good bandit's regret flattens once it knows the winner."
         ),
         *_para(
-            "The Thompson policy is the server's: the real numba kernel "
-            "`bayes.thompson_choose`, one Beta(1 + successes, 1 + failures) draw per arm per "
+            "The server's policy is `engine.decider.choose_new_arm` itself: the real numba "
+            "kernel `bayes.thompson_choose` (plus the warm-up share described below), one "
+            "Beta(1 + successes, 1 + failures) draw per arm per "
             f"decision, on posteriors refreshed only every {batch} decisions (the server "
             f"refreshes every 200 ms from Redis, so {batch} decisions per refresh is "
             f"{batch * 5:,} Assign/s; at lower traffic the batches are smaller and the policy "
@@ -257,12 +285,14 @@ def markdown(
             "A bandit spends little on arms it believes are worse: that is where its low "
             "regret comes from. The fail-fast rule, however, only flags a variant with at "
             f"least `min_samples` (default {MIN_SAMPLES}) subjects, and a winner is only "
-            "declared once every active variant has them. An arm that looked bad early can "
-            "therefore stay below `min_samples` for a long time, and auto-stop then waits "
-            f"with it. Runs (out of {seeds}) in which some arm still had fewer than "
-            f"{MIN_SAMPLES} subjects after {horizon:,} decisions, and the fewest subjects any "
-            "arm had (the simulation never drops an arm; the server's drops of flagged arms "
-            "do not help a starved one):"
+            "declared once every active variant has them. Plain Thompson sampling can leave "
+            "an arm that looked bad early below `min_samples` for a long time, and auto-stop "
+            "then waits with it. The server therefore gives 10 % of new subjects uniformly to "
+            "active arms still short of `min_samples` (its warm-up share, "
+            "`engine/decider.py`). Runs (out of "
+            f"{seeds}) in which some arm still had fewer than {MIN_SAMPLES} subjects after "
+            f"{horizon:,} decisions, and the fewest subjects any arm had (the simulation never "
+            "drops an arm):"
         ),
         "| scenario | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -303,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_up()
     policies = (
         Policy("uniform", 0),
-        Policy(f"Thompson, refresh every {args.batch} (server)", args.batch),
+        Policy(f"server: Thompson + warm-up, refresh every {args.batch}", args.batch, True),
+        Policy(f"Thompson without warm-up, refresh every {args.batch}", args.batch),
         Policy("Thompson, refresh every decision", 1),
     )
     seeds = [args.base_seed + i for i in range(args.seeds)]
