@@ -45,6 +45,7 @@ from sira_server.api.interceptors import (
     ERROR_DOMAIN,
     AuthInterceptor,
     ErrorInterceptor,
+    GuardedRegistrar,
     build_interceptors,
 )
 from sira_server.auth import TokenVerifier, mint_token
@@ -243,15 +244,22 @@ def stream_handlers() -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serving(interceptors: list[Any]) -> AsyncIterator[grpc.aio.Channel]:
+async def serving(
+    interceptors: list[Any], registrar_verifier: TokenVerifier | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A server guarded by `interceptors`, or, given `registrar_verifier`, by the same
+    wrappers applied at registration (`GuardedRegistrar`, what the real server uses)."""
     server = grpc.aio.server(interceptors=interceptors)
+    target: Any = server
+    if registrar_verifier is not None:
+        target = GuardedRegistrar(server, registrar_verifier)
     for servicer, add in servicers():
-        add(servicer, server)
+        add(servicer, target)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     reflection.enable_server_reflection(
         [f"sira.experiments.v1.{s}" for _, _, s in SERVICES] + [reflection.SERVICE_NAME], server
     )
-    server.add_generic_rpc_handlers((stream_handlers(),))
+    target.add_generic_rpc_handlers((stream_handlers(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -261,10 +269,15 @@ async def serving(interceptors: list[Any]) -> AsyncIterator[grpc.aio.Channel]:
         await server.stop(None)
 
 
-@pytest_asyncio.fixture(scope="module")
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    async with serving(build_interceptors(TokenVerifier(SETTINGS))) as ch:
-        yield ch
+@pytest_asyncio.fixture(scope="module", params=["interceptors", "registrar"])
+async def channel(request: pytest.FixtureRequest) -> AsyncIterator[grpc.aio.Channel]:
+    verifier = TokenVerifier(SETTINGS)
+    if request.param == "interceptors":
+        async with serving(build_interceptors(verifier)) as ch:
+            yield ch
+    else:
+        async with serving([], registrar_verifier=verifier) as ch:
+            yield ch
 
 
 def token(*roles: str, subject: str = "alice", **overrides: Any) -> str:

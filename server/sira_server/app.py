@@ -36,7 +36,7 @@ from sira.experiments.v1 import (
 )
 from sira_server.api.assignment import AssignmentServicer
 from sira_server.api.insights import InsightsServicer
-from sira_server.api.interceptors import build_interceptors
+from sira_server.api.interceptors import GuardedRegistrar
 from sira_server.api.lifecycle import LifecycleServicer
 from sira_server.api.tracking import TrackingServicer
 from sira_server.auth import TokenVerifier, ensure_dev_secret
@@ -66,6 +66,7 @@ HEALTH_PROBE_SECONDS = 2.0
 # outage (decisions go on from Redis), readiness uses the overall status "".
 LIVENESS_SERVICE = "liveness"
 GAUGE_SECONDS = 5.0
+FLUSHER_RESTART_SECONDS = 1.0
 
 
 async def _answers(store: str, probe: Awaitable[object]) -> bool:
@@ -116,9 +117,9 @@ class SiraServer:
         self.metrics = metrics or Metrics()
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=build_interceptors(verifier, self.metrics),
             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
+        guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
         self.hot = HotState(stores.redis, stores.pool)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
@@ -135,18 +136,18 @@ class SiraServer:
             on_flush=self.metrics.record_flush,
         )
         lifecycle_service_pb2_grpc.add_LifecycleServiceServicer_to_server(
-            LifecycleServicer(self.repository), self.server
+            LifecycleServicer(self.repository), guarded
         )
         assignment_service_pb2_grpc.add_AssignmentServiceServicer_to_server(
             AssignmentServicer(self.catalog, self.posteriors, self.hot, stores.pool, self.metrics),
-            self.server,
+            guarded,
         )
         tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
-            TrackingServicer(self.catalog, self.hot, self.metrics), self.server
+            TrackingServicer(self.catalog, self.hot, self.metrics), guarded
         )
         insights_service_pb2_grpc.add_InsightsServiceServicer_to_server(
             InsightsServicer(self.catalog, self.repository, self.hot, self.insights),
-            self.server,
+            guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -234,7 +235,7 @@ class SiraServer:
         await self.posteriors.start()
         await self.insights.start()
         await self.autopilot.start()
-        self._flusher_task = asyncio.create_task(self.flusher.run(), name="write-behind")
+        self._flusher_task = asyncio.create_task(self._run_flusher(), name="write-behind")
         self._gauges_task = asyncio.create_task(self._update_gauges(), name="gauges")
         await self._set_serving(True)
         self._serving = dict.fromkeys(("", *SERVICE_NAMES), True)
@@ -254,6 +255,18 @@ class SiraServer:
         if self._flusher_task is not None:
             await self._flusher_task
         await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
+
+    async def _run_flusher(self) -> None:
+        """The flusher, restarted after any error it lets escape: a dead flusher would
+        silently stop every write to Postgres while the streams grow (its entries stay
+        pending, so a restart loses nothing)."""
+        while True:
+            try:
+                await self.flusher.run()
+                return  # stop() was called
+            except Exception:
+                log.exception("write-behind flusher crashed; restarting it")
+            await asyncio.sleep(FLUSHER_RESTART_SECONDS)
 
     async def _update_gauges(self) -> None:
         """Gauges that are read from the stores rather than counted on the way."""

@@ -390,3 +390,52 @@ def build_interceptors(verifier: TokenVerifier, metrics: Metrics | None = None) 
     """The server's interceptors, outermost first: [ErrorInterceptor, AuthInterceptor]."""
     count = metrics.count_rpc if metrics is not None else _count_nothing
     return [ErrorInterceptor(count), AuthInterceptor(verifier)]
+
+
+# --- the same wrappers, applied once at registration ----------------------------------
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose method handlers come out wrapped (cached per method)."""
+
+    def __init__(self, inner: Any, wrap: Callable[[Any, str], Any]) -> None:
+        self._inner = inner
+        self._wrap = wrap
+        self._cache: dict[str, Any] = {}
+
+    def service(self, handler_call_details: Any) -> Any:
+        method = handler_call_details.method
+        if method not in self._cache:
+            handler = self._inner.service(handler_call_details)
+            self._cache[method] = None if handler is None else self._wrap(handler, method)
+        return self._cache[method]
+
+
+class GuardedRegistrar:
+    """Stands in for the server in the generated `add_*Servicer_to_server` functions and
+    registers every method with the error and auth wrappers already applied.
+
+    Same behaviour as `build_interceptors`, without the interceptor coroutine grpc.aio
+    awaits for every call (measured: two no-op interceptors cost ~7 % of an echo
+    server's throughput). Public services (health, reflection) are registered on the
+    real server directly, so they pass no wrapper at all.
+    """
+
+    def __init__(self, server: Any, verifier: TokenVerifier, count: Count = _count_nothing):
+        self._server = server
+        self._errors = _ErrorWrapper(count)
+        self._auth = _AuthWrapper(verifier)
+
+    def _wrap(self, handler: Any, method: str) -> Any:
+        # Error wrapper outermost: it turns the auth wrapper's SiraErrors into statuses.
+        return self._errors.handler(self._auth.handler(handler, method), method)
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(h, self._wrap) for h in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._wrap(h, f"/{service}/{name}") for name, h in handlers.items()}
+        )
