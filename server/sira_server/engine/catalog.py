@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 CHANGES_CHANNEL = "sira:experiments:changed"
 LIVE_STATUSES = (ExperimentStatus.RUNNING, ExperimentStatus.STOPPED)
+DELETED_VERSION = 2**63 - 1
+"""What a deleted experiment counts as in `_applied`: newer than any definition."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,10 @@ class ExperimentCatalog:
         self._by_id: dict[str, LiveExperiment] = {}
         self._by_ref: dict[str, LiveExperiment] = {}
         self._misses: dict[str, tuple[float, SiraError]] = {}
+        self._applied: dict[str, int] = {}
+        """Newest definition version applied per experiment (installed or removed). Reads
+        of Postgres overlap (a reload per change, misses of `get`): one that finishes after
+        a newer one must not bring back what it read, e.g. an experiment since archived."""
         self._listeners: list[ChangeListener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.status_counts: dict[str, int] = {}
@@ -135,6 +141,15 @@ class ExperimentCatalog:
             if len(self._misses) > 10_000:
                 self._misses.clear()
             raise
+        if self._is_stale(experiment.id, experiment.version):
+            # A reload applied a newer definition while this read was in flight.
+            live = self._by_id.get(experiment.id)
+            if live is None:
+                raise NotFound(
+                    f"experiment '{experiment.key}' is no longer live",
+                    metadata={"experiment": ref},
+                )
+            return live
         return self._install(experiment)
 
     # --- changes ---
@@ -156,6 +171,10 @@ class ExperimentCatalog:
             experiment = await self._repository.get(experiment_id)
         except NotFound:
             experiment = None
+        version = DELETED_VERSION if experiment is None else experiment.version
+        if self._is_stale(experiment_id, version):
+            return  # a newer definition is in place; its listeners ran already
+        self._applied[experiment_id] = version
         if experiment is not None and experiment.status in LIVE_STATUSES:
             live: LiveExperiment | None = self._install(experiment)
         else:
@@ -164,7 +183,11 @@ class ExperimentCatalog:
         for listener in self._listeners:
             await listener(live, experiment_id)
 
+    def _is_stale(self, experiment_id: str, version: int) -> bool:
+        return version < self._applied.get(experiment_id, 0)
+
     def _install(self, experiment: Experiment) -> LiveExperiment:
+        self._applied[experiment.id] = max(experiment.version, self._applied.get(experiment.id, 0))
         live = LiveExperiment.compile(experiment)
         self._remove(experiment.id)
         self._by_id[experiment.id] = live
