@@ -56,6 +56,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     OSError,  # includes TimeoutError, refused connections
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # "cannot switch to state ...": a connection broken mid-operation (Postgres stopped).
+    asyncpg.InternalClientError,
     redis_errors.RedisError,
 )
 """Failures a pass reports and `run` retries with backoff; entries stay pending."""
