@@ -66,6 +66,7 @@ HEALTH_PROBE_SECONDS = 2.0
 # outage (decisions go on from Redis), readiness uses the overall status "".
 LIVENESS_SERVICE = "liveness"
 GAUGE_SECONDS = 5.0
+SHUTDOWN_SLACK_SECONDS = 10.0
 FLUSHER_RESTART_SECONDS = 1.0
 
 
@@ -246,7 +247,11 @@ class SiraServer:
         await self.health.enter_graceful_shutdown()
         await _cancel(self._probe_task)
         await _cancel(self._gauges_task)
+        log.info(
+            "shutdown: draining in-flight calls (grace %ss)", self.settings.shutdown_grace_seconds
+        )
         await self.server.stop(self.settings.shutdown_grace_seconds)
+        log.info("shutdown: stopping background tasks")
         await self.autopilot.stop()
         await self.insights.stop()
         await self.posteriors.stop()
@@ -254,7 +259,9 @@ class SiraServer:
         self.flusher.stop()
         if self._flusher_task is not None:
             await self._flusher_task
+        log.info("shutdown: flushing the write-behind streams")
         await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
+        log.info("shutdown: done")
 
     async def _run_flusher(self) -> None:
         """The flusher, restarted after any error it lets escape: a dead flusher would
@@ -279,6 +286,18 @@ class SiraServer:
             except Exception as exc:  # a gauge is never worth a crash
                 log.debug("gauge update failed: %s", exc)
             await asyncio.sleep(GAUGE_SECONDS)
+
+
+def describe_tasks() -> str:
+    """Every other pending task of the loop, with where it waits (for a stuck shutdown)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        frames = task.get_stack(limit=4)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in reversed(frames))
+        lines.append(f"  {task.get_name()}: {where or '?'}")
+    return "\n".join(lines) or "  (none)"
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -353,6 +372,12 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
         on_ready(sira.port)
         await stop.wait()
         log.info("shutting down")
-        await sira.stop()
+        try:
+            async with asyncio.timeout(
+                settings.shutdown_grace_seconds * 2 + SHUTDOWN_SLACK_SECONDS
+            ):
+                await sira.stop()
+        except TimeoutError:  # never hang a rolling update; say what was stuck
+            log.error("shutdown timed out; still pending:\n%s", describe_tasks())
     finally:
         await stores.close()
