@@ -8,7 +8,7 @@ import json
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from test_rebuild import create_experiment
+from store_helpers import create_experiment
 
 from sira.cli import main
 from sira_server.store.flusher import WriteBehindFlusher

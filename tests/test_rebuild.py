@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from store_helpers import create_experiment
 
 from sira_server.errors import Unavailable
 from sira_server.store.flusher import SimulatedCrashError, WriteBehindFlusher
@@ -24,35 +24,6 @@ from sira_server.store.hot_state import (
 )
 from sira_server.store.postgres import create_pool
 from sira_server.store.rebuild import rebuild_experiment
-
-
-async def create_experiment(
-    pool: asyncpg.Pool, *, variants: int = 2, reward: str = "conversion"
-) -> tuple[str, list[str]]:
-    """A running experiment with `variants` variants, by plain SQL; (id, variant ids)."""
-    experiment_id = str(uuid.uuid4())
-    variant_ids = [str(uuid.uuid4()) for _ in range(variants)]
-    async with pool.acquire() as conn:
-        await conn.execute(
-            "INSERT INTO experiments (id, key, name, status, started_at, reward, created_by)"
-            " VALUES ($1, $2, 'Test', 'running', now(), $3, 'tester')",
-            experiment_id,
-            f"exp-{experiment_id[:8]}",
-            reward,
-        )
-        for position, variant_id in enumerate(variant_ids):
-            await conn.execute(
-                "INSERT INTO experiment_variants"
-                " (id, experiment_id, key, name, position, is_control)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                variant_id,
-                experiment_id,
-                f"v{position}",
-                f"Variant {position}",
-                position,
-                position == 0,
-            )
-    return experiment_id, variant_ids
 
 
 @pytest.fixture
