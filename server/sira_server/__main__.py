@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # every pg_ctl call at INFO
+    # We fork only before any gRPC object exists (workers) or to exec a program
+    # (embedded stores): grpc's fork handlers have nothing to do but log noise.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from sira_server.embedded import EmbeddedServerError
     from sira_server.errors import SiraError
     from sira_server.launcher import WorkerFailed, run
