@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from sira_server.domain import bayes
+from sira_server.domain import bayes, bayes_twins
 
 F64 = np.float64
 
@@ -91,14 +91,14 @@ def test_xoshiro_matches_the_reference_vector_in_kernel_and_twin() -> None:
     expected = [11520, 0, 1509978240, 1215971899390074240]
     state = np.array([1, 2, 3, 4], dtype=np.uint64)
     assert [int(bayes._next(state)) for _ in expected] == expected
-    streams = bayes._Streams(np.array([[1, 2, 3, 4]], dtype=np.uint64))
+    streams = bayes_twins._Streams(np.array([[1, 2, 3, 4]], dtype=np.uint64))
     lane = np.zeros(1, dtype=np.intp)
     assert [int(streams.next(lane)[0]) for _ in expected] == expected
 
 
 def test_lane_streams_are_jumps_of_the_base_stream() -> None:
     assert np.array_equal(
-        bayes._lane_states(12345, bayes.LANES), bayes._lane_states_numpy(12345, 64)
+        bayes._lane_states(12345, bayes.LANES), bayes_twins._lane_states_numpy(12345, 64)
     )
 
 
@@ -128,7 +128,7 @@ def test_thompson_kernel_equals_its_numpy_twin() -> None:
     active = np.array([True, True, False, True, True])
     s_kernel, s_twin = bayes.new_rng_state(42), bayes.new_rng_state(42)
     kernel = [bayes.thompson_choose(alpha, beta, active, s_kernel) for _ in range(300)]
-    twin = [bayes.thompson_choose_numpy(alpha, beta, active, s_twin) for _ in range(300)]
+    twin = [bayes_twins.thompson_choose_numpy(alpha, beta, active, s_twin) for _ in range(300)]
     assert kernel == twin
     assert np.array_equal(s_kernel, s_twin)
     assert 2 not in kernel
@@ -142,13 +142,13 @@ def test_monte_carlo_kernel_equals_its_numpy_twin() -> None:
     active = np.array([True, True, True, True, False])
     draws = 3_000  # not a multiple of LANES: uneven lanes
     kernel = bayes.monte_carlo_core(alpha, beta, active, 1, draws, 99)
-    twin = bayes.monte_carlo_core_numpy(alpha, beta, active, 1, draws, 99)
+    twin = bayes_twins.monte_carlo_core_numpy(alpha, beta, active, 1, draws, 99)
     for got, want in zip(kernel, twin, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
     assert np.array_equal(kernel[0], twin[0])
     assert np.array_equal(kernel[1], twin[1])
     passed = bayes.monte_carlo_pass(alpha, beta, 500, 5)
-    twin_pass = bayes.monte_carlo_pass_numpy(alpha, beta, 500, 5)
+    twin_pass = bayes_twins.monte_carlo_pass_numpy(alpha, beta, 500, 5)
     for got, want in zip(passed, twin_pass, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
@@ -157,7 +157,7 @@ def test_beta_draws_kernel_equals_its_numpy_twin() -> None:
     alpha, beta = _arr(3, 0.4, 200), _arr(5, 2, 9800)
     np.testing.assert_allclose(
         bayes.beta_draws(alpha, beta, 400, 3),
-        bayes.beta_draws_numpy(alpha, beta, 400, 3),
+        bayes_twins.beta_draws_numpy(alpha, beta, 400, 3),
         rtol=1e-12,
     )
 
