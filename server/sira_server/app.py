@@ -67,6 +67,7 @@ HEALTH_PROBE_SECONDS = 2.0
 LIVENESS_SERVICE = "liveness"
 GAUGE_SECONDS = 5.0
 SHUTDOWN_SLACK_SECONDS = 10.0
+CLOSE_SECONDS = 5.0
 FLUSHER_RESTART_SECONDS = 1.0
 
 
@@ -97,9 +98,11 @@ class Stores:
         return postgres and redis
 
     async def close(self) -> None:
-        await self.redis.aclose()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.pool.close(), timeout=5.0)
+        """Close both pools; a store that does not answer cannot hold the exit."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.redis.aclose(), timeout=CLOSE_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.pool.close(), timeout=CLOSE_SECONDS)
         self.pool.terminate()
 
 
@@ -381,3 +384,16 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
             log.error("shutdown timed out; still pending:\n%s", describe_tasks())
     finally:
         await stores.close()
+        await cancel_leftovers()
+
+
+async def cancel_leftovers() -> None:
+    """Cancel what is still running (shielded rebuilds, listeners) with a deadline, so
+    asyncio.run's own clean-up has nothing left that could keep the process alive."""
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        _, pending = await asyncio.wait(leftovers, timeout=CLOSE_SECONDS)
+        if pending:
+            log.error("tasks ignoring cancellation at exit:\n%s", describe_tasks())

@@ -34,7 +34,8 @@ from sira_server.engine.posteriors import PosteriorBook
 from sira_server.errors import FieldViolation, InvalidArgument, Unavailable
 from sira_server.metrics import Metrics
 from sira_server.store.assignments import find_assignment
-from sira_server.store.hot_state import Assignment, HotState
+from sira_server.store.hot_keys import Assignment
+from sira_server.store.hot_state import HotState
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 

@@ -245,11 +245,14 @@ class ExperimentCatalog:
         backoff = 0.5
         while True:
             try:
-                async with self._redis.pubsub() as pubsub:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CHANGES_CHANNEL)
                     backoff = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
+                    while True:
+                        # A bounded wait, not listen(): the loop wakes up regularly, so
+                        # cancellation (shutdown) never waits on a silent socket.
+                        message = await pubsub.get_message(timeout=1.0)
+                        if message is None or message.get("type") != "message":
                             continue
                         data = message["data"]
                         experiment_id = data.decode() if isinstance(data, bytes) else str(data)

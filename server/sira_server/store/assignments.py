@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from sira_server.errors import Unavailable
-from sira_server.store.hot_state import Assignment
+from sira_server.store.hot_keys import Assignment
 
 
 async def find_assignment(

@@ -35,8 +35,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from sira_server.store.hot_state import (
-    ACK_SCRIPT,
+from sira_server.store.hot_keys import (
     FLUSHER_GROUP,
     STREAM_REGISTRY,
     AssignmentRecord,
@@ -44,8 +43,9 @@ from sira_server.store.hot_state import (
     experiment_id_of_stream,
     experiment_keys,
     parse_record,
-    read_posteriors,
 )
+from sira_server.store.hot_state import read_posteriors
+from sira_server.store.lua_scripts import ACK_SCRIPT
 
 log = logging.getLogger(__name__)
 

@@ -1,51 +1,34 @@
 """Hot state of the decision path in Redis: sticky assignments, bandit counters.
 
-Every key of one experiment carries the hash tag ``{exp:<id>}``, so each Lua
-script touches a single slot (Redis Cluster safe)::
-
-    sira:{exp:<id>}:meta      HASH  ready=1 once the state exists; reward mode
-    sira:{exp:<id>}:asg       HASH  subject -> "variant_id|propensity|assigned_ms"
-    sira:{exp:<id>}:trials    HASH  variant -> assigned subjects
-    sira:{exp:<id>}:succ      HASH  variant -> successes (per the reward rule)
-    sira:{exp:<id>}:conv      SET   subjects with a conversion
-    sira:{exp:<id>}:refunded  SET   subjects with a refund
-    sira:{exp:<id>}:churned   SET   subjects with a churn
-    sira:{exp:<id>}:events    SET   event ids seen (dedupe)
-    sira:{exp:<id>}:cnt       HASH  "variant|counter[|currency or name]" -> number
-    sira:{exp:<id>}:wb        STREAM write-behind records for the flusher
-    sira:{exp:<id>}:dead      STREAM records the flusher could not write
-    sira:{exp:<id>}:lock      STRING rebuild lock
-    sira:streams              SET   every write-behind stream (flusher registry)
-
-Each Assign / Track is one EVALSHA: the state change and its write-behind
-record are one atomic step, which is what "acknowledged" means. When a script
-finds no ``ready`` marker (Redis lost its data), the state is rebuilt from
-Postgres under a lock and the call retried.
+The keys and the formats stored under them are in `store.hot_keys`; the Lua
+scripts in `store.lua_scripts`. Each Assign / Track is one EVALSHA: the state
+change and its write-behind record are one atomic step, which is what
+"acknowledged" means. When a script finds no ``ready`` marker (Redis lost its
+data), the state is rebuilt from Postgres under a lock and the call retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import functools
-import hashlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+# The ``X as X`` imports are re-exports: tests import those names from this module.
 from sira_server.errors import NotFound, Unavailable
-
-STREAM_REGISTRY = "sira:streams"
-"""SET of every experiment's write-behind stream key."""
-FLUSHER_GROUP = "flusher"
-"""Consumer group of the write-behind flushers."""
+from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
+from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
+from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
+from sira_server.store.hot_keys import experiment_keys as experiment_keys
+from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
+from sira_server.store.lua_scripts import LuaScript as LuaScript
 
 REWARD_CONVERSION = "conversion"
 REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
@@ -57,10 +40,6 @@ CHURN = "churn"
 
 MAX_REBUILD_ATTEMPTS = 3
 
-_LUA_DIR = Path(__file__).with_name("lua")
-_STREAM_PREFIX = "sira:{exp:"
-_STREAM_SUFFIX = "}:wb"
-
 REDIS_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     redis_errors.ConnectionError,  # includes BusyLoadingError (Redis still loading its AOF)
     redis_errors.TimeoutError,
@@ -71,75 +50,6 @@ REDIS_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-# --- key layout ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ExperimentKeys:
-    """Names of one experiment's Redis keys (all in the slot of ``{exp:<id>}``)."""
-
-    experiment_id: str
-    meta: str
-    asg: str
-    trials: str
-    succ: str
-    conv: str
-    refunded: str
-    churned: str
-    events: str
-    cnt: str
-    wb: str
-    dead: str
-    lock: str
-
-    @property
-    def state(self) -> tuple[str, ...]:
-        """Keys a rebuild recomputes (not the stream, the dead letters or the lock)."""
-        return (
-            self.meta,
-            self.asg,
-            self.trials,
-            self.succ,
-            self.conv,
-            self.refunded,
-            self.churned,
-            self.events,
-            self.cnt,
-        )
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return (*self.state, self.wb, self.dead, self.lock)
-
-
-@functools.lru_cache(maxsize=4096)  # hot path: built once per experiment
-def experiment_keys(experiment_id: str) -> ExperimentKeys:
-    base = f"sira:{{exp:{experiment_id}}}:"
-    return ExperimentKeys(
-        experiment_id=experiment_id,
-        meta=base + "meta",
-        asg=base + "asg",
-        trials=base + "trials",
-        succ=base + "succ",
-        conv=base + "conv",
-        refunded=base + "refunded",
-        churned=base + "churned",
-        events=base + "events",
-        cnt=base + "cnt",
-        wb=base + "wb",
-        dead=base + "dead",
-        lock=base + "lock",
-    )
-
-
-def experiment_id_of_stream(stream_key: str | bytes) -> str:
-    """The experiment id in ``sira:{exp:<id>}:wb``."""
-    key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
-    if not (key.startswith(_STREAM_PREFIX) and key.endswith(_STREAM_SUFFIX)):
-        raise ValueError(f"not a write-behind stream key: {key!r}")
-    return key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)]
-
-
 # --- values -------------------------------------------------------------------------
 
 
@@ -147,13 +57,6 @@ def experiment_id_of_stream(stream_key: str | bytes) -> str:
 class AssignOutcome:
     created: bool
     """True when this call made the assignment; False when it already existed."""
-    variant_id: str
-    propensity: float
-    assigned_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class Assignment:
     variant_id: str
     propensity: float
     assigned_ms: int
@@ -214,68 +117,7 @@ Posteriors = dict[str, dict[str, tuple[int, int]]]
 """experiment_id -> variant_id -> (trials, successes)."""
 
 
-# --- write-behind records (the stream format the Lua scripts write) ----------------
-
-
-@dataclass(frozen=True, slots=True)
-class AssignmentRecord:
-    subject_id: str
-    variant_id: str
-    propensity: float
-    assigned_ms: int
-    context_json: str
-
-
-@dataclass(frozen=True, slots=True)
-class MetricRecord:
-    subject_id: str
-    variant_id: str
-    event_type: str
-    value: float
-    currency: str | None
-    event_id: str
-    occurred_ms: int
-    received_ms: int
-
-
-def parse_record(fields: Mapping[bytes, bytes]) -> AssignmentRecord | MetricRecord:
-    """Decode one stream entry; ValueError/KeyError when it is malformed."""
-    kind = fields[b"t"]
-    if kind == b"a":
-        return AssignmentRecord(
-            subject_id=fields[b"s"].decode(),
-            variant_id=fields[b"v"].decode(),
-            propensity=float(fields[b"p"]),
-            assigned_ms=int(fields[b"ts"]),
-            context_json=fields[b"c"].decode(),
-        )
-    if kind == b"m":
-        currency = fields[b"cur"].decode()
-        return MetricRecord(
-            subject_id=fields[b"s"].decode(),
-            variant_id=fields[b"v"].decode(),
-            event_type=fields[b"e"].decode(),
-            value=float(fields[b"x"]),
-            currency=currency or None,
-            event_id=fields[b"id"].decode(),
-            occurred_ms=int(fields[b"ts"]),
-            received_ms=int(fields[b"rts"]),
-        )
-    raise ValueError(f"unknown write-behind record type {kind!r}")
-
-
-def format_assignment(variant_id: str, propensity: float, assigned_ms: int) -> str:
-    """The ``asg`` hash value (the Lua script builds the same string)."""
-    return f"{variant_id}|{float(propensity)!r}|{assigned_ms}"
-
-
-def parse_assignment(value: bytes | str) -> Assignment:
-    text = value.decode() if isinstance(value, bytes) else value
-    variant_id, propensity, assigned_ms = text.split("|")
-    return Assignment(variant_id, float(propensity), int(assigned_ms))
-
-
-# --- errors and scripts --------------------------------------------------------------
+# --- errors --------------------------------------------------------------------------
 
 
 @contextmanager
@@ -288,64 +130,6 @@ def redis_errors_as_unavailable() -> Iterator[None]:
             f"the hot state store (Redis) is unavailable: {exc or type(exc).__name__}",
             metadata={"store": "redis"},
         ) from exc
-
-
-class LuaScript:
-    """A script from ``store/lua/`` run with EVALSHA, reloaded on NOSCRIPT.
-
-    Unlike redis-py's Script in a pipeline, this never adds a SCRIPT EXISTS
-    round trip: the script is loaded only after a NOSCRIPT reply.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.source = (_LUA_DIR / name).read_text()
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    async def load(self, redis: aioredis.Redis) -> None:
-        await redis.script_load(self.source)
-
-    async def call(self, redis: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            await self.load(redis)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-
-    async def call_many(
-        self, redis: aioredis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> list[Any]:
-        """Run every call in one pipelined round trip; replies in call order.
-
-        A NOSCRIPT reply means that call did not run, so only those are re-run.
-        """
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            pipe = redis.pipeline(transaction=False)
-            for index in todo:
-                keys, args = calls[index]
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for index, result in zip(todo, results, strict=True):
-                if isinstance(result, redis_errors.NoScriptError) and attempt == 0:
-                    missing.append(index)
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    replies[index] = result
-            if not missing:
-                break
-            await self.load(redis)
-            todo = missing
-        return replies
-
-
-ASSIGN_SCRIPT = LuaScript("assign.lua")
-TRACK_SCRIPT = LuaScript("track.lua")
-LOCK_SCRIPT = LuaScript("lock.lua")
-ACK_SCRIPT = LuaScript("ack.lua")
 
 
 # --- reads shared with the flusher ---------------------------------------------------

@@ -27,22 +27,24 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from sira_server.errors import NotFound, Unavailable
-from sira_server.store.hot_state import (
-    CHURN,
-    CONVERSION,
-    LOCK_SCRIPT,
-    REFUND,
-    REWARD_CONVERSION_NOT_REFUNDED,
-    REWARDS,
+from sira_server.store.hot_keys import (
     AssignmentRecord,
     ExperimentKeys,
     MetricRecord,
-    ensure_stream,
     experiment_keys,
     format_assignment,
     parse_assignment,
     parse_record,
 )
+from sira_server.store.hot_state import (
+    CHURN,
+    CONVERSION,
+    REFUND,
+    REWARD_CONVERSION_NOT_REFUNDED,
+    REWARDS,
+    ensure_stream,
+)
+from sira_server.store.lua_scripts import LOCK_SCRIPT
 
 WRITE_CHUNK = 1000
 """Fields or members per Redis command when writing the image."""
