@@ -40,6 +40,10 @@ def posterior_from_counts(
     return Posterior(alpha, beta, prob_best)
 
 
+def _fingerprint(counts: dict[str, tuple[int, int]]) -> tuple[tuple[str, int, int], ...]:
+    return tuple(sorted((variant, n, s) for variant, (n, s) in counts.items()))
+
+
 class PosteriorBook:
     def __init__(
         self,
@@ -54,6 +58,7 @@ class PosteriorBook:
         self._interval = interval_seconds
         self._draws = draws
         self._snapshot: dict[str, tuple[int, Posterior]] = {}
+        self._keys: dict[str, tuple[int, tuple[tuple[str, int, int], ...]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def get(self, live: LiveExperiment) -> Posterior:
@@ -75,12 +80,33 @@ class PosteriorBook:
             return
         counts = await self._hot.posteriors([live.id for live in bandits])
         fresh: dict[str, tuple[int, Posterior]] = {}
+        stale: list[tuple[LiveExperiment, dict[str, tuple[int, int]]]] = []
         for live in bandits:
-            if live.id in counts:
-                seed = secrets.randbits(62)
-                posterior = posterior_from_counts(live, counts[live.id], self._draws, seed)
-                fresh[live.id] = (live.experiment.version, posterior)
+            if live.id not in counts:
+                continue
+            key = (live.experiment.version, _fingerprint(counts[live.id]))
+            if self._keys.get(live.id) == key and live.id in self._snapshot:
+                fresh[live.id] = self._snapshot[live.id]  # nothing changed: no new pass
+            else:
+                stale.append((live, counts[live.id]))
+                self._keys[live.id] = key
+        if stale:
+            # Monte Carlo passes release the GIL: off the event loop, in one hop.
+            computed = await asyncio.to_thread(self._compute, stale)
+            fresh.update(computed)
         self._snapshot = fresh
+        self._keys = {k: v for k, v in self._keys.items() if k in fresh}
+
+    def _compute(
+        self, stale: list[tuple[LiveExperiment, dict[str, tuple[int, int]]]]
+    ) -> dict[str, tuple[int, Posterior]]:
+        return {
+            live.id: (
+                live.experiment.version,
+                posterior_from_counts(live, counts, self._draws, secrets.randbits(62)),
+            )
+            for live, counts in stale
+        }
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="posterior-refresh")
