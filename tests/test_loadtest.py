@@ -12,6 +12,7 @@ import random
 from array import array
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,23 @@ import grpc
 import numpy as np
 import pytest
 
-from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
+from sira.experiments.v1 import (
+    assignment_service_pb2,
+    insights_service_pb2,
+    insights_service_pb2_grpc,
+    tracking_service_pb2,
+)
 from sira_loadtest.__main__ import main as cli_main
+from sira_loadtest.bench_kernels import (
+    KERNELS_END,
+    KERNELS_START,
+    MONTE_CARLO_TARGET_MS,
+    THOMPSON_TARGET_US,
+    KernelFigure,
+    KernelResults,
+    measure_kernels,
+    write_kernels_section,
+)
 from sira_loadtest.bench_report import (
     SECTION_END,
     SECTION_START,
@@ -28,6 +44,7 @@ from sira_loadtest.bench_report import (
     Measurement,
     render_markdown,
     replace_section,
+    target_checks,
 )
 from sira_loadtest.config import (
     ConfigError,
@@ -567,7 +584,7 @@ async def test_bench_echo_only_writes_markdown_and_json(tmp_path: Path) -> None:
 
     markdown, results = tmp_path / "benchmarks.md", tmp_path / "bench.json"
     markdown.write_text("# Benchmarks\n\n## Kernels\n\nkept\n")
-    argv = ["-z", "1s", "--warmup", "0", "-c", "4", "--no-h2load", "--echo-only"]
+    argv = ["-z", "1s", "--warmup", "0", "-c", "4", "--no-h2load", "--echo-only", "--no-kernels"]
     argv += ["--markdown", str(markdown), "--json", str(results)]
     await asyncio.to_thread(bench_main, argv)
     doc = json.loads(results.read_text())
@@ -592,3 +609,187 @@ def test_failure_summary_keeps_the_first_line_and_the_last_exception() -> None:
         "TypeError: __init__() missing 1 required positional argument"
     )
     assert summarize_failure("") == "no output"
+
+
+# --- targets, kernels, GetInsights and worker runs of the bench -----------------------
+
+
+def _bench_result(*runs: tuple[str, str, float, float, dict[str, int]]) -> BenchResult:
+    result = BenchResult(date="today", machine={"cpu": "x", "cores": 2}, settings={})
+    result.settings["concurrency"] = 64
+    for target, client, rps, p95_ms, statuses in runs:
+        calls = sum(statuses.values())
+        p95 = int(p95_ms * 1e6)
+        result.measurements.append(
+            Measurement(target, client, "w", calls, rps, p95 // 2, p95, p95 * 2, statuses)
+        )
+    return result
+
+
+def test_target_checks_say_met_or_missed() -> None:
+    result = _bench_result(
+        ("echo", "sira-loadtest", 1000.0, 20.0, {"OK": 10}),
+        ("Assign", "sira-loadtest", 600.0, 5.0, {"OK": 10}),
+        ("Track", "sira-loadtest", 400.0, 50.0, {"OK": 9, "Unavailable": 1}),
+        ("Assign, 2 workers", "sira-loadtest", 700.0, 150.0, {"OK": 10}),
+        ("GetInsights", "sira-loadtest", 2000.0, 4.0, {"OK": 10}),
+        ("echo", "h2load", 2000.0, 10.0, {"OK": 10}),
+        ("Track", "h2load", 500.0, 12.0, {"Unimplemented": 10}),
+    )
+    checks = {c.what: c for c in target_checks(result)}
+    assert checks["Assign/echo throughput, sira-loadtest"].verdict == "met"
+    assert checks["Assign/echo throughput, sira-loadtest"].measured == "0.600"
+    assert checks["Track/echo throughput, sira-loadtest"].verdict == "missed"
+    assert "10.0% not OK" in checks["Track/echo throughput, sira-loadtest"].caveat
+    workers = checks["Assign, 2 workers/echo throughput, sira-loadtest"]
+    assert (workers.verdict, workers.caveat) == ("met", "echo is one process")
+    assert checks["Assign p95 at 64 in flight, sira-loadtest"].verdict.startswith("met (aim")
+    assert checks["Track p95 at 64 in flight, sira-loadtest"].verdict == ("met; aim < 10 ms missed")
+    assert checks["Assign, 2 workers p95 at 64 in flight, sira-loadtest"].verdict == "missed"
+    assert checks["GetInsights p95, sira-loadtest"].verdict == "met"
+    assert checks["Track/echo throughput, h2load"].verdict == "n/a"
+    assert checks["Track p95 at 64 in flight, h2load"].verdict == "n/a"
+    assert "Assign/echo throughput, h2load" not in checks  # not measured: no row
+    body = render_markdown(result)
+    assert "| GetInsights p95, sira-loadtest | 4.00 ms | < 5 ms | met | - |" in body
+    assert "Assign, 2 workers/echo = 0.70" in body
+    assert "needs roughly 6400 calls/s or more" in body  # Little's law at 64 in flight
+    doc = result.to_json()
+    assert doc["ratios"]["Assign, 2 workers/echo sira-loadtest"]["ratio"] == 0.7
+    assert {c["what"] for c in doc["targets"]} == set(checks)
+
+
+def test_slow_insights_miss_their_target() -> None:
+    result = _bench_result(("GetInsights", "sira-loadtest", 100.0, 7.5, {"OK": 10}))
+    (check,) = target_checks(result)
+    assert (check.measured, check.verdict) == ("7.50 ms", "missed")
+
+
+def _kernel_results(mc_ms: float, thompson_us: float) -> KernelResults:
+    results = KernelResults("today", {"cpu": "x", "cores": 2}, 5, 10, 100_000, 0.1, "0.1 0.2 0.3")
+    results.figures += [
+        KernelFigure("monte_carlo", "MC", mc_ms, mc_ms * 0.9, "ms", MONTE_CARLO_TARGET_MS),
+        KernelFigure("thompson", "TS", thompson_us, thompson_us, "µs", THOMPSON_TARGET_US),
+        KernelFigure("insights", "GI", 45.0, 44.0, "ms"),
+    ]
+    return results
+
+
+def test_kernel_section_states_targets_and_keeps_the_other_sections(tmp_path: Path) -> None:
+    path = tmp_path / "benchmarks.md"
+    path.write_text(f"# Benchmarks\n\n{SECTION_START}\ndecisions\n{SECTION_END}\n")
+    write_kernels_section(path, _kernel_results(25.0, 3.5))
+    write_kernels_section(path, _kernel_results(41.0, 0.7))  # replaces, never appends
+    text = path.read_text()
+    assert text.count(KERNELS_START) == 1
+    assert f"{SECTION_START}\ndecisions\n{SECTION_END}" in text
+    assert "| MC | 41.000 ms | 36.900 ms | < 40 ms | missed |" in text
+    assert "| TS | 0.700 µs | 0.700 µs | < 2 µs | met |" in text
+    assert "| GI | 45.000 ms | 44.000 ms | - | - |" in text
+    assert "about 9 % of a core" in text  # 45 ms every 0.5 s
+    assert "Load average at the start: 0.1 0.2 0.3" in text
+
+
+def test_measure_kernels_applies_targets_only_at_the_reference_size() -> None:
+    results = measure_kernels(runs=1, arms=10, draws=2_000)
+    keys = [f.key for f in results.figures]
+    assert keys == ["monte_carlo", "thompson", "insights", "numpy_beta", "our_beta"]
+    figures = {f.key: f for f in results.figures}
+    assert figures["monte_carlo"].target is None  # 2,000 draws is not the 100k reference
+    assert figures["thompson"].target == THOMPSON_TARGET_US
+    assert all(f.median > 0 and f.best <= f.median for f in results.figures)
+
+
+def test_bench_runs_the_kernels_into_the_report(tmp_path: Path) -> None:
+    from sira_loadtest.bench import run_kernels
+
+    path = tmp_path / "benchmarks.md"
+    assert run_kernels(path, ["--runs", "1", "--draws", "1000"]) is None
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert KERNELS_START in text
+    assert KERNELS_END in text
+    assert "| Thompson decision over 10 arms |" in text
+    problem = run_kernels(path, ["--runs", "0"])
+    assert problem is not None
+    assert problem.startswith("kernel microbenchmarks failed")
+
+
+def test_bench_flags_for_kernels_insights_and_workers() -> None:
+    from sira_loadtest.bench import BenchOptions, parse_args
+
+    assert parse_args([]) == BenchOptions()
+    options = parse_args(
+        ["--no-kernels", "--no-insights", "--insights-concurrency", "4", "--sira-workers", "3"]
+    )
+    assert (options.kernels, options.insights) == (False, False)
+    assert (options.insights_concurrency, options.sira_workers) == (4, 3)
+    with pytest.raises(SystemExit):
+        parse_args(["--sira-workers", "0"])
+
+
+async def test_insights_seed_and_load_through_the_real_server(
+    sira_server: Any, token_for: Any, unique_key: str
+) -> None:
+    from sira_loadtest.bench import (
+        INSIGHTS_METHOD,
+        INSIGHTS_VARIANTS,
+        seed_experiment,
+        seed_traffic,
+    )
+
+    address = sira_server.address
+    await seed_experiment(address, token_for("ops_admin"), unique_key, INSIGHTS_VARIANTS)
+    pay = (("authorization", f"Bearer {token_for('pay_module')}"),)
+    assigned, assign_statuses, track_statuses = await seed_traffic(address, unique_key, pay, 1000)
+    assert assign_statuses == {"OK": 1000}
+    assert len(assigned) == 1000
+    assert set(track_statuses) == {"OK"}
+    assert 50 < track_statuses["OK"] < 300  # 8 % to 21.5 % of 1000 subjects
+    reader = (("authorization", f"Bearer {token_for('data_science')}"),)
+    config = LoadConfig(
+        target=address,
+        call=INSIGHTS_METHOD,
+        data=json.dumps({"experiment": unique_key}),
+        metadata=reader,
+        concurrency=4,
+        total=40,
+    )
+    report = await run_load(config)
+    assert report.status_code_distribution == {"OK": 40}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = insights_service_pb2_grpc.InsightsServiceStub(channel)
+        response = await stub.GetInsights(
+            insights_service_pb2.GetInsightsRequest(experiment=unique_key), metadata=reader
+        )
+    assert len(response.insights) == len(INSIGHTS_VARIANTS)
+    assert all(v.samples > 0 for v in response.insights)
+    assert sum(v.conversions for v in response.insights) > 0
+
+
+def test_tree_ticks_sum_a_process_and_its_descendants_only() -> None:
+    from sira_loadtest.bench import tree_ticks
+
+    table = {1: (0, 1000), 10: (1, 5), 11: (10, 7), 12: (11, 11), 20: (1, 100), 30: (1, 3)}
+    assert tree_ticks(table, {10}) == 5 + 7 + 11
+    assert tree_ticks(table, {10, 30, 99}) == 5 + 7 + 11 + 3  # 99 exited: nothing
+    assert tree_ticks(table, {11, 12}) == 7 + 11  # counted once
+
+
+def test_other_load_is_measured_in_cores() -> None:
+    from sira_loadtest.bench import OtherLoad
+
+    watch = OtherLoad()
+    assert watch.stop() is None  # never started
+    watch.start()
+    other = watch.stop()
+    assert other is not None
+    assert other >= 0.0
+
+
+def test_disturbed_runs_are_flagged() -> None:
+    result = _bench_result(("echo", "h2load", 1000.0, 5.0, {"OK": 10}))
+    result.measurements[0] = replace(result.measurements[0], other_cores=0.75)
+    body = render_markdown(result)
+    assert "| OK 10 | 0.75 |" in body
+    assert "- echo (h2load): other processes used 0.75 cores during this run" in body

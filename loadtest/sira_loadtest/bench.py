@@ -1,12 +1,15 @@
-"""`make bench`: Assign and Track against an echo server, same client, same load.
+"""`make bench`: the whole benchmark report in one command.
 
-Starts the echo server and a SIRA server (embedded Postgres/Redis in a temporary
+First the statistics kernels (`sira_loadtest.bench_kernels`, their own section). Then
+it starts the echo server and a SIRA server (embedded Postgres/Redis in a temporary
 data directory, or SIRA_DATABASE_URL/SIRA_REDIS_URL when set), seeds a running
 Thompson-sampling experiment over gRPC, pre-assigns the returning subjects,
 then measures, one after the other: echo, Assign (80 % returning, 20 % new
-subjects), Track (unique conversions) with sira-loadtest, and the same three
-with h2load when it is on PATH. Writes a markdown section into
-docs/benchmarks.md (between its markers) and the full results as JSON.
+subjects), Track (unique conversions) with sira-loadtest, the same three
+with h2load when it is on PATH, GetInsights on a seeded 10-variant experiment,
+and Assign again with SIRA restarted as several worker processes (when the
+machine has the cores). Writes a markdown section into docs/benchmarks.md
+(between its markers) and the full results as JSON.
 
 Whatever SIRA answers (UNIMPLEMENTED, errors, no start at all) ends up in the
 report; the bench itself does not fail on it.
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import secrets
 import signal
@@ -25,9 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,20 +46,24 @@ from sira.experiments.v1 import (
     tracking_service_pb2,
 )
 from sira_loadtest.bench_report import (
+    INSIGHTS_TARGET,
     BenchResult,
     Measurement,
     measurement_table,
     ratio_lines,
+    read_loadavg,
     render_markdown,
     replace_section,
+    target_checks,
+    workers_target,
 )
 from sira_loadtest.config import LoadConfig, parse_duration
 from sira_loadtest.echo import ECHO_METHOD, READY_PREFIX
 from sira_loadtest.h2load import h2load_path, h2load_version, run_h2load
-from sira_loadtest.machine import describe_machine
+from sira_loadtest.machine import describe_machine, usable_cores
 from sira_loadtest.report import Report
 from sira_loadtest.runner import error_text, preassign, run_load_detailed
-from sira_loadtest.scenarios import ASSIGN_METHOD, TRACK_METHOD
+from sira_loadtest.scenarios import ASSIGN_METHOD, CONVERSION_CURRENCY, TRACK_METHOD
 from sira_loadtest.template import returning_subject_id
 
 _REQUEST_ID = re.compile(r"\(request id [0-9a-f]+\)")
@@ -67,6 +75,15 @@ VARIANTS = (
     ("one-click", "One click", False),
     ("wallet", "Wallet", False),
 )
+INSIGHTS_METHOD = "/sira.experiments.v1.InsightsService/GetInsights"
+INSIGHTS_VARIANTS = (
+    ("control", "Control", True),
+    *((f"v{i}", f"Variant {i}", False) for i in range(1, 10)),
+)
+INSIGHTS_PREFIX = "gi-"
+"""Subject and event id prefix of the GetInsights seed traffic."""
+SEED_CONCURRENCY = 16
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,16 @@ class BenchOptions:
     h2load: bool = True
     sira: bool = True
     startup_timeout: float = 240.0
+    kernels: bool = True
+    """Run `sira_loadtest.bench_kernels --write` first."""
+    insights: bool = True
+    insights_concurrency: int = 8
+    insights_subjects: int = 3000
+    """Subjects assigned (and some converted) before GetInsights is measured."""
+    sira_workers: int = 2
+    """Worker processes of the extra Assign run; below 2 (or on 1 core): no such run."""
+    marker: str = ""
+    """Set by the run: the temporary directory, naming the bench's own processes."""
 
 
 @dataclass
@@ -137,6 +164,87 @@ def start_process(
         server.stop()
 
 
+def _busy_ticks() -> int:
+    """CPU ticks spent busy by the whole machine since boot (all cores, steal included)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, CPU ticks of the process and of its reaped children)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return table
+
+
+def tree_ticks(table: Mapping[int, tuple[int, int]], roots: set[int]) -> int:
+    """CPU ticks of `roots` and all their descendants in a `_process_table()`."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    return sum(table[pid][1] for pid in seen if pid in table)
+
+
+def _cmdline_has(pid: int, marker: str) -> bool:
+    try:
+        return marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class OtherLoad:
+    """CPU that processes outside the bench use while a run is measured, in cores.
+
+    The machine is shared: a neighbour's test run during a measurement shows here. Ours
+    are this process and its descendants, plus the trees of processes whose command line
+    names the bench's temporary directory (the embedded Postgres daemonises).
+    """
+
+    def __init__(self, marker: str = "") -> None:
+        self._marker = marker
+        self._start: tuple[float, int, int] | None = None
+
+    def _ours(self) -> int:
+        table = _process_table()
+        roots = {os.getpid()}
+        if self._marker:
+            roots |= {pid for pid in table if _cmdline_has(pid, self._marker)}
+        return tree_ticks(table, roots)
+
+    def start(self) -> None:
+        try:
+            self._start = (time.monotonic(), _busy_ticks(), self._ours())
+        except OSError:  # no /proc: not Linux
+            self._start = None
+
+    def stop(self) -> float | None:
+        """Cores used by other processes since `start`; None where /proc is missing."""
+        if self._start is None:
+            return None
+        try:
+            now, busy, ours = time.monotonic(), _busy_ticks(), self._ours()
+        except OSError:
+            return None
+        began, busy0, ours0 = self._start
+        ticks = (busy - busy0) - (ours - ours0)
+        return max(ticks, 0) / CLOCK_TICKS / max(now - began, 1e-9)
+
+
 def summarize_failure(text: str) -> str:
     """First line of a failure plus the last exception line of its log, if any."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -152,15 +260,21 @@ def mint_token(secret: str, role: str) -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-async def seed_experiment(address: str, token: str, key: str) -> None:
-    """Create and start a Thompson-sampling experiment with three variants."""
+async def seed_experiment(
+    address: str,
+    token: str,
+    key: str,
+    variants: Sequence[tuple[str, str, bool]] = VARIANTS,
+    name: str = "Bench checkout",
+) -> None:
+    """Create and start a Thompson-sampling experiment with these (key, name, control)."""
     experiment = experiment_pb2.Experiment(
         key=key,
-        name="Bench checkout",
+        name=name,
         description="Created by sira_loadtest.bench",
         allocation=experiment_pb2.ALLOCATION_STRATEGY_THOMPSON_SAMPLING,
         variants=[
-            experiment_pb2.Variant(key=k, name=n, is_control=control) for k, n, control in VARIANTS
+            experiment_pb2.Variant(key=k, name=n, is_control=control) for k, n, control in variants
         ],
     )
     metadata = (("authorization", f"Bearer {token}"),)
@@ -223,10 +337,13 @@ async def measure_loadtest(
 ) -> Measurement:
     if options.warmup > 0:
         await run_load_detailed(replace(config, duration=options.warmup), setup_scenario=False)
+    watch = OtherLoad(options.marker)
+    watch.start()
     run = await run_load_detailed(config, setup_scenario=False)
+    other = watch.stop()
     report = run.report
     note = _status_note(report.status_code_distribution, report.error_distribution)
-    return _from_report(target, workload, report, note)
+    return replace(_from_report(target, workload, report, note), other_cores=other)
 
 
 async def measure_h2load(
@@ -251,6 +368,8 @@ async def measure_h2load(
             connections=options.connections,
             headers=headers,
         )
+    watch = OtherLoad(options.marker)
+    watch.start()
     result = await asyncio.to_thread(
         run_h2load,
         url,
@@ -260,6 +379,7 @@ async def measure_h2load(
         connections=options.connections,
         headers=headers,
     )
+    other = watch.stop()
     note = ""
     if status != "OK":
         note = (
@@ -282,6 +402,7 @@ async def measure_h2load(
         statuses={status: result.succeeded} if result.succeeded else {},
         note=note,
         detail={"summary": result.output},
+        other_cores=other,
     )
 
 
@@ -291,6 +412,80 @@ class _Sira:
     experiment: str
     metadata: tuple[tuple[str, str], ...]
     preassigned: tuple[tuple[str, str], ...]
+    secret: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """The server's environment: a restart with more workers reuses its data and key."""
+
+
+def conversion_rate(variant_index: int) -> float:
+    """Seed traffic's conversion rate: 8 % for the control, +1.5 points per variant."""
+    return 0.08 + 0.015 * variant_index
+
+
+async def seed_traffic(
+    address: str,
+    experiment: str,
+    metadata: tuple[tuple[str, str], ...],
+    subjects: int,
+    *,
+    prefix: str = INSIGHTS_PREFIX,
+    seed: int = 7,
+) -> tuple[tuple[tuple[str, str], ...], dict[str, int], dict[str, int]]:
+    """Assign `subjects` subjects, then Track a conversion for some of each variant.
+
+    -> ((subject, variant id), ...), Assign statuses, Track statuses. Variants are
+    numbered in order of first assignment; variant i converts at `conversion_rate(i)`,
+    so the insights have a spread of rates to compare.
+    """
+    config = LoadConfig(
+        target=address,
+        experiment=experiment,
+        metadata=metadata,
+        returning_subjects=subjects,
+        subject_prefix=prefix,
+        scenario="assign-heavy",
+        timeout=10.0,
+    )
+    assigned, assign_statuses = await preassign(config)
+    order: dict[str, int] = {}
+    for _, variant in assigned:
+        order.setdefault(variant, len(order))
+    rng = random.Random(seed)
+    converted = [(s, v) for s, v in assigned if rng.random() < conversion_rate(order[v])]
+    track_statuses: dict[str, int] = {}
+    pending = iter(converted)
+    async with grpc.aio.insecure_channel(address) as channel:
+        track = channel.unary_unary(
+            TRACK_METHOD,
+            request_serializer=tracking_service_pb2.TrackRequest.SerializeToString,
+            response_deserializer=None,
+        )
+
+        async def slot() -> None:
+            for subject, variant in pending:
+                event = tracking_service_pb2.TrackedEvent(
+                    experiment=experiment,
+                    subject_id=subject,
+                    variant_id=variant,
+                    event_type=tracking_service_pb2.EVENT_TYPE_CONVERSION,
+                    value=float(rng.randrange(500, 50_000)),
+                    currency=CONVERSION_CURRENCY,
+                    client_event_id=f"{prefix}{secrets.token_hex(8)}",
+                )
+                try:
+                    await track(
+                        tracking_service_pb2.TrackRequest(event=event),
+                        metadata=metadata,
+                        timeout=10,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    status = error_text(exc)[0]
+                else:
+                    status = "OK"
+                track_statuses[status] = track_statuses.get(status, 0) + 1
+
+        await asyncio.gather(*(slot() for _ in range(SEED_CONCURRENCY)))
+    return assigned, assign_statuses, track_statuses
 
 
 async def run_bench(options: BenchOptions) -> BenchResult:
@@ -313,6 +508,7 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             "stores": "external Postgres and Redis" if external else "embedded Postgres and Redis",
             "h2load": h2load_version() if h2load else None,
             "sira": options.sira,
+            "loadavg_start": read_loadavg(),
         },
     )
     base = LoadConfig(
@@ -324,8 +520,10 @@ async def run_bench(options: BenchOptions) -> BenchResult:
         returning_subjects=options.subjects,
         timeout=10.0,
     )
-    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="sira-bench-") as tmp:
+    # The directory outlives the servers: their embedded stores live in it.
+    with tempfile.TemporaryDirectory(prefix="sira-bench-") as tmp, ExitStack() as stack:
         tmp_dir = Path(tmp)
+        options = replace(options, marker=tmp)
         echo = stack.enter_context(
             start_process(
                 ["-m", "sira_loadtest.echo", "--port", "0"],
@@ -335,59 +533,84 @@ async def run_bench(options: BenchOptions) -> BenchResult:
                 60,
             )
         )
-        sira = (
-            await _start_sira(stack, tmp_dir, experiment, options, result) if options.sira else None
-        )
-
-        runs = [
-            (
-                "echo",
-                "empty request, empty response",
-                replace(base, target=echo.address, call=ECHO_METHOD, name="echo"),
+        with ExitStack() as single:  # the one-process SIRA, stopped before the workers run
+            sira = (
+                await _start_sira(single, tmp_dir, experiment, options, result)
+                if options.sira
+                else None
             )
-        ]
-        if sira is not None:
-            scenario = replace(
-                base,
-                target=sira.address,
-                experiment=experiment,
-                metadata=sira.metadata,
-                preassigned=sira.preassigned,
-            )
-            runs += [
-                (
-                    "Assign",
-                    "80 % returning / 20 % new subjects",
-                    replace(scenario, scenario="assign-heavy", name="assign-heavy"),
-                ),
-                (
-                    "Track",
-                    "conversions of pre-assigned subjects, unique event ids",
-                    replace(scenario, scenario="track-heavy", name="track-heavy"),
-                ),
-            ]
-        for target, workload, config in runs:
-            print(f"measuring {target} (sira-loadtest)", file=sys.stderr)
-            try:
-                measured = await measure_loadtest(target, workload, config, options)
-            except (RuntimeError, OSError) as exc:  # e.g. a worker process died
-                result.problems.append(f"sira-loadtest run of {target} failed: {exc}")
+            await _loadtest_runs(result, base, echo.address, sira, options)
+            if h2load is None:
+                if options.h2load:
+                    result.problems.append("h2load not on PATH: no h2load runs")
             else:
-                result.measurements.append(measured)
-        if h2load is None:
-            if options.h2load:
-                result.problems.append("h2load not on PATH: no h2load runs")
-        else:
-            await _h2load_runs(result, echo.address, sira, options)
+                await _h2load_runs(result, echo.address, sira, options)
+            # Last on this server: its insights cache keeps recomputing for a minute.
+            if sira is not None and options.insights:
+                await _insights_run(result, sira, options)
+        if sira is not None and options.sira_workers > 1:
+            if usable_cores() < 2:
+                result.problems.append(
+                    f"{usable_cores()} usable core: no run with {options.sira_workers} workers"
+                )
+            else:
+                await _workers_runs(tmp_dir, result, base, sira, options, h2load)
+    result.settings["loadavg_end"] = read_loadavg()
     return result
 
 
-async def _start_sira(
-    stack: ExitStack, tmp_dir: Path, experiment: str, options: BenchOptions, result: BenchResult
-) -> _Sira | None:
-    """Start and seed SIRA; None (and a problem noted) when that fails."""
-    secret = secrets.token_urlsafe(32)
-    env = {
+async def _loadtest_runs(
+    result: BenchResult,
+    base: LoadConfig,
+    echo_address: str,
+    sira: _Sira | None,
+    options: BenchOptions,
+) -> None:
+    runs = [
+        (
+            "echo",
+            "empty request, empty response",
+            replace(base, target=echo_address, call=ECHO_METHOD, name="echo"),
+        )
+    ]
+    if sira is not None:
+        scenario = replace(
+            base,
+            target=sira.address,
+            experiment=sira.experiment,
+            metadata=sira.metadata,
+            preassigned=sira.preassigned,
+        )
+        runs += [
+            (
+                "Assign",
+                "80 % returning / 20 % new subjects",
+                replace(scenario, scenario="assign-heavy", name="assign-heavy"),
+            ),
+            (
+                "Track",
+                "conversions of pre-assigned subjects, unique event ids",
+                replace(scenario, scenario="track-heavy", name="track-heavy"),
+            ),
+        ]
+    for target, workload, config in runs:
+        await _measure_into(result, target, workload, config, options)
+
+
+async def _measure_into(
+    result: BenchResult, target: str, workload: str, config: LoadConfig, options: BenchOptions
+) -> None:
+    print(f"measuring {target} (sira-loadtest)", file=sys.stderr)
+    try:
+        measured = await measure_loadtest(target, workload, config, options)
+    except (RuntimeError, OSError) as exc:  # e.g. a worker process died
+        result.problems.append(f"sira-loadtest run of {target} failed: {exc}")
+    else:
+        result.measurements.append(measured)
+
+
+def _sira_env(tmp_dir: Path, secret: str) -> dict[str, str]:
+    return {
         **os.environ,
         "SIRA_GRPC_HOST": "127.0.0.1",
         "SIRA_GRPC_PORT": "0",
@@ -395,7 +618,30 @@ async def _start_sira(
         "SIRA_JWT_SECRET": secret,
         "SIRA_DATA_DIR": str(tmp_dir / "sira-data"),
         "SIRA_SHUTDOWN_GRACE_SECONDS": "2",
+        "SIRA_WORKERS": "1",
     }
+
+
+def _launch_sira(
+    stack: ExitStack,
+    env: Mapping[str, str],
+    log_path: Path,
+    options: BenchOptions,
+    workers: int = 1,
+) -> ServerProcess:
+    """Start `sira-server` (RuntimeError with its log when it does not get ready)."""
+    args = ["-m", "sira_server"] + (["--workers", str(workers)] if workers > 1 else [])
+    return stack.enter_context(
+        start_process(args, env, SIRA_READY, log_path, options.startup_timeout)
+    )
+
+
+async def _start_sira(
+    stack: ExitStack, tmp_dir: Path, experiment: str, options: BenchOptions, result: BenchResult
+) -> _Sira | None:
+    """Start and seed SIRA; None (and a problem noted) when that fails."""
+    secret = secrets.token_urlsafe(32)
+    env = _sira_env(tmp_dir, secret)
     database_url = os.environ.get("SIRA_DATABASE_URL")
     if database_url and os.environ.get("SIRA_REDIS_URL"):
         from sira_server.store.migrate import apply_migrations
@@ -407,15 +653,7 @@ async def _start_sira(
             return None
     print("starting SIRA (embedded stores take a while the first time)", file=sys.stderr)
     try:
-        server = stack.enter_context(
-            start_process(
-                ["-m", "sira_server"],
-                env,
-                SIRA_READY,
-                tmp_dir / "sira.log",
-                options.startup_timeout,
-            )
-        )
+        server = _launch_sira(stack, env, tmp_dir / "sira.log", options)
     except RuntimeError as exc:
         result.problems.append(
             f"SIRA did not start, Assign/Track not measured: {summarize_failure(str(exc))}"
@@ -428,7 +666,7 @@ async def _start_sira(
         result.problems.append(f"seeding the experiment failed ({text}); Assign/Track not measured")
         return None
     metadata = (("authorization", f"Bearer {mint_token(secret, 'pay_module')}"),)
-    sira = _Sira(server.address, experiment, metadata, ())
+    sira = _Sira(server.address, experiment, metadata, (), secret, env)
     setup_config = LoadConfig(
         target=server.address,
         experiment=experiment,
@@ -447,6 +685,127 @@ async def _start_sira(
             f"(statuses {statuses}); Track calls for the others name no variant"
         )
     return sira
+
+
+async def _insights_run(result: BenchResult, sira: _Sira, options: BenchOptions) -> None:
+    """Seed a 10-variant experiment with traffic, then measure GetInsights on it."""
+    key = f"{sira.experiment}-insights"
+    print(f"seeding {key}: {options.insights_subjects} subjects", file=sys.stderr)
+    try:
+        await seed_experiment(
+            sira.address,
+            mint_token(sira.secret, "ops_admin"),
+            key,
+            INSIGHTS_VARIANTS,
+            name="Bench insights",
+        )
+        assigned, assign_statuses, track_statuses = await seed_traffic(
+            sira.address, key, sira.metadata, options.insights_subjects
+        )
+    except grpc.aio.AioRpcError as exc:
+        result.problems.append(
+            f"seeding the GetInsights experiment failed ({error_text(exc)[1]}); not measured"
+        )
+        return
+    result.settings["insights"] = {
+        "experiment": key,
+        "variants": len(INSIGHTS_VARIANTS),
+        "assigned": len(assigned),
+        "converted": track_statuses.get("OK", 0),
+        "assign_statuses": assign_statuses,
+        "track_statuses": track_statuses,
+        "concurrency": options.insights_concurrency,
+    }
+    if track_statuses.get("OK", 0) < sum(track_statuses.values()):
+        result.problems.append(f"GetInsights seed: Track statuses {track_statuses}")
+    token = mint_token(sira.secret, "data_science")
+    config = LoadConfig(
+        target=sira.address,
+        call=INSIGHTS_METHOD,
+        data=json.dumps({"experiment": key}),
+        metadata=(("authorization", f"Bearer {token}"),),
+        concurrency=options.insights_concurrency,
+        duration=options.duration,
+        timeout=10.0,
+        name="get-insights",
+    )
+    workload = (
+        f"{len(INSIGHTS_VARIANTS)} variants, {len(assigned)} subjects seeded; "
+        f"{options.insights_concurrency} in flight"
+    )
+    await _measure_into(result, INSIGHTS_TARGET, workload, config, options)
+
+
+async def _workers_runs(
+    tmp_dir: Path,
+    result: BenchResult,
+    base: LoadConfig,
+    sira: _Sira,
+    options: BenchOptions,
+    h2load: str | None,
+) -> None:
+    """Restart SIRA on the same data as `--workers N` and measure Assign again.
+
+    SO_REUSEPORT spreads connections, not calls, across the workers: these runs use
+    several connections (4 per worker) so that both workers get some.
+    """
+    workers = options.sira_workers
+    print(f"restarting SIRA with {workers} workers", file=sys.stderr)
+    with ExitStack() as stack:
+        try:
+            server = _launch_sira(stack, sira.env, tmp_dir / "sira-workers.log", options, workers)
+        except RuntimeError as exc:
+            result.problems.append(
+                f"SIRA with {workers} workers did not start: {summarize_failure(str(exc))}"
+            )
+            return
+        await _measure_workers(server.address, result, base, sira, options, h2load)
+
+
+async def _measure_workers(
+    address: str,
+    result: BenchResult,
+    base: LoadConfig,
+    sira: _Sira,
+    options: BenchOptions,
+    h2load: str | None,
+) -> None:
+    workers = options.sira_workers
+    target = workers_target(workers)
+    result.settings["sira_workers"] = workers
+    connections = max(options.connections, 4 * workers)
+    config = replace(
+        base,
+        target=address,
+        experiment=sira.experiment,
+        metadata=sira.metadata,
+        preassigned=sira.preassigned,
+        scenario="assign-heavy",
+        name="assign-heavy-workers",
+        connections=connections,
+    )
+    workload = f"as Assign, over {connections} connections"
+    await _measure_into(result, target, workload, config, options)
+    if h2load is not None:
+        subject = sira.preassigned[0][0] if sira.preassigned else returning_subject_id("lt-", 0)
+        body = assignment_service_pb2.AssignRequest(
+            experiment=sira.experiment, subject_id=subject
+        ).SerializeToString()
+        print(f"measuring {target} (h2load)", file=sys.stderr)
+        try:
+            measured = await measure_h2load(
+                target,
+                f"as Assign (fixed body), over {connections} connections",
+                address,
+                ASSIGN_METHOD,
+                body,
+                sira.metadata,
+                replace(options, connections=connections),
+            )
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            result.problems.append(f"h2load run of {target} failed: {exc}")
+        else:
+            result.measurements.append(measured)
 
 
 async def _h2load_runs(
@@ -511,7 +870,23 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     p.add_argument("--json", type=Path, default=BenchOptions.json_path, dest="json_path")
     p.add_argument("--no-h2load", action="store_true", help="skip the h2load runs")
     p.add_argument("--echo-only", action="store_true", help="do not start SIRA")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    p.add_argument("--no-insights", action="store_true", help="skip the GetInsights run")
+    p.add_argument(
+        "--insights-concurrency", type=int, default=8, help="GetInsights calls in flight (8)"
+    )
+    p.add_argument(
+        "--insights-subjects", type=int, default=3000, help="GetInsights seed subjects (3000)"
+    )
+    p.add_argument(
+        "--sira-workers",
+        type=int,
+        default=2,
+        help="worker processes of the extra Assign run (2); 1 skips it",
+    )
     a = p.parse_args(argv)
+    if a.insights_concurrency < 1 or a.insights_subjects < 1 or a.sira_workers < 1:
+        p.error("--insights-concurrency, --insights-subjects and --sira-workers must be >= 1")
     return BenchOptions(
         duration=parse_duration(a.duration),
         warmup=parse_duration(a.warmup),
@@ -523,18 +898,51 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         json_path=a.json_path,
         h2load=not a.no_h2load,
         sira=not a.echo_only,
+        kernels=not a.no_kernels,
+        insights=not a.no_insights,
+        insights_concurrency=a.insights_concurrency,
+        insights_subjects=a.insights_subjects,
+        sira_workers=a.sira_workers,
     )
+
+
+def run_kernels(markdown: Path, extra: Sequence[str] = (), timeout: float = 300.0) -> str | None:
+    """`python -m sira_loadtest.bench_kernels --write markdown [extra]`; a problem, or None.
+
+    A separate process, before any server starts: the kernels get a quiet core and
+    the bench's own process never loads numba.
+    """
+    print("measuring the statistics kernels", file=sys.stderr)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sira_loadtest.bench_kernels", "--write", str(markdown), *extra],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"kernel microbenchmarks failed: {exc}"
+    print(done.stdout, end="", file=sys.stderr)
+    if done.returncode != 0:
+        return f"kernel microbenchmarks failed: {summarize_failure(done.stderr or done.stdout)}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
+    kernels_problem = run_kernels(options.markdown) if options.kernels else None
     result = asyncio.run(run_bench(options))
+    if kernels_problem:
+        result.problems.append(kernels_problem)
     replace_section(options.markdown, render_markdown(result))
     options.json_path.parent.mkdir(parents=True, exist_ok=True)
     options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     print(measurement_table(result.measurements))
     for line in ratio_lines(result):
         print(line)
+    for check in target_checks(result):
+        print(f"target: {check.what}: {check.measured} ({check.target}) {check.verdict}")
     for problem in result.problems:
         print(f"note: {problem}")
     print(f"wrote {options.markdown} and {options.json_path}")
