@@ -23,6 +23,7 @@ from redis import exceptions as redis_errors
 
 # The ``X as X`` imports are re-exports: tests import those names from this module.
 from sira_server.errors import NotFound, Unavailable
+from sira_server.store.coalesce import Coalescer
 from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
 from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
 from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
@@ -51,6 +52,16 @@ REDIS_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 
 
 # --- values -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignRequest:
+    """One subject to make sticky (the arguments of `HotState.assign`)."""
+
+    subject_id: str
+    variant_id: str
+    propensity: float
+    context_json: str = "{}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +224,8 @@ class HotState:
         self.rebuild_lock_ms = rebuild_lock_ms
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
+        self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
+        self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self._track_batch)
 
     # --- lifecycle ---
 
@@ -304,27 +317,42 @@ class HotState:
     ) -> AssignOutcome:
         """Make `variant_id` the subject's sticky assignment unless it already has one.
 
-        The outcome carries the assignment that holds (possibly an older one).
+        The outcome carries the assignment that holds (possibly an older one). Calls for
+        the same experiment that arrive together share one round trip (`coalesce`).
         """
+        request = AssignRequest(subject_id, variant_id, propensity, context_json)
+        return await self._assigns.submit(experiment_id, request)
+
+    async def assign_many(
+        self, experiment_id: str, requests: Sequence[AssignRequest]
+    ) -> list[AssignOutcome | BaseException]:
+        """Run the assign script for each request, in order, in one pipelined round trip;
+        an unknown variant fails only its own request (NotFound)."""
         keys = experiment_keys(experiment_id)
-        args = (subject_id, variant_id, repr(float(propensity)), _now_ms(), context_json)
+        script_keys = (keys.meta, keys.asg, keys.trials, keys.wb)
+        now_ms = _now_ms()
+        outcomes: list[AssignOutcome | BaseException | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
+            calls = [(script_keys, _assign_args(requests[i], now_ms)) for i in todo]
             with redis_errors_as_unavailable():
-                reply = await ASSIGN_SCRIPT.call(
-                    self.redis, (keys.meta, keys.asg, keys.trials, keys.wb), args
-                )
-            tag = reply[0]
-            if tag == b"R":
-                await self.ensure_ready(experiment_id)
-                continue
-            if tag == b"U":
-                raise NotFound(
-                    f"variant {variant_id} is not a variant of experiment {experiment_id}",
-                    reason="ERROR_REASON_VARIANT_NOT_FOUND",
-                    metadata={"experiment_id": experiment_id, "variant_id": variant_id},
-                )
-            held = parse_assignment(reply[1])
-            return AssignOutcome(tag == b"C", held.variant_id, held.propensity, held.assigned_ms)
+                replies = await ASSIGN_SCRIPT.call_many(self.redis, calls)
+            retry = []
+            for index, reply in zip(todo, replies, strict=True):
+                tag = reply[0]
+                if tag == b"R":
+                    retry.append(index)
+                elif tag == b"U":
+                    outcomes[index] = _unknown_variant(experiment_id, requests[index].variant_id)
+                else:
+                    held = parse_assignment(reply[1])
+                    outcomes[index] = AssignOutcome(
+                        tag == b"C", held.variant_id, held.propensity, held.assigned_ms
+                    )
+            if not retry:
+                return [outcome for outcome in outcomes if outcome is not None]
+            await self.ensure_ready(experiment_id)
+            todo = retry
         raise _not_rebuilt(experiment_id)
 
     async def get_assignment(self, experiment_id: str, subject_id: str) -> Assignment | None:
@@ -344,7 +372,14 @@ class HotState:
     # --- tracking ---
 
     async def track(self, experiment_id: str, event: TrackEvent) -> TrackOutcome:
-        return (await self.track_many(experiment_id, (event,)))[0]
+        """One event; events of the same experiment that arrive together share one round
+        trip (`coalesce`)."""
+        return await self._tracks.submit(experiment_id, event)
+
+    async def _track_batch(
+        self, experiment_id: str, events: list[TrackEvent]
+    ) -> list[TrackOutcome | BaseException]:
+        return list(await self.track_many(experiment_id, events))
 
     async def track_many(
         self, experiment_id: str, events: Sequence[TrackEvent]
@@ -439,6 +474,24 @@ async def ensure_stream(redis: aioredis.Redis, keys: ExperimentKeys) -> None:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _assign_args(request: AssignRequest, now_ms: int) -> tuple[str | int, ...]:
+    return (
+        request.subject_id,
+        request.variant_id,
+        repr(float(request.propensity)),
+        now_ms,
+        request.context_json,
+    )
+
+
+def _unknown_variant(experiment_id: str, variant_id: str) -> NotFound:
+    return NotFound(
+        f"variant {variant_id} is not a variant of experiment {experiment_id}",
+        reason="ERROR_REASON_VARIANT_NOT_FOUND",
+        metadata={"experiment_id": experiment_id, "variant_id": variant_id},
+    )
 
 
 def _track_args(event: TrackEvent, received_ms: int) -> tuple[str | int, ...]:
