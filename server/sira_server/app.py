@@ -124,7 +124,7 @@ class SiraServer:
             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
-        self.hot = HotState(stores.redis, stores.pool)
+        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
         self.catalog.add_listener(self._prepare_hot_state)
@@ -264,6 +264,7 @@ class SiraServer:
             await self._flusher_task
         log.info("shutdown: flushing the write-behind streams")
         await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
+        await self.hot.close()
         log.info("shutdown: done")
 
     async def _run_flusher(self) -> None:

@@ -2,11 +2,10 @@
 
 Under load, many Assign/Track calls for the same experiment are in flight at once;
 each used to pay its own round trip (and, with `appendfsync always`, its own fsync).
-A `Coalescer` collects the items submitted during one turn of the event loop (nothing
-waits on a timer: the batch leaves as soon as the loop has run the callers that were
-ready), groups them by key (the experiment: one hash slot, so the batch is one
-pipeline even on Redis Cluster) and sends each group with one batch call. Each caller
-gets its own result or exception back. Every script in the pipeline stays atomic on
+A `Coalescer` keys calls by experiment (one hash slot, so a batch is one pipeline even
+on Redis Cluster): while a batch for a key is on the wire, the calls that arrive wait
+and leave together as the next batch. Each caller gets its own result or exception
+back. Every script in the pipeline stays atomic on
 its own, so the semantics are those of the calls made one by one, in order.
 """
 
@@ -26,43 +25,51 @@ that item). Raising fails the whole group."""
 
 
 class Coalescer(Generic[K, T, R]):
-    def __init__(self, send_batch: SendBatch[K, T, R]) -> None:
+    """At most `max_in_flight` batches per key are on the wire; items submitted while
+    they are form the next batch. Idle: a call leaves at once, alone (no timer, no added
+    latency). Busy: batches grow by themselves with the load."""
+
+    def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 2) -> None:
         self._send_batch = send_batch
+        self._max_in_flight = max_in_flight
         self._pending: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
-        self._scheduled = False
+        self._in_flight: dict[K, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K, item: T) -> R:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, []).append((item, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        self._maybe_send(key)
         return await future
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        groups, self._pending = self._pending, {}
-        for key, entries in groups.items():
-            task = asyncio.create_task(self._send(key, entries))
-            self._tasks.add(task)  # a strong reference until it is done
-            task.add_done_callback(self._tasks.discard)
+    def _maybe_send(self, key: K) -> None:
+        if self._in_flight.get(key, 0) >= self._max_in_flight or not self._pending.get(key):
+            return
+        entries = self._pending.pop(key)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        task = asyncio.create_task(self._send(key, entries))
+        self._tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._tasks.discard)
 
     async def _send(self, key: K, entries: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
             results = await self._send_batch(key, [item for item, _ in entries])
-        except BaseException as exc:  # the callers get it; the flush task must not die
+        except BaseException as exc:  # the callers get it; the next batch still goes
             for _, future in entries:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
-            return
-        for (_, future), result in zip(entries, results, strict=True):
-            if future.done():  # the caller was cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        else:
+            for (_, future), result in zip(entries, results, strict=True):
+                if future.done():  # the caller was cancelled meanwhile
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]
+            self._maybe_send(key)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
@@ -30,6 +31,7 @@ from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignm
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
 from sira_server.store.lua_scripts import LuaScript as LuaScript
+from sira_server.store.script_channel import ScriptChannel, endpoint_of
 
 REWARD_CONVERSION = "conversion"
 REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
@@ -218,14 +220,39 @@ class HotState:
         *,
         rebuild_lock_ms: int = 120_000,
         rebuild_wait_seconds: float = 60.0,
+        pipelined_scripts: bool = False,
     ) -> None:
+        """`pipelined_scripts`: single Assign/Track scripts go through a `ScriptChannel`
+        (the server's hot path; call `close()` when done) instead of redis-py."""
         self.redis = redis
         self.pool = pool
         self.rebuild_lock_ms = rebuild_lock_ms
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
+        endpoint = endpoint_of(redis) if pipelined_scripts else None
+        self._channel = ScriptChannel(endpoint) if endpoint is not None else None
         self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
         self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self._track_batch)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _eval(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """The script's replies, in order: one call over the pipelined script channel (the
+        hot path), several as one redis-py pipeline."""
+        if len(calls) != 1 or self._channel is None:
+            return await script.call_many(self.redis, calls)
+        keys, args = calls[0]
+        try:
+            return [await self._channel.call("EVALSHA", script.sha, len(keys), *keys, *args)]
+        except hiredis.ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise redis_errors.ResponseError(str(exc)) from exc
+        await script.load(self.redis)
+        return [await self._channel.call("EVALSHA", script.sha, len(keys), *keys, *args)]
 
     # --- lifecycle ---
 
@@ -336,7 +363,7 @@ class HotState:
         for _ in range(MAX_REBUILD_ATTEMPTS):
             calls = [(script_keys, _assign_args(requests[i], now_ms)) for i in todo]
             with redis_errors_as_unavailable():
-                replies = await ASSIGN_SCRIPT.call_many(self.redis, calls)
+                replies = await self._eval(ASSIGN_SCRIPT, calls)
             retry = []
             for index, reply in zip(todo, replies, strict=True):
                 tag = reply[0]
@@ -405,10 +432,7 @@ class HotState:
         for _ in range(MAX_REBUILD_ATTEMPTS):
             calls = [(script_keys, _track_args(events[i], received_ms)) for i in todo]
             with redis_errors_as_unavailable():
-                if len(calls) == 1:
-                    replies = [await TRACK_SCRIPT.call(self.redis, *calls[0])]
-                else:
-                    replies = await TRACK_SCRIPT.call_many(self.redis, calls)
+                replies = await self._eval(TRACK_SCRIPT, calls)
             retry = []
             for index, reply in zip(todo, replies, strict=True):
                 if reply[0] == b"R":

@@ -1,0 +1,85 @@
+"""The hot path's pipelined script channel against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import hiredis
+import pytest
+import redis.asyncio as aioredis
+
+from sira_server.store.script_channel import ScriptChannel, encode, endpoint_of
+
+ECHO_SCRIPT = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def channel(redis: aioredis.Redis) -> AsyncIterator[ScriptChannel]:
+    endpoint = endpoint_of(redis)
+    assert endpoint is not None
+    chan = ScriptChannel(endpoint)
+    try:
+        yield chan
+    finally:
+        await chan.close()
+
+
+def test_encode_is_resp() -> None:
+    assert encode(["SET", "k", b"v\r\n", 5]) == (
+        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$1\r\n5\r\n"
+    )
+
+
+async def test_many_concurrent_calls_each_get_their_own_reply(
+    redis: aioredis.Redis, channel: ScriptChannel
+) -> None:
+    sha = await redis.script_load(ECHO_SCRIPT)
+    replies = await asyncio.gather(
+        *(channel.call("EVALSHA", sha, 1, "{t}:n", f"caller-{i}") for i in range(500))
+    )
+    assert [r[0] for r in replies] == [f"caller-{i}".encode() for i in range(500)]
+    assert sorted(r[1] for r in replies) == list(range(1, 501))
+
+
+async def test_an_error_reply_is_raised_to_its_caller_only(channel: ScriptChannel) -> None:
+    results = await asyncio.gather(
+        channel.call("EVALSHA", "0" * 40, 0),
+        channel.call("PING"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], hiredis.ReplyError)
+    assert str(results[0]).startswith("NOSCRIPT")
+    assert results[1] == b"PONG"
+
+
+async def test_a_killed_connection_fails_the_calls_in_flight_and_the_next_call_reconnects(
+    redis: aioredis.Redis, channel: ScriptChannel
+) -> None:
+    assert await channel.call("CLIENT", "SETNAME", "sira-script-channel") == b"OK"
+    in_flight = asyncio.ensure_future(channel.call("BLPOP", "{t}:never", 5))
+    for _ in range(100):  # until Redis shows the call blocked (bounded: 1 s)
+        clients = await redis.client_list()
+        if any(c.get("name") == "sira-script-channel" and c.get("cmd") == "blpop" for c in clients):
+            break
+        await asyncio.sleep(0.01)
+    assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
+    with pytest.raises(ConnectionError):
+        await in_flight
+    assert await channel.call("PING") == b"PONG"
+
+
+async def test_it_selects_the_clients_database(
+    redis: aioredis.Redis, channel: ScriptChannel
+) -> None:
+    await redis.set("{t}:db-probe", "here")
+    assert await channel.call("GET", "{t}:db-probe") == b"here"
