@@ -17,7 +17,7 @@ from sira_server.api.results import (
 )
 from sira_server.domain.experiment import Experiment, ExperimentStatus
 from sira_server.engine.catalog import ExperimentCatalog
-from sira_server.engine.insights_book import InsightsBook
+from sira_server.engine.insights_book import CachedInsights, InsightsBook
 from sira_server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.hot_state import HotState
@@ -37,6 +37,7 @@ class InsightsServicer(insights_service_pb2_grpc.InsightsServiceServicer):
         self._repository = repository
         self._hot = hot
         self._book = book
+        self._responses: dict[str, tuple[CachedInsights, pb.GetInsightsResponse]] = {}
 
     async def _experiment(self, ref: str) -> Experiment:
         """Live experiments from the catalog; archived ones (still readable) from Postgres."""
@@ -70,6 +71,11 @@ class InsightsServicer(insights_service_pb2_grpc.InsightsServiceServicer):
     ) -> pb.GetInsightsResponse:
         experiment = await self._experiment(request.experiment)
         cached = await self._book.get(experiment)
-        return insights_response(
-            experiment.id, experiment.status, cached.insights, cached.computed_at
-        )
+        # Readers of one experiment share the cache entry: translate it once, not per call.
+        built = self._responses.get(experiment.id)
+        if built is None or built[0] is not cached:
+            response = insights_response(
+                experiment.id, experiment.status, cached.insights, cached.computed_at
+            )
+            self._responses[experiment.id] = built = (cached, response)
+        return built[1]
