@@ -27,6 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sira_server.embedded import EmbeddedPostgres, EmbeddedRedis
+from sira_server.store.hot_state import HotState
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.postgres import create_pool, with_database
 
@@ -205,13 +206,21 @@ async def redis_url(redis_server_url: str) -> str:
 
 
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A redis.asyncio client (bytes in, bytes out) on the emptied test database."""
-    client = aioredis.Redis.from_url(redis_url)
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis.asyncio client (bytes in, bytes out) on the emptied test database. Its pool
+    waits for a free connection instead of failing when many calls are in flight."""
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=30)
+    client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
     try:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
+    """The hot state over the test Redis and a fresh migrated database."""
+    return HotState(redis, migrated_pool)
 
 
 # The lead's gRPC-server fixtures, once that module exists.

@@ -1,10 +1,13 @@
-"""Test data for the store tests, written with plain SQL (no code under test involved)."""
+"""Test data for the store tests: experiments written with plain SQL (no code under test
+involved) and tracked events."""
 
 from __future__ import annotations
 
 import uuid
 
 import asyncpg
+
+from sira_server.store.hot_state import TrackEvent
 
 
 async def create_experiment(
@@ -34,3 +37,23 @@ async def create_experiment(
                 position == 0,
             )
     return experiment_id, variant_ids
+
+
+def event(
+    subject: str,
+    variant: str,
+    event_type: str = "conversion",
+    *,
+    value: float = 0.0,
+    currency: str | None = None,
+    event_id: str | None = None,
+) -> TrackEvent:
+    return TrackEvent(
+        subject_id=subject,
+        variant_id=variant,
+        event_type=event_type,
+        event_id=event_id or uuid.uuid4().hex,
+        occurred_ms=1_700_000_000_123,
+        value=value,
+        currency=currency,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -13,47 +12,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from store_helpers import create_experiment
+from store_helpers import create_experiment, event
 
 from sira_server.store.flusher import FlushStats, SimulatedCrashError, WriteBehindFlusher
-from sira_server.store.hot_state import FLUSHER_GROUP, HotState, TrackEvent, experiment_keys
+from sira_server.store.hot_state import FLUSHER_GROUP, HotState, experiment_keys
 from sira_server.store.postgres import create_pool
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
-    return HotState(redis, migrated_pool)
-
-
-def event(
-    subject: str,
-    variant: str,
-    event_type: str = "conversion",
-    *,
-    value: float = 0.0,
-    currency: str | None = None,
-    event_id: str | None = None,
-) -> TrackEvent:
-    return TrackEvent(
-        subject_id=subject,
-        variant_id=variant,
-        event_type=event_type,
-        event_id=event_id or uuid.uuid4().hex,
-        occurred_ms=1_700_000_000_123,
-        value=value,
-        currency=currency,
-    )
 
 
 async def traffic(hot: HotState, pool: asyncpg.Pool, subjects: int = 20) -> tuple[str, list[str]]:

@@ -9,20 +9,18 @@ import os
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from store_helpers import create_experiment
+from store_helpers import create_experiment, event
 
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_state import (
     STREAM_REGISTRY,
     HotState,
     LuaScript,
-    TrackEvent,
     TrackStatus,
     VariantCounters,
     experiment_keys,
@@ -31,52 +29,12 @@ from sira_server.store.hot_state import (
 # --- fixtures and helpers --------------------------------------------------------------
 
 
-def blocking_client(url: str) -> aioredis.Redis:
-    """Waits for a free connection instead of failing when many calls are in flight."""
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=30)
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = blocking_client(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
-    return HotState(redis, migrated_pool)
-
-
 async def started(
     hot: HotState, pool: asyncpg.Pool, *, variants: int = 2, reward: str = "conversion"
 ) -> tuple[str, list[str]]:
     experiment_id, variant_ids = await create_experiment(pool, variants=variants, reward=reward)
     await hot.init_experiment(experiment_id, variant_ids, reward)
     return experiment_id, variant_ids
-
-
-def event(
-    subject: str,
-    variant: str,
-    event_type: str = "conversion",
-    *,
-    event_id: str | None = None,
-    value: float = 0.0,
-    currency: str | None = None,
-) -> TrackEvent:
-    return TrackEvent(
-        subject_id=subject,
-        variant_id=variant,
-        event_type=event_type,
-        event_id=event_id or uuid.uuid4().hex,
-        occurred_ms=1_700_000_000_000,
-        value=value,
-        currency=currency,
-    )
 
 
 async def snapshot(redis: aioredis.Redis, experiment_id: str) -> dict[str, object]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -24,20 +23,6 @@ from sira_server.store.hot_state import (
 )
 from sira_server.store.postgres import create_pool
 from sira_server.store.rebuild import rebuild_experiment
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
-    return HotState(redis, migrated_pool)
 
 
 async def random_traffic(

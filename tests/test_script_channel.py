@@ -15,15 +15,6 @@ ECHO_SCRIPT = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def channel(redis: aioredis.Redis) -> AsyncIterator[ScriptChannel]:
     endpoint = endpoint_of(redis)
     assert endpoint is not None
