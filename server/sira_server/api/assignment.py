@@ -28,6 +28,7 @@ from sira_server.domain.bayes import new_rng_state
 from sira_server.domain.exposure import is_exposed
 from sira_server.domain.sticky_cache import StickyCache
 from sira_server.domain.targeting import SubjectProfile
+from sira_server.domain.validation import require_reference
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.engine.decider import choose_new_arm, concluded_index
 from sira_server.engine.posteriors import PosteriorBook
@@ -214,13 +215,10 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
 
     async def Assign(self, request: pb.AssignRequest, context: Context) -> pb.AssignResponse:
         started = time.perf_counter()
-        if not request.experiment:
-            raise InvalidArgument.from_violations(
-                [FieldViolation("experiment", "required: the experiment's id or key")]
-            )
+        ref = require_reference(request.experiment)
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
-        live = await self._catalog.get(request.experiment)
+        live = await self._catalog.get(ref)
         decision = await self.decide(live, request.subject_id, profile, request.context)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
         return pb.AssignResponse(decision=decision)

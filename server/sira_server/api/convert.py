@@ -32,6 +32,8 @@ from sira_server.domain.validation import ExperimentInput, VariantInput
 from sira_server.errors import FieldViolation, InvalidArgument
 
 __all__ = [
+    "STATUS_TO_PROTO",
+    "VARIANT_STATE_TO_PROTO",
     "audit_event_to_proto",
     "experiment_input_from_proto",
     "experiment_to_proto",
@@ -42,14 +44,14 @@ __all__ = [
     "targeting_to_proto",
 ]
 
-_STATUS_TO_PROTO: Mapping[ExperimentStatus, experiment_pb2.ExperimentStatus.ValueType] = {
+STATUS_TO_PROTO: Mapping[ExperimentStatus, experiment_pb2.ExperimentStatus.ValueType] = {
     ExperimentStatus.DRAFT: experiment_pb2.EXPERIMENT_STATUS_DRAFT,
     ExperimentStatus.RUNNING: experiment_pb2.EXPERIMENT_STATUS_RUNNING,
     ExperimentStatus.STOPPED: experiment_pb2.EXPERIMENT_STATUS_STOPPED,
     ExperimentStatus.ARCHIVED: experiment_pb2.EXPERIMENT_STATUS_ARCHIVED,
 }
 _STATUS_FROM_PROTO: Mapping[int, ExperimentStatus] = {
-    int(number): status for status, number in _STATUS_TO_PROTO.items()
+    int(number): status for status, number in STATUS_TO_PROTO.items()
 }
 _ALLOCATION_TO_PROTO: Mapping[Allocation, experiment_pb2.AllocationStrategy.ValueType] = {
     Allocation.THOMPSON_SAMPLING: experiment_pb2.ALLOCATION_STRATEGY_THOMPSON_SAMPLING,
@@ -65,7 +67,7 @@ _REWARD_TO_PROTO: Mapping[Reward, experiment_pb2.RewardDefinition.ValueType] = {
 _REWARD_FROM_PROTO: Mapping[int, Allocation | Reward] = {
     int(number): value for value, number in _REWARD_TO_PROTO.items()
 }
-_VARIANT_STATE_TO_PROTO: Mapping[VariantState, experiment_pb2.VariantState.ValueType] = {
+VARIANT_STATE_TO_PROTO: Mapping[VariantState, experiment_pb2.VariantState.ValueType] = {
     VariantState.ACTIVE: experiment_pb2.VARIANT_STATE_ACTIVE,
     VariantState.DROPPED: experiment_pb2.VARIANT_STATE_DROPPED,
 }
@@ -192,7 +194,7 @@ def _variant_to_proto(variant: Variant) -> experiment_pb2.Variant:
         config=json_to_struct(variant.config),
         is_control=variant.is_control,
         weight=variant.weight,
-        state=_VARIANT_STATE_TO_PROTO[variant.state],
+        state=VARIANT_STATE_TO_PROTO[variant.state],
     )
     if variant.dropped_at is not None:
         msg.drop_time.CopyFrom(_timestamp(variant.dropped_at))
@@ -206,7 +208,7 @@ def experiment_to_proto(experiment: Experiment) -> experiment_pb2.Experiment:
         key=e.key,
         name=e.name,
         description=e.description,
-        status=_STATUS_TO_PROTO[e.status],
+        status=STATUS_TO_PROTO[e.status],
         targeting=targeting_to_proto(e.targeting),
         allocation=_ALLOCATION_TO_PROTO[e.allocation],
         exposure_percent=e.exposure_percent,

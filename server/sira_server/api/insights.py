@@ -16,9 +16,10 @@ from sira_server.api.results import (
     variant_results,
 )
 from sira_server.domain.experiment import Experiment, ExperimentStatus
+from sira_server.domain.validation import require_reference
 from sira_server.engine.catalog import ExperimentCatalog
 from sira_server.engine.insights_book import CachedInsights, InsightsBook
-from sira_server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from sira_server.errors import FailedPrecondition, NotFound
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.hot_state import HotState
 
@@ -41,10 +42,7 @@ class InsightsServicer(insights_service_pb2_grpc.InsightsServiceServicer):
 
     async def _experiment(self, ref: str) -> Experiment:
         """Live experiments from the catalog; archived ones (still readable) from Postgres."""
-        if not ref:
-            raise InvalidArgument.from_violations(
-                [FieldViolation("experiment", "required: the experiment's id or key")]
-            )
+        ref = require_reference(ref)
         try:
             return (await self._catalog.get(ref)).experiment
         except (NotFound, FailedPrecondition):

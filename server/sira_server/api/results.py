@@ -6,22 +6,11 @@ from collections.abc import Mapping
 
 from google.protobuf import timestamp_pb2
 
-from sira.experiments.v1 import experiment_pb2
 from sira.experiments.v1 import insights_service_pb2 as pb
+from sira_server.api.convert import STATUS_TO_PROTO, VARIANT_STATE_TO_PROTO
 from sira_server.domain.experiment import ExperimentStatus, VariantState
 from sira_server.domain.insights import ExperimentInsights, VariantInsight
 from sira_server.store.hot_state import VariantCounters
-
-STATUS_TO_PROTO = {
-    ExperimentStatus.DRAFT: experiment_pb2.EXPERIMENT_STATUS_DRAFT,
-    ExperimentStatus.RUNNING: experiment_pb2.EXPERIMENT_STATUS_RUNNING,
-    ExperimentStatus.STOPPED: experiment_pb2.EXPERIMENT_STATUS_STOPPED,
-    ExperimentStatus.ARCHIVED: experiment_pb2.EXPERIMENT_STATUS_ARCHIVED,
-}
-VARIANT_STATE_TO_PROTO = {
-    VariantState.ACTIVE: experiment_pb2.VARIANT_STATE_ACTIVE,
-    VariantState.DROPPED: experiment_pb2.VARIANT_STATE_DROPPED,
-}
 
 
 def rate(part: int, whole: int) -> float:
