@@ -140,7 +140,7 @@ def validate_event(event: pb.TrackedEvent, now_ms: int) -> TrackEvent:
 
 def _named_like(live: LiveExperiment, variant_id: str, sent: str) -> str:
     """`variant_id` as the caller names variants: by key if it sent a key."""
-    if sent == variant_id or variant_id not in live.index_of:
+    if sent in live.variant_ids or variant_id not in live.index_of:
         return variant_id
     return live.experiment.variants[live.index_of[variant_id]].key
 
