@@ -125,7 +125,7 @@ class SiraServer:
             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
-        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True)
+        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, applied=self.metrics)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
         self.catalog.add_listener(self._prepare_hot_state)

@@ -207,7 +207,6 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     def _answer(self, valid: ValidEvent, outcome: TrackOutcome) -> pb.TrackResponse:
         if outcome.status is TrackStatus.ACCEPTED:
-            self._metrics.events.labels(valid.live.id, valid.event.event_type).inc()
             return pb.TrackResponse(
                 event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_ACCEPTED
             )
