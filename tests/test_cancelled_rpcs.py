@@ -1,5 +1,6 @@
 """The error wrapper counts calls that end by cancellation: CANCELLED when the client
-cancelled, DEADLINE_EXCEEDED when its deadline passed (a real aio server on loopback)."""
+cancelled, DEADLINE_EXCEEDED when the server saw the deadline pass (a real aio server on
+loopback)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,13 @@ async def test_cancelled_and_expired_calls_are_counted(
             await wait(b"x", timeout=2.0)
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         async with asyncio.timeout(30):
-            while len(counted) < 2:
+            while sum(counted.values()) < 2:
                 changed.clear()
                 await changed.wait()
-        assert counted == {(METHOD, "CANCELLED"): 1, (METHOD, "DEADLINE_EXCEEDED"): 1}
+        # The client gives up at its deadline and the server's own deadline (set on
+        # receipt) is a little later: which one ends the call first is a race, as in
+        # grpc-go's server. Either way it is counted once, not as OK.
+        assert counted in (
+            {(METHOD, "CANCELLED"): 1, (METHOD, "DEADLINE_EXCEEDED"): 1},
+            {(METHOD, "CANCELLED"): 2},
+        )

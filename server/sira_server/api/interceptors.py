@@ -224,8 +224,10 @@ def _aborted_code(context: Any) -> str:
 
 
 def _cancelled_code(context: Any) -> str:
-    """grpc.aio cancels the handler when the client cancels or its deadline passes
-    (or at the end of a shutdown's grace): the status the client sees."""
+    """grpc.aio cancels the handler when the client cancels, when the call's deadline
+    passes, or at the end of a shutdown's grace. DEADLINE_EXCEEDED only if the server's
+    own deadline has passed: a client that gives up at its deadline first (a race, as in
+    grpc-go) is seen as CANCELLED."""
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
