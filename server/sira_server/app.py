@@ -22,7 +22,6 @@ import asyncpg
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from sira.experiments.v1 import (
     assignment_service_pb2,
@@ -35,9 +34,11 @@ from sira.experiments.v1 import (
     tracking_service_pb2_grpc,
 )
 from sira_server.api.assignment import AssignmentServicer
+from sira_server.api.health import HealthServicer
 from sira_server.api.insights import InsightsServicer
 from sira_server.api.interceptors import GuardedRegistrar
 from sira_server.api.lifecycle import LifecycleServicer
+from sira_server.api.reflection import enable_reflection
 from sira_server.api.tracking import TrackingServicer
 from sira_server.auth import TokenVerifier, ensure_dev_secret
 from sira_server.config import ConfigError, Settings
@@ -119,12 +120,12 @@ class SiraServer:
         self.settings = settings
         self.stores = stores
         self.metrics = metrics or Metrics()
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.server = grpc.aio.server(
             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
-        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True)
+        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, applied=self.metrics)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
         self.catalog.add_listener(self._prepare_hot_state)
@@ -154,9 +155,7 @@ class SiraServer:
             guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection(self.server, (*SERVICE_NAMES, health.SERVICE_NAME))
         self.port = self._bind()
         self._probe_task: asyncio.Task[None] | None = None
         self._flusher_task: asyncio.Task[None] | None = None

@@ -92,6 +92,14 @@ class Metrics:
         self.flushed.labels("assignment").inc(stats.assignments_inserted)
         self.flushed.labels("metric").inc(stats.metrics_inserted)
 
+    def assignment_created(self, experiment_id: str) -> None:
+        """A new sticky assignment was stored (HotState's `applied` callback)."""
+        self.assignments.labels(experiment_id).inc()
+
+    def event_accepted(self, experiment_id: str, event_type: str) -> None:
+        """A tracked event was stored, not a duplicate (HotState's `applied` callback)."""
+        self.events.labels(experiment_id, event_type).inc()
+
     def count_rpc(self, method: str, code: str) -> None:
         """One finished RPC; label children are cached (this runs on every call)."""
         child = self._rpc_children.get((method, code))

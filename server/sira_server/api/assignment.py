@@ -202,7 +202,6 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         self._sticky.put(live.id, subject_id, held)
         if not outcome.created:
             return self._sticky_decision(live, held)
-        self._metrics.assignments.labels(live.id).inc()
         return self._decision(
             live, pb.ASSIGNMENT_REASON_NEW, choice.index, choice.propensity, outcome.assigned_ms
         )

@@ -22,6 +22,7 @@ are read from the servicer context, not captured at wrap time.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import uuid
@@ -222,6 +223,15 @@ def _aborted_code(context: Any) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
+def _cancelled_code(context: Any) -> str:
+    """grpc.aio cancels the handler when the client cancels, when the call's deadline
+    passes, or at the end of a shutdown's grace. DEADLINE_EXCEEDED only if the server's
+    own deadline has passed: a client that gives up at its deadline first (a race, as in
+    grpc-go) is seen as CANCELLED."""
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+
 class _ErrorWrapper(_Wrapper):
     def __init__(self, count: Count) -> None:
         self._count = count
@@ -234,6 +244,9 @@ class _ErrorWrapper(_Wrapper):
                 response = await behaviour(request, context)
             except _AbortError:
                 count(method, _aborted_code(context))
+                raise
+            except asyncio.CancelledError:  # what it stored is counted where it was stored
+                count(method, _cancelled_code(context))
                 raise
             except SiraError as err:
                 count(method, err.status_name if err.status_name != "UNKNOWN" else "INTERNAL")
@@ -258,6 +271,9 @@ class _ErrorWrapper(_Wrapper):
                     yield item
             except _AbortError:
                 count(method, _aborted_code(context))
+                raise
+            except asyncio.CancelledError:
+                count(method, _cancelled_code(context))
                 raise
             except SiraError as err:
                 count(method, err.status_name if err.status_name != "UNKNOWN" else "INTERNAL")

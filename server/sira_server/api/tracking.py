@@ -51,7 +51,8 @@ BUILTIN_TYPES = {
 @dataclass(frozen=True, slots=True)
 class ValidEvent:
     live: LiveExperiment
-    event: TrackEvent
+    event: TrackEvent  # variant_id canonical (the variant's id)
+    variant_sent: str  # the variant as the caller named it: id or key
 
 
 def _event_type(event: pb.TrackedEvent, violations: list[FieldViolation]) -> str:
@@ -137,7 +138,17 @@ def validate_event(event: pb.TrackedEvent, now_ms: int) -> TrackEvent:
     )
 
 
-def outcome_error(live: LiveExperiment, event: TrackEvent, outcome: TrackOutcome) -> SiraError:
+def _named_like(live: LiveExperiment, variant_id: str, sent: str) -> str:
+    """`variant_id` as the caller names variants: by key if it sent a key."""
+    if sent in live.variant_ids or variant_id not in live.index_of:
+        return variant_id
+    return live.experiment.variants[live.index_of[variant_id]].key
+
+
+def outcome_error(
+    live: LiveExperiment, event: TrackEvent, outcome: TrackOutcome, variant_sent: str
+) -> SiraError:
+    """The error for a refused event, naming the variant as the caller sent it."""
     key = live.experiment.key
     if outcome.status is TrackStatus.NOT_ASSIGNED:
         return FailedPrecondition(
@@ -146,11 +157,11 @@ def outcome_error(live: LiveExperiment, event: TrackEvent, outcome: TrackOutcome
             reason="ERROR_REASON_SUBJECT_NOT_ASSIGNED",
             metadata={"experiment": key, "subject_id": event.subject_id},
         )
-    metadata = {"experiment": key, "subject_id": event.subject_id, "variant": event.variant_id}
+    metadata = {"experiment": key, "subject_id": event.subject_id, "variant": variant_sent}
     if not current_principal().is_anonymous and outcome.assigned_variant_id:
-        metadata["assigned_variant"] = outcome.assigned_variant_id
+        metadata["assigned_variant"] = _named_like(live, outcome.assigned_variant_id, variant_sent)
     return FailedPrecondition(
-        f"subject '{event.subject_id}' is not assigned variant '{event.variant_id}' "
+        f"subject '{event.subject_id}' is not assigned variant '{variant_sent}' "
         f"in experiment '{key}'",
         reason="ERROR_REASON_VARIANT_MISMATCH",
         metadata=metadata,
@@ -192,11 +203,10 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             value=valid.value,
             currency=valid.currency,
         )
-        return ValidEvent(live, canonical)
+        return ValidEvent(live, canonical, event.variant_id)
 
     def _answer(self, valid: ValidEvent, outcome: TrackOutcome) -> pb.TrackResponse:
         if outcome.status is TrackStatus.ACCEPTED:
-            self._metrics.events.labels(valid.live.id, valid.event.event_type).inc()
             return pb.TrackResponse(
                 event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_ACCEPTED
             )
@@ -204,7 +214,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             return pb.TrackResponse(
                 event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_DUPLICATE
             )
-        raise outcome_error(valid.live, valid.event, outcome)
+        raise outcome_error(valid.live, valid.event, outcome, valid.variant_sent)
 
     async def Track(self, request: pb.TrackRequest, context: Context) -> pb.TrackResponse:
         valid = await self._resolve(request.event, int(time.time() * 1000))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import hiredis
@@ -204,6 +204,15 @@ def _counters_from_hashes(
 # --- the hot state -------------------------------------------------------------------
 
 
+class AppliedWork(Protocol):
+    """Told what the scripts applied, as their replies come back. Metrics count here,
+    not on the response: a call its client abandoned still counts what it stored."""
+
+    def assignment_created(self, experiment_id: str) -> None: ...
+
+    def event_accepted(self, experiment_id: str, event_type: str) -> None: ...
+
+
 class HotState:
     """The only interface to the hot Redis state; one per process.
 
@@ -221,10 +230,13 @@ class HotState:
         rebuild_lock_ms: int = 120_000,
         rebuild_wait_seconds: float = 60.0,
         pipelined_scripts: bool = False,
+        applied: AppliedWork | None = None,
     ) -> None:
         """`pipelined_scripts`: single Assign/Track scripts go through a `ScriptChannel`
-        (the server's hot path; call `close()` when done) instead of redis-py."""
+        (the server's hot path; call `close()` when done) instead of redis-py.
+        `applied`: told of every new assignment and accepted event."""
         self.redis = redis
+        self._applied = applied
         self.pool = pool
         self.rebuild_lock_ms = rebuild_lock_ms
         self.rebuild_wait_seconds = rebuild_wait_seconds
@@ -373,6 +385,8 @@ class HotState:
                     outcomes[index] = _unknown_variant(experiment_id, requests[index].variant_id)
                 else:
                     held = parse_assignment(reply[1])
+                    if tag == b"C" and self._applied is not None:
+                        self._applied.assignment_created(experiment_id)
                     outcomes[index] = AssignOutcome(
                         tag == b"C", held.variant_id, held.propensity, held.assigned_ms
                     )
@@ -438,7 +452,9 @@ class HotState:
                 if reply[0] == b"R":
                     retry.append(index)
                 else:
-                    outcomes[index] = _track_outcome(reply)
+                    done = outcomes[index] = _track_outcome(reply)
+                    if done.status is TrackStatus.ACCEPTED and self._applied is not None:
+                        self._applied.event_accepted(experiment_id, events[index].event_type)
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]
             await self.ensure_ready(experiment_id)
