@@ -317,7 +317,7 @@ def _from_report(target: str, workload: str, report: Report, note: str = "") -> 
         p99_ns=report.latency_ns(99) or 0,
         statuses=report.status_code_distribution,
         note=note,
-        detail=report.to_json(),
+        detail=report.to_json(details=False),
     )
 
 
@@ -519,6 +519,7 @@ async def run_bench(options: BenchOptions) -> BenchResult:
         duration=options.duration,
         returning_subjects=options.subjects,
         timeout=10.0,
+        duration_stop="wait",  # every call sent is measured to its answer
     )
     # The directory outlives the servers: their embedded stores live in it.
     with tempfile.TemporaryDirectory(prefix="sira-bench-") as tmp, ExitStack() as stack:
@@ -726,6 +727,7 @@ async def _insights_run(result: BenchResult, sira: _Sira, options: BenchOptions)
         metadata=(("authorization", f"Bearer {token}"),),
         concurrency=options.insights_concurrency,
         duration=options.duration,
+        duration_stop="wait",
         timeout=10.0,
         name="get-insights",
     )
