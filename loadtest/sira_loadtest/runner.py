@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import random
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -356,22 +357,76 @@ async def preassign(config: LoadConfig) -> tuple[tuple[tuple[str, str], ...], di
     return tuple(assigned), statuses
 
 
+def _ns(seconds: float | None) -> int:
+    """A duration as Go's time.Duration in JSON: integer nanoseconds."""
+    return round((seconds or 0.0) * 1e9)
+
+
+def _masked(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    return {k: ("***" if k == "authorization" else v) for k, v in pairs}
+
+
+def _data_option(config: LoadConfig) -> Any:
+    """ghz puts the parsed call data in the options; templates stay as text."""
+    try:
+        return json.loads(config.data) if config.data.strip() else None
+    except json.JSONDecodeError:
+        return config.data
+
+
 def report_options(config: LoadConfig) -> dict[str, Any]:
-    """ghz's `options` block of the JSON report (secrets left out)."""
-    options = asdict(config)
-    for private in ("preassigned", "descriptor_set", "pinned_certificate", "binary"):
-        options.pop(private, None)
-    options["binary"] = bool(config.binary)
-    options["host"] = config.target
-    options["metadata"] = {k: ("***" if k == "authorization" else v) for k, v in config.metadata}
-    options["reflect_metadata"] = {
-        k: ("***" if k == "authorization" else v) for k, v in config.reflect_metadata
+    """ghz's `options` block of the JSON report (its keys), then SIRA's extras; no secrets."""
+    load, conc = config.load, config.concurrency_schedule
+    return {
+        "host": config.target,
+        "proto": config.proto,
+        "protoset": ",".join(config.protoset),
+        "import-paths": list(config.import_paths),
+        "call": config.call.lstrip("/").replace("/", "."),
+        "cacert": config.tls.cacert,
+        "cert": config.tls.cert,
+        "key": config.tls.key,
+        "skipTLS": config.tls.skip_verify,
+        "skipFirst": config.skip_first,
+        "cname": config.tls.cname,
+        "authority": config.tls.authority,
+        "insecure": config.insecure,
+        "total": config.total,
+        "concurrency": config.concurrency,
+        "concurrency-schedule": conc.kind,
+        "concurrency-start": conc.start,
+        "concurrency-end": conc.end,
+        "concurrency-step": conc.step,
+        "concurrency-step-duration": _ns(conc.step_duration),
+        "concurrency-max-duration": _ns(conc.max_duration),
+        "rps": config.rps,
+        "load-schedule": load.kind,
+        "load-start": load.start,
+        "load-end": load.end,
+        "load-step": load.step,
+        "load-step-duration": _ns(load.step_duration),
+        "load-max-duration": _ns(load.max_duration),
+        "connections": config.connections,
+        "duration": _ns(config.duration),
+        "max-duration": _ns(config.max_duration),
+        "duration-stop": config.duration_stop,
+        "timeout": _ns(config.timeout),
+        "dial-timeout": _ns(config.connect_timeout),
+        "keepalive": _ns(config.keepalive),
+        "data": _data_option(config),
+        "binary": bool(config.binary),
+        "metadata": _masked(config.metadata),
+        "reflect-metadata": _masked(config.reflect_metadata),
+        "count-errors": config.count_errors,
+        "CPUs": config.workers,
+        "name": config.name,
+        # SIRA's own
+        "workers": config.workers,
+        "scenario": config.scenario,
+        "experiment": config.experiment,
+        "returning_subjects": config.returning_subjects,
+        "subject_prefix": config.subject_prefix,
     }
-    options["call"] = config.call.lstrip("/").replace("/", ".")
-    options["skipFirst"] = config.skip_first
-    options["skipTLS"] = config.tls.skip_verify
-    options["CPUs"] = config.workers
-    return options
 
 
 async def resolve_descriptors(config: LoadConfig) -> bytes:

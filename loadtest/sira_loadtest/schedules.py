@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 KINDS: tuple[str, ...] = ("const", "step", "line")
+_EPSILON = 1e-9
 
 
 class ScheduleError(ValueError):
@@ -112,7 +113,8 @@ class SendClock:
     def next(self) -> float | None:
         at = self._next
         while True:
-            rate = self.schedule.value_at(at - self.start) * self.share
+            # The epsilon keeps float drift (10 x 0.1 < 1.0) from missing a step boundary.
+            rate = self.schedule.value_at(at - self.start + _EPSILON) * self.share
             if rate > 0:
                 break
             change = self.schedule.next_change(at - self.start)
