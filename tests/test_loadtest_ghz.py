@@ -93,6 +93,7 @@ GHZ_OPTION_KEYS = {
 class Recorder:
     address: str
     received: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
     stall_first: list[bool] = field(default_factory=lambda: [True])
 
 
@@ -104,6 +105,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 
     async def record(request: bytes, context: Any) -> bytes:
         rec.received.append(request)
+        rec.headers.append({k: v for k, v in context.invocation_metadata()})
         return b""
 
     async def block(request: bytes, context: Any) -> bytes:
@@ -238,6 +240,20 @@ async def test_an_unknown_field_is_rejected_before_the_run(
             ["--proto", str(proto_file), "--call", RECORD, "-d", '{"nope": 1}', recorder.address]
         )
     assert recorder.received == []
+
+
+async def test_metadata_from_a_file_renders_templates_and_tags_reach_the_report(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps({"x-request": "r{{.RequestNumber}}", "x-fixed": "yes"}))
+    out = tmp_path / "report.json"
+    argv = ["--call", RECORD, "-M", str(metadata), "-n", "5", "-c", "2"]
+    argv += ["--tags", '{"Env": "ci"}', "-O", "pretty", "-o", str(out), recorder.address]
+    await _cli(argv)
+    assert sorted(h["x-request"] for h in recorder.headers) == [f"r{i}" for i in range(5)]
+    assert {h["x-fixed"] for h in recorder.headers} == {"yes"}
+    assert json.loads(out.read_text())["tags"] == {"Env": "ci"}
 
 
 # --- stop modes, skipFirst, count-errors ---------------------------------------------------

@@ -108,17 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=1000, help="returning-subject pool (1000)")
     p.add_argument("--subject-prefix", default="lt-", help="prefix of made-up ids (lt-)")
     p.add_argument("--name", default="", help="label copied into the report")
+    p.add_argument("--tags", help="JSON object of string tags copied into the report")
     return p
 
 
-def _json_object(text: str, flag: str) -> dict[str, str]:
+def _json_object(text: str, flag: str, *, lower: bool = True) -> dict[str, str]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{flag} is not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{flag} must be a JSON object")
-    return {str(k).lower(): str(v) for k, v in raw.items()}
+    return {(str(k).lower() if lower else str(k)): str(v) for k, v in raw.items()}
 
 
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
@@ -205,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         returning_subjects=args.subjects,
         subject_prefix=args.subject_prefix,
         name=args.name,
+        tags=tuple(_json_object(args.tags, "--tags", lower=False).items()) if args.tags else (),
     )
     config.validate()
     return config

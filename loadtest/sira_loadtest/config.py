@@ -179,6 +179,8 @@ class LoadConfig:
     """Prefix of every subject id and event id the load tester makes up."""
     name: str = ""
     """Free label copied into the report."""
+    tags: tuple[tuple[str, str], ...] = ()
+    """User-defined string tags copied into the report (ghz --tags)."""
     preassigned: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     """(subject id, variant key) pairs for Track traffic; filled by scenario setup."""
 

@@ -238,6 +238,9 @@ class Report:
             ],
             "methodDistribution": self.method_distribution,
         }
+        tags = self.options.get("tags")
+        if tags:
+            doc["tags"] = dict(tags)
         if details:
             doc["details"] = [
                 {"timestamp": _timestamp(start), "latency": ns, "error": error, "status": status}

@@ -30,7 +30,13 @@ from sira_loadtest.payloads import request_class
 from sira_loadtest.report import Report, WorkerResult, build_report, merge_results
 from sira_loadtest.scenarios import ASSIGN_METHOD, build_source
 from sira_loadtest.schedules import SendClock
-from sira_loadtest.template import IdFactory, RenderContext, returning_subject_id
+from sira_loadtest.template import (
+    IdFactory,
+    RenderContext,
+    TemplateError,
+    compile_metadata,
+    returning_subject_id,
+)
 from sira_loadtest.tls import channel_plan, pin_certificate
 
 SETUP_CONCURRENCY = 32
@@ -188,7 +194,7 @@ async def run_worker(
         schedule = config.load_schedule
         clock = None if schedule is None else SendClock(schedule, begin, 1.0 / processes)
         numbers = iter(range(process, 2**62, processes))
-        metadata = tuple(config.metadata)
+        metadata = compile_metadata(config.metadata)
         timeout = config.timeout or None
         closing = config.duration_stop == "close"
 
@@ -223,7 +229,7 @@ async def run_worker(
                     started = int(due * 1e9)
                 ctx.request_number = next(numbers)
                 method, body = source.next_call(ctx)
-                call = methods[method](body, timeout=timeout, metadata=metadata)
+                call = methods[method](body, timeout=timeout, metadata=metadata.render(ctx))
                 try:
                     await call
                 except grpc.aio.AioRpcError as exc:
@@ -420,6 +426,7 @@ def report_options(config: LoadConfig) -> dict[str, Any]:
         "count-errors": config.count_errors,
         "CPUs": config.workers,
         "name": config.name,
+        "tags": dict(config.tags),
         # SIRA's own
         "workers": config.workers,
         "scenario": config.scenario,
@@ -456,6 +463,10 @@ async def resolve_descriptors(config: LoadConfig) -> bytes:
 async def prepare(config: LoadConfig) -> LoadConfig:
     """Validate, pin the --skipTLS certificate, resolve the call's types (once, here)."""
     config.validate()
+    try:
+        compile_metadata(config.metadata)
+    except TemplateError as exc:
+        raise ConfigError(f"-m/--metadata: {exc}") from None
     pinned = await asyncio.to_thread(pin_certificate, config)
     config = replace(config, pinned_certificate=pinned)
     if config.call and not config.scenario and not config.binary and not config.descriptor_set:
