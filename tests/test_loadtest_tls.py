@@ -8,7 +8,7 @@ and a client certificate. Health/Check is resolved through reflection over TLS.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,7 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from server_fixtures import SERVER_REDIS_DB, RunningServer, redis_url_with_db, run_sira_server
+from server_fixtures import (
+    RunningServer,
+    create_migrated_database,
+    drop_database,
+    run_sira_server,
+)
 
 from sira_loadtest.__main__ import main as cli_main
 from sira_loadtest.config import LoadConfig, TlsOptions
@@ -102,22 +107,29 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
+async def mtls_database(postgres_server_dsn: str) -> AsyncIterator[str]:
+    """Its own database: this server shares nothing with the session's server."""
+    url = await create_migrated_database(postgres_server_dsn, "sira_tls")
+    yield url
+    await drop_database(postgres_server_dsn, url)
+
+
+@pytest.fixture(scope="module")
 def mtls_server(
     pki: Pki,
-    sira_server_database_url: str,
+    mtls_database: str,
     redis_server_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningServer]:
+    """A TLS server that requires client certificates; only health is called on it,
+    so it may use the test Redis database (SIRA_TEST_REDIS_URL)."""
     env = {
         "SIRA_TLS_CERT_FILE": str(pki.server_cert),
         "SIRA_TLS_KEY_FILE": str(pki.server_key),
         "SIRA_TLS_CLIENT_CA_FILE": str(pki.ca),
     }
     with run_sira_server(
-        sira_server_database_url,
-        redis_url_with_db(redis_server_url, SERVER_REDIS_DB),
-        tmp_path_factory.mktemp("sira-mtls"),
-        env,
+        mtls_database, redis_server_url, tmp_path_factory.mktemp("sira-mtls"), env
     ) as server:
         yield server
 

@@ -31,6 +31,9 @@ REFLECTION_METHODS: tuple[str, ...] = (
 )
 
 
+_VERSION_MISSING = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL)
+
+
 def split_call(path: str) -> tuple[str, str]:
     """`/pkg.Service/Method` -> ("pkg.Service", "Method")."""
     service, _, method = path.lstrip("/").partition("/")
@@ -206,18 +209,22 @@ async def from_reflection(
 
     `deadline`: seconds allowed for each reflection exchange."""
     service, _ = split_call(path)
-    last: grpc.aio.AioRpcError | None = None
+    errors: list[grpc.aio.AioRpcError] = []
     for method in REFLECTION_METHODS:
         try:
             return await _resolve(channel, method, service, metadata, deadline)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise ConfigError(f"server reflection failed: {exc.details()}") from None
-            last = exc
-    raise ConfigError(
-        "the server has no reflection service: pass --proto or --protoset"
-        + (f" ({last.details()})" if last is not None else "")
-    )
+            # A server without this version answers UNIMPLEMENTED, which grpc.aio
+            # sometimes reports as INTERNAL "Internal error from Core" (grpc/grpc#36066):
+            # both mean "try the next version".
+            errors.append(exc)
+    if all(e.code() in _VERSION_MISSING for e in errors):
+        raise ConfigError(
+            "the server has no reflection service: pass --proto or --protoset "
+            f"({errors[-1].details()})"
+        )
+    failed = next(e for e in errors if e.code() not in _VERSION_MISSING)
+    raise ConfigError(f"server reflection failed: {failed.code().name}: {failed.details()}")
 
 
 async def _resolve(
