@@ -232,6 +232,16 @@ async def test_protoset_with_data_from_stdin(
     assert all(line.split(",")[1] == "OK" for line in lines[1:])
 
 
+async def test_binary_file_is_sent_as_is(
+    recorder: Recorder, proto_file: Path, tmp_path: Path
+) -> None:
+    cls = method_input(from_proto(str(proto_file), ()), RECORD)
+    body = cls(name="binary", n=7).SerializeToString()
+    (tmp_path / "ping.bin").write_bytes(body)
+    await _cli(["--call", RECORD, "-B", str(tmp_path / "ping.bin"), "-n", "3", recorder.address])
+    assert recorder.received == [body] * 3
+
+
 async def test_an_unknown_field_is_rejected_before_the_run(
     recorder: Recorder, proto_file: Path
 ) -> None:
