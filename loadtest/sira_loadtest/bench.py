@@ -45,6 +45,15 @@ from sira.experiments.v1 import (
     lifecycle_service_pb2_grpc,
     tracking_service_pb2,
 )
+from sira_loadtest.bench_rate import (
+    OPEN_LOOP_END,
+    OPEN_LOOP_START,
+    RATE_SHARES,
+    RateRow,
+    render_rate_markdown,
+    row_from_report,
+    row_from_report_json,
+)
 from sira_loadtest.bench_report import (
     INSIGHTS_TARGET,
     BenchResult,
@@ -111,6 +120,8 @@ class BenchOptions:
     """Subjects assigned (and some converted) before GetInsights is measured."""
     sira_workers: int = 2
     """Worker processes of the extra Assign run; below 2 (or on 1 core): no such run."""
+    open_loop: bool = True
+    """Assign and Track at fixed shares of their closed-loop maximum (`bench_rate`)."""
     marker: str = ""
     """Set by the run: the temporary directory, naming the bench's own processes."""
 
@@ -317,7 +328,7 @@ def _from_report(target: str, workload: str, report: Report, note: str = "") -> 
         p99_ns=report.latency_ns(99) or 0,
         statuses=report.status_code_distribution,
         note=note,
-        detail=report.to_json(),
+        detail=report.to_json(details=False),
     )
 
 
@@ -519,6 +530,7 @@ async def run_bench(options: BenchOptions) -> BenchResult:
         duration=options.duration,
         returning_subjects=options.subjects,
         timeout=10.0,
+        duration_stop="wait",  # every call sent is measured to its answer
     )
     # The directory outlives the servers: their embedded stores live in it.
     with tempfile.TemporaryDirectory(prefix="sira-bench-") as tmp, ExitStack() as stack:
@@ -540,6 +552,8 @@ async def run_bench(options: BenchOptions) -> BenchResult:
                 else None
             )
             await _loadtest_runs(result, base, echo.address, sira, options)
+            if sira is not None and options.open_loop:
+                await _open_loop_runs(result, base, sira, options)
             if h2load is None:
                 if options.h2load:
                     result.problems.append("h2load not on PATH: no h2load runs")
@@ -607,6 +621,66 @@ async def _measure_into(
         result.problems.append(f"sira-loadtest run of {target} failed: {exc}")
     else:
         result.measurements.append(measured)
+
+
+OPEN_LOOP_TARGETS = (("Assign", "assign-heavy"), ("Track", "track-heavy"))
+
+
+async def _open_loop_runs(
+    result: BenchResult, base: LoadConfig, sira: _Sira, options: BenchOptions
+) -> None:
+    """Assign and Track at 25/50/75 % of their closed-loop maximum, open loop.
+
+    Rows (closed-loop first) go to `result.settings["open_loop"]` as JSON.
+    """
+    rows: list[RateRow] = []
+    for target, scenario in OPEN_LOOP_TARGETS:
+        closed = result.find(target, "sira-loadtest")
+        if closed is None or closed.rps <= 0 or closed.ok_share < 0.5:
+            result.problems.append(f"open loop: no usable closed-loop maximum for {target}")
+            continue
+        rows.append(
+            row_from_report_json(target, "closed", closed.detail, other_cores=closed.other_cores)
+        )
+        config = replace(
+            base,
+            target=sira.address,
+            experiment=sira.experiment,
+            metadata=sira.metadata,
+            preassigned=sira.preassigned,
+            scenario=scenario,
+            duration_stop="wait",
+        )
+        for share in RATE_SHARES:
+            rate = closed.rps * share
+            print(f"measuring {target} open loop at {share:.0%} ({rate:.0f}/s)", file=sys.stderr)
+            rows.append(await _open_loop_run(target, replace(config, rps=rate), share, options))
+    result.settings["open_loop"] = [r.to_json() for r in rows]
+
+
+async def _open_loop_run(
+    target: str, config: LoadConfig, share: float, options: BenchOptions
+) -> RateRow:
+    if options.warmup > 0:
+        await run_load_detailed(replace(config, duration=options.warmup), setup_scenario=False)
+    watch = OtherLoad(options.marker)
+    watch.start()
+    run = await run_load_detailed(config, setup_scenario=False)
+    return row_from_report(target, run.report, share, config.rps, watch.stop())
+
+
+def write_open_loop_section(markdown: Path, result: BenchResult) -> None:
+    """The open-loop section of the page, when those runs happened."""
+    rows = result.settings.get("open_loop")
+    if not isinstance(rows, list):
+        return
+    body = render_rate_markdown(
+        [RateRow.from_json(r) for r in rows],
+        result.date,
+        result.settings.get("concurrency"),
+        result.settings.get("duration"),
+    )
+    replace_section(markdown, body, start=OPEN_LOOP_START, end=OPEN_LOOP_END)
 
 
 def _sira_env(tmp_dir: Path, secret: str) -> dict[str, str]:
@@ -726,6 +800,7 @@ async def _insights_run(result: BenchResult, sira: _Sira, options: BenchOptions)
         metadata=(("authorization", f"Bearer {token}"),),
         concurrency=options.insights_concurrency,
         duration=options.duration,
+        duration_stop="wait",
         timeout=10.0,
         name="get-insights",
     )
@@ -873,6 +948,9 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
     p.add_argument("--no-insights", action="store_true", help="skip the GetInsights run")
     p.add_argument(
+        "--no-open-loop", action="store_true", help="skip the fixed-rate (open-loop) runs"
+    )
+    p.add_argument(
         "--insights-concurrency", type=int, default=8, help="GetInsights calls in flight (8)"
     )
     p.add_argument(
@@ -903,6 +981,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         insights_concurrency=a.insights_concurrency,
         insights_subjects=a.insights_subjects,
         sira_workers=a.sira_workers,
+        open_loop=not a.no_open_loop,
     )
 
 
@@ -936,6 +1015,7 @@ def main(argv: list[str] | None = None) -> None:
     if kernels_problem:
         result.problems.append(kernels_problem)
     replace_section(options.markdown, render_markdown(result))
+    write_open_loop_section(options.markdown, result)
     options.json_path.parent.mkdir(parents=True, exist_ok=True)
     options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     print(measurement_table(result.measurements))

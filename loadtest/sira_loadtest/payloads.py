@@ -165,10 +165,69 @@ def _split(
     return fixed, dynamic
 
 
-def build_encoder(method_path: str, data: str) -> Encoder:
-    """The cheapest encoder for `data` sent to `method_path`; raises ConfigError."""
+@dataclass(frozen=True)
+class RoundRobinEncoder:
+    """A JSON array of requests: call number i sends element i mod len (ghz's unary rule)."""
+
+    encoders: tuple[Encoder, ...]
+
+    def encode(self, ctx: RenderContext) -> bytes:
+        return self.encoders[ctx.request_number % len(self.encoders)].encode(ctx)
+
+
+@dataclass(frozen=True)
+class RenderedArrayEncoder:
+    """An array whose placeholders sit outside strings: render, parse, pick, serialise."""
+
+    template: Template
+    message_class: type[Message]
+
+    def encode(self, ctx: RenderContext) -> bytes:
+        items = json.loads(self.template.render(ctx))
+        message = self.message_class()
+        json_format.ParseDict(items[ctx.request_number % len(items)], message)
+        return message.SerializeToString()
+
+
+def _array_encoder(method_path: str, text: str, cls: type[Message] | None) -> Encoder:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        items = None
+    if isinstance(items, list):
+        if not items:
+            raise ConfigError("-d/--data: the JSON array is empty")
+        if not all(isinstance(item, dict) for item in items):
+            raise ConfigError("-d/--data: every element of the JSON array must be an object")
+        return RoundRobinEncoder(
+            tuple(build_encoder(method_path, json.dumps(item), cls) for item in items)
+        )
+    if cls is None:
+        raise ConfigError(f"unknown method {method_path}: its request type is not known")
+    try:
+        template = compile_template(text)
+    except TemplateError as exc:
+        raise ConfigError(f"-d/--data: {exc}") from None
+    encoder = RenderedArrayEncoder(template, cls)
+    try:
+        _probe(encoder)
+    except (json.JSONDecodeError, json_format.ParseError, TypeError, KeyError) as exc:
+        raise ConfigError(f"-d/--data does not fit {cls.DESCRIPTOR.full_name}: {exc}") from None
+    return encoder
+
+
+def build_encoder(
+    method_path: str, data: str, message_class: type[Message] | None = None
+) -> Encoder:
+    """The cheapest encoder for `data` sent to `method_path`; raises ConfigError.
+
+    `message_class` is the request type when known (from reflection, --proto or
+    --protoset); otherwise SIRA's own messages are looked up.
+    """
     text = data.strip() or "{}"
-    cls = request_class(method_path)
+    cls = message_class or request_class(method_path)
+    if text.startswith("["):
+        return _array_encoder(method_path, text, cls)
     try:
         template = compile_template(text)
     except TemplateError as exc:

@@ -2,12 +2,15 @@
 
 The report follows ghz (`runner/reporter.go`): `count` and `average` cover every
 call; fastest, slowest, the histogram and the latency distribution cover the
-calls that returned OK; durations are nanoseconds in JSON, milliseconds in the
-summary text.
+calls that returned OK (every call with `--count-errors`); durations are
+nanoseconds in JSON, milliseconds in the summary text. `details` lists every call
+(timestamp, latency, status, error), as ghz's JSON and CSV do.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from array import array
 from collections import Counter
@@ -22,6 +25,10 @@ BAR_WIDTH = 40
 MAX_ERROR_KINDS = 100
 """Distinct error strings kept; errors with unique text (request ids) go to OTHER_ERRORS."""
 OTHER_ERRORS = "(other errors: more than 100 distinct messages)"
+FORMATS: tuple[str, ...] = ("summary", "csv", "json", "pretty", "html")
+"""ghz's -O values that sira-loadtest writes."""
+MAX_DETAILS = 1_000_000
+"""ghz's cap on the per-call details kept for the JSON and CSV reports."""
 
 
 @dataclass
@@ -40,8 +47,39 @@ class WorkerResult:
     end_reason: str = "normal"
     """ghz's stop reasons: normal (count reached), timeout (duration reached)."""
     method_counts: Counter[str] = field(default_factory=Counter)
+    skip: int = 0
+    """Results still to leave out of the tally (ghz --skipFirst)."""
+    latencies_ns: array[int] = field(default_factory=lambda: array("q"))
+    """Every call's latency, in completion order (details, --count-errors)."""
+    starts_ns: array[int] = field(default_factory=lambda: array("q"))
+    """Wall-clock time (ns since the epoch) each call was due or sent."""
+    status_ids: array[int] = field(default_factory=lambda: array("H"))
+    error_ids: array[int] = field(default_factory=lambda: array("i"))
+    """Index into `labels` of each call's error, -1 for none."""
+    labels: list[str] = field(default_factory=list)
+    """Status names and error strings the ids point to."""
+    _label_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def record(self, method: str, latency_ns: int, status: str, error: str | None) -> None:
+    def _label(self, text: str) -> int:
+        found = self._label_ids.get(text)
+        if found is None:
+            if len(self._label_ids) >= MAX_ERROR_KINDS + 20 and text != OTHER_ERRORS:
+                return self._label(OTHER_ERRORS)
+            found = self._label_ids[text] = len(self.labels)
+            self.labels.append(text)
+        return found
+
+    def record(
+        self, method: str, latency_ns: int, status: str, error: str | None, start_ns: int = 0
+    ) -> None:
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        if len(self.latencies_ns) < MAX_DETAILS:
+            self.latencies_ns.append(latency_ns)
+            self.starts_ns.append(start_ns)
+            self.status_ids.append(self._label(status))
+            self.error_ids.append(-1 if error is None else self._label(error))
         self.count += 1
         self.latency_sum_ns += latency_ns
         self.status_counts[status] += 1
@@ -73,6 +111,11 @@ def merge_results(results: Sequence[WorkerResult]) -> WorkerResult:
         for error, n in r.error_counts.items():
             _count_error(merged.error_counts, error, n)
         merged.method_counts.update(r.method_counts)
+        ids = [merged._label(label) for label in r.labels]
+        merged.latencies_ns.extend(r.latencies_ns)
+        merged.starts_ns.extend(r.starts_ns)
+        merged.status_ids.extend(ids[i] for i in r.status_ids)
+        merged.error_ids.extend(-1 if i < 0 else ids[i] for i in r.error_ids)
     reasons = {r.end_reason for r in results}
     merged.end_reason = "timeout" if "timeout" in reasons else "normal"
     return merged
@@ -118,6 +161,32 @@ def _percentage(p: float) -> int | float:
 
 
 @dataclass(frozen=True)
+class Details:
+    """Per-call rows of a report (ghz's `details`), kept as compact arrays."""
+
+    latencies_ns: Sequence[int] = ()
+    starts_ns: Sequence[int] = ()
+    status_ids: Sequence[int] = ()
+    error_ids: Sequence[int] = ()
+    labels: Sequence[str] = ()
+
+    def rows(self) -> Iterable[tuple[int, int, str, str]]:
+        """(start ns since the epoch, latency ns, status, error or "")."""
+        labels = self.labels
+        for start, latency, status, error in zip(
+            self.starts_ns, self.latencies_ns, self.status_ids, self.error_ids, strict=True
+        ):
+            yield start, latency, labels[status], labels[error] if error >= 0 else ""
+
+
+def _timestamp(ns: int) -> str:
+    """RFC 3339 with nanoseconds, like Go's time.Time in JSON."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{nanos:09d}Z"
+
+
+@dataclass(frozen=True)
 class Report:
     """ghz's report for one run (`to_json` mirrors ghz's JSON output)."""
 
@@ -136,6 +205,7 @@ class Report:
     status_code_distribution: dict[str, int]
     error_distribution: dict[str, int]
     method_distribution: dict[str, int]
+    details: Details = field(default_factory=Details)
 
     @property
     def ok_count(self) -> int:
@@ -145,8 +215,9 @@ class Report:
         """A latency of the distribution (10, 25, 50, 75, 90, 95, 99, 99.9), if any."""
         return dict(self.latency_distribution).get(percent)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, *, details: bool = True) -> dict[str, Any]:
+        """ghz's JSON report; `details=False` leaves out the per-call rows."""
+        doc = {
             "name": self.name,
             "endReason": self.end_reason,
             "date": self.date,
@@ -167,14 +238,38 @@ class Report:
             ],
             "methodDistribution": self.method_distribution,
         }
+        tags = self.options.get("tags")
+        if tags:
+            doc["tags"] = dict(tags)
+        if details:
+            doc["details"] = [
+                {"timestamp": _timestamp(start), "latency": ns, "error": error, "status": status}
+                for start, ns, status, error in self.details.rows()
+            ]
+        return doc
 
     def render(self, fmt: str) -> str:
-        """`summary` (ghz's text), `json` (compact) or `pretty` (indented JSON)."""
+        """summary (ghz's text), json, pretty (indented JSON), csv or html."""
         if fmt == "json":
             return json.dumps(self.to_json())
         if fmt == "pretty":
             return json.dumps(self.to_json(), indent=2)
+        if fmt == "csv":
+            return self.csv_text()
+        if fmt == "html":
+            from sira_loadtest.report_html import render_html
+
+            return render_html(self)
         return self.summary_text()
+
+    def csv_text(self) -> str:
+        """ghz's CSV: one row per call, `duration (ms),status,error`."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["duration (ms)", "status", "error"])
+        for _, ns, status, error in self.details.rows():
+            writer.writerow([f"{ns / 1e6:.2f}", status, error])
+        return out.getvalue()
 
     def summary_text(self) -> str:
         lines = ["", "Summary:"]
@@ -217,9 +312,10 @@ def build_report(
     name: str = "",
     options: Mapping[str, Any] | None = None,
     percentiles: Iterable[float] = PERCENTILES,
+    count_errors: bool = False,
 ) -> Report:
-    """ghz's summary statistics of a (merged) result."""
-    ok = sorted(result.ok_latencies_ns)
+    """ghz's summary statistics of a (merged) result (errors too with `count_errors`)."""
+    ok = sorted(result.latencies_ns if count_errors else result.ok_latencies_ns)
     total_ns = max(0, result.end_ns - result.start_ns)
     return Report(
         name=name,
@@ -237,4 +333,11 @@ def build_report(
         status_code_distribution=dict(result.status_counts),
         error_distribution=dict(result.error_counts),
         method_distribution=dict(result.method_counts),
+        details=Details(
+            result.latencies_ns,
+            result.starts_ns,
+            result.status_ids,
+            result.error_ids,
+            tuple(result.labels),
+        ),
     )

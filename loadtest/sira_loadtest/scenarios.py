@@ -20,7 +20,8 @@ from typing import Protocol
 
 from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
 from sira_loadtest.config import LoadConfig
-from sira_loadtest.payloads import Encoder, build_encoder
+from sira_loadtest.descriptors import method_input
+from sira_loadtest.payloads import Encoder, StaticEncoder, build_encoder
 from sira_loadtest.template import RenderContext, returning_subject_id
 
 ASSIGN_METHOD = "/sira.experiments.v1.AssignmentService/Assign"
@@ -111,7 +112,12 @@ class Mixed:
 def build_source(config: LoadConfig) -> CallSource:
     """The call source of a validated config (scenario set up already, if any)."""
     if not config.scenario:
-        return SingleCall(config.call, build_encoder(config.call, config.data))
+        if config.binary:
+            return SingleCall(config.call, StaticEncoder(config.binary))
+        message_class = (
+            method_input(config.descriptor_set, config.call) if config.descriptor_set else None
+        )
+        return SingleCall(config.call, build_encoder(config.call, config.data, message_class))
     assign = AssignMix(config.experiment, config.returning_subjects)
     # Without a known assignment (setup failed) Track still runs, naming no
     # variant: the server rejects those calls and the report shows why.

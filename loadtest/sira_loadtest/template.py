@@ -157,3 +157,24 @@ def compile_template(text: str) -> Template:
 
 def has_placeholders(text: str) -> bool:
     return _PLACEHOLDER.search(text) is not None
+
+
+@dataclass(frozen=True)
+class MetadataTemplate:
+    """Request metadata whose values may hold placeholders (ghz renders metadata too)."""
+
+    pairs: tuple[tuple[str, Template], ...]
+    static: tuple[tuple[str, str], ...] | None
+    """The metadata itself when no value has a placeholder."""
+
+    def render(self, ctx: RenderContext) -> tuple[tuple[str, str], ...]:
+        if self.static is not None:
+            return self.static
+        return tuple((key, value.render(ctx)) for key, value in self.pairs)
+
+
+def compile_metadata(pairs: tuple[tuple[str, str], ...]) -> MetadataTemplate:
+    """Compile metadata values once; raises `TemplateError` for unknown placeholders."""
+    compiled = tuple((key, compile_template(value)) for key, value in pairs)
+    static = all(t.is_static for _, t in compiled)
+    return MetadataTemplate(compiled, pairs if static else None)
