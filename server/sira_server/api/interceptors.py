@@ -125,6 +125,9 @@ def error_status(err: SiraError) -> Any:
         )
         details.append(_pack(bad_request))  # the message says how many more there were
     message = _cut(err.message, limits.MAX_ERROR_MESSAGE_BYTES)
+    if message != err.message and len(err.violations) > 1:  # keep the count when cutting
+        total = f" ({len(err.violations)} field violations in all)"
+        message = _cut(err.message, limits.MAX_ERROR_MESSAGE_BYTES - len(total)) + total
     proto = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(proto)
 

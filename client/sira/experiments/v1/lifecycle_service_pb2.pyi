@@ -479,7 +479,7 @@ class ListAuditEventsRequest(_message.Message):
     page_size: _builtins.int
     """1..1000, default 100."""
     page_token: _builtins.str
-    """As ListExperimentsRequest.page_token."""
+    """As ListExperimentsRequest.page_token: opaque, at most 256 characters."""
     def __init__(
         self,
         *,

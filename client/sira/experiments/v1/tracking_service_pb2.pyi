@@ -181,7 +181,9 @@ class TrackBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackedEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackedEvent]:
+        """1..1000 events."""
+
     def __init__(
         self,
         *,
