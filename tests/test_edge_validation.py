@@ -698,3 +698,18 @@ async def test_hostile_input_never_splits_redis_from_postgres(
     conversions = sum(v.conversions for v in results.variants)
     assert (assigned_count, conversions, dead_letters) == (10, 5, 0)
     assert (rows, metric_rows) == (assigned_count, conversions)
+
+
+@pytest.mark.parametrize("sub", ["olga\x00", "tab\there", "o" * 257])
+async def test_a_token_subject_postgres_cannot_store_is_unauthenticated(
+    stubs: Stubs, token_for: TokenFor, unique_key: str, sub: str
+) -> None:
+    """The token's subject becomes the audit log's actor: a NUL there was INTERNAL."""
+    metadata = (("authorization", f"Bearer {token_for('ops_admin', sub)}"),)
+    failure = await fails(
+        stubs.lifecycle.CreateExperiment(
+            lpb.CreateExperimentRequest(experiment=experiment(unique_key)), metadata=metadata
+        )
+    )
+    assert failure.code == grpc.StatusCode.UNAUTHENTICATED
+    assert failure.info.reason == "ERROR_REASON_TOKEN_INVALID"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from sira_server.domain import limits as L  # noqa: N812 - read as a table of limits
+from sira_server.domain.text_rules import Text, text_problem
 from sira_server.errors import FieldViolation, InvalidArgument, excerpt
 
 __all__ = [
@@ -58,18 +58,6 @@ log = logging.getLogger("sira_server.api")
 
 UNDECODABLE_LOG_INTERVAL = 60.0
 """Seconds between two log lines about undecodable requests."""
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    """A string field: at most ``max_chars`` characters, no control characters (tab,
-    line feed and carriage return too when ``multiline``)."""
-
-    max_chars: int
-    multiline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,20 +143,6 @@ items. Fields without a rule get `_FALLBACK` (a test keeps this table complete).
 
 _FALLBACK = Text(L.MAX_NAME_CHARS)
 _UNBOUNDED = Count(L.MAX_VARIANTS)
-
-
-def text_problem(value: str, rule: Text) -> str | None:
-    """What is wrong with ``value`` under ``rule``, or None. Never quotes the value."""
-    if len(value) > rule.max_chars:
-        return f"must be at most {rule.max_chars} characters, got {len(value)}"
-    found = (_CONTROL_BUT_WHITESPACE if rule.multiline else _CONTROL).search(value)
-    if found is not None:
-        allowed = " (tab and new lines are allowed)" if rule.multiline else ""
-        return (
-            f"must not contain control characters: U+{ord(found.group()):04X} at "
-            f"position {found.start()}{allowed}"
-        )
-    return None
 
 
 # --- compiled checkers ------------------------------------------------------------------

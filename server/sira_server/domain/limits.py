@@ -54,6 +54,8 @@ MAX_PAGE_TOKEN_CHARS: Final = 256
 """A page_token; the server's own tokens are about 150 characters."""
 MAX_FIELD_MASK_PATHS: Final = 16
 MAX_FIELD_MASK_PATH_CHARS: Final = 64
+MAX_ACTOR_CHARS: Final = 256
+"""A token's ``sub`` claim: the actor written to the audit log."""
 MAX_OUTPUT_ONLY_CHARS: Final = 2000
 """Output-only strings a client may echo back (ignored, but still bounded)."""
 
