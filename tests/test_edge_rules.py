@@ -230,3 +230,41 @@ def test_max_event_value_setting() -> None:
     for bad in ("0", "-1", "inf", "nan", "lots"):
         with pytest.raises(ConfigError, match="SIRA_MAX_EVENT_VALUE"):
             Settings.from_env({"SIRA_MAX_EVENT_VALUE": bad})
+
+
+# --- checks behind the edge ---------------------------------------------------------------------
+
+
+def test_track_patterns_match_whole_values_as_the_schema_does() -> None:
+    """Python's ``$`` accepts a trailing new line that Postgres's CHECK refuses."""
+    from sira_server.api.tracking import validate_event
+
+    for fields, field in (
+        ({"currency": "XOF\n", "value": 1.0}, "event.currency"),
+        ({"event_type": tracking_service_pb2.EVENT_TYPE_CUSTOM, "custom_event_name": "x\n"}, None),
+    ):
+        base: dict[str, object] = {
+            "experiment": "k",
+            "subject_id": "s",
+            "variant_id": "v",
+            "event_type": tracking_service_pb2.EVENT_TYPE_CONVERSION,
+        }
+        event = tracking_service_pb2.TrackedEvent(**{**base, **fields})  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument) as caught:
+            validate_event(event, 1_700_000_000_000)
+        named = [v.field for v in caught.value.violations]
+        assert named == [field or "event.custom_event_name"]
+
+
+def test_values_without_a_kind_and_bad_timestamps_are_reported() -> None:
+    request = lifecycle_service_pb2.CreateExperimentRequest()
+    variant = request.experiment.variants.add(name="a")
+    variant.config.fields["empty"].Clear()
+    variant.config.fields["list"].list_value.values.add()
+    request.experiment.variants[0].drop_time.nanos = -1
+    fields = {v.field for v in edge.message_violations(request)}
+    assert fields == {
+        "experiment.variants[0].config.empty",
+        "experiment.variants[0].config.list[0]",
+        "experiment.variants[0].drop_time",
+    }

@@ -159,17 +159,6 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _text_step(name: str, rule: Text) -> Checker:
-    def check(msg: Any, prefix: str, out: Out) -> None:
-        value = getattr(msg, name)
-        if value:
-            problem = text_problem(value, rule)
-            if problem is not None:
-                out.append(FieldViolation(_join(prefix, name), problem))
-
-    return check
-
-
 def _count_problem(items: Any, rule: Count, path: str, out: Out) -> bool:
     if len(items) > rule.max_items:
         out.append(FieldViolation(path, f"at most {rule.max_items} entries, got {len(items)}"))
@@ -272,19 +261,22 @@ def _map_step(field: FieldDescriptor) -> Checker:
         if not items or _count_problem(items, count, path, out):
             return
         for key, value in items.items():
-            item_path = f"{path}[{excerpt(key, 40)!r}]"
             key_problem = text_problem(key, key_rule)
             if key_problem is not None:
-                out.append(FieldViolation(item_path, f"key {key_problem}"))
-                continue
-            if value_rule is not None:
+                out.append(FieldViolation(_entry(path, key), f"key {key_problem}"))
+            elif value_rule is not None:
                 problem = text_problem(value, value_rule)
                 if problem is not None:
-                    out.append(FieldViolation(item_path, problem))
+                    out.append(FieldViolation(_entry(path, key), problem))
             elif value_checker is not None:
-                value_checker(value, item_path, out)
+                value_checker(value, _entry(path, key), out)
 
     return check
+
+
+def _entry(path: str, key: str) -> str:
+    """The path of one map entry: ``context.attributes['plan']``."""
+    return f"{path}[{excerpt(key, 40)!r}]"
 
 
 def _text_rule(full_name: str) -> Text:
@@ -299,14 +291,12 @@ def _count_rule(full_name: str) -> Count:
 
 def _step(field: FieldDescriptor) -> Checker | None:
     repeated = field.is_repeated
-    if field.type == FieldDescriptor.TYPE_STRING:
-        if repeated:
-            return _repeated_text_step(
-                field.name,
-                _count_rule(field.full_name),
-                _text_rule(f"{field.full_name}[]"),
-            )
-        return _text_step(field.name, _text_rule(field.full_name))
+    if field.type == FieldDescriptor.TYPE_STRING:  # singular ones: inline in `_checker`
+        if not repeated:
+            return None
+        return _repeated_text_step(
+            field.name, _count_rule(field.full_name), _text_rule(f"{field.full_name}[]")
+        )
     if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
         return _double_step(field.name, repeated)
     message_type = field.message_type
@@ -324,16 +314,30 @@ def _checker(descriptor: Any) -> Checker:
     found = _CHECKERS.get(descriptor.full_name)
     if found is not None:
         return found
+    texts: list[tuple[str, Text]] = []
     steps: list[Checker] = []
 
     def check(msg: Any, prefix: str, out: Out) -> None:
+        # Singular strings inline (the common case on the hot path), the rest by step.
+        for name, rule in texts:
+            value = getattr(msg, name)
+            if value:
+                problem = text_problem(value, rule)
+                if problem is not None:
+                    out.append(FieldViolation(_join(prefix, name), problem))
         for step in steps:
             step(msg, prefix, out)
 
     # Registered before the fields are compiled: recursive message types terminate.
     with _CHECKERS_LOCK:
         _CHECKERS[descriptor.full_name] = check
-    steps.extend(s for s in map(_step, descriptor.fields) if s is not None)
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
+            texts.append((field.name, _text_rule(field.full_name)))
+            continue
+        step = _step(field)
+        if step is not None:
+            steps.append(step)
     return check
 
 

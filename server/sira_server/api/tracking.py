@@ -42,8 +42,8 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_BATCH = limits.MAX_BATCH_EVENTS
 MAX_EVENT_ID = limits.MAX_EVENT_ID_CHARS
 MAX_FUTURE_SKEW_MS = limits.MAX_FUTURE_SKEW_MS
-CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-CURRENCY = re.compile(r"^[A-Z]{3}$")
+CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+CURRENCY = re.compile(r"[A-Z]{3}")
 BUILTIN_TYPES = {
     pb.EVENT_TYPE_CONVERSION: "conversion",
     pb.EVENT_TYPE_REFUND: "refund",
@@ -60,7 +60,7 @@ class ValidEvent:
 def _event_type(event: pb.TrackedEvent, violations: list[FieldViolation]) -> str:
     if event.event_type == pb.EVENT_TYPE_CUSTOM:
         name = event.custom_event_name
-        if not CUSTOM_NAME.match(name):
+        if not CUSTOM_NAME.fullmatch(name):  # as the schema: no trailing "\n" either
             violations.append(
                 FieldViolation(
                     "event.custom_event_name",
@@ -117,7 +117,7 @@ def validate_event(
         )
     elif event.value > max_value:
         violations.append(FieldViolation("event.value", f"must be at most {max_value:g}"))
-    if event.currency and not CURRENCY.match(event.currency):
+    if event.currency and not CURRENCY.fullmatch(event.currency):
         violations.append(
             FieldViolation("event.currency", "ISO 4217 code: three upper-case letters")
         )

@@ -29,6 +29,8 @@ def text_problem(value: str, rule: Text) -> str | None:
     """What is wrong with ``value`` under ``rule``, or None. Never quotes the value."""
     if len(value) > rule.max_chars:
         return f"must be at most {rule.max_chars} characters, got {len(value)}"
+    if value.isprintable():  # fast path (C): no Cc character in it
+        return None
     found = (_CONTROL_BUT_WHITESPACE if rule.multiline else _CONTROL).search(value)
     if found is not None:
         allowed = " (tab and new lines are allowed)" if rule.multiline else ""
