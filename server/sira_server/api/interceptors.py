@@ -9,6 +9,8 @@ list order, so the first one's wrapper ends up outermost around the handler.
                        into INTERNAL with a request id. Never UNKNOWN.
     AuthInterceptor    reads the bearer token, checks the RBAC table, sets
                        the principal for the servicer, then calls it.
+    EdgeInterceptor    parses requests without raising and checks every field
+                       against the edge rules (`api.edge`).
     servicer
 
 Anything that must observe final statuses (metrics, access logs) belongs
@@ -45,6 +47,7 @@ from sira_server.metrics import Metrics
 __all__ = [
     "ERROR_DOMAIN",
     "AuthInterceptor",
+    "EdgeInterceptor",
     "ErrorInterceptor",
     "InternalError",
     "bearer_token",
@@ -413,9 +416,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def build_interceptors(verifier: TokenVerifier, metrics: Metrics | None = None) -> list[Any]:
-    """The server's interceptors, outermost first: [ErrorInterceptor, AuthInterceptor]."""
+    """The server's interceptors, outermost first:
+    [ErrorInterceptor, AuthInterceptor, EdgeInterceptor]."""
     count = metrics.count_rpc if metrics is not None else _count_nothing
-    return [ErrorInterceptor(count), AuthInterceptor(verifier)]
+    return [ErrorInterceptor(count), AuthInterceptor(verifier), EdgeInterceptor()]
 
 
 # --- the same wrappers, applied once at registration ----------------------------------
@@ -464,6 +468,20 @@ class _EdgeWrapper(_Wrapper):
         return wrapped._replace(
             request_deserializer=guard_deserializer(handler.request_deserializer, method)
         )
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The edge check as an interceptor (`_EdgeWrapper`); public methods pass untouched.
+    Must sit inside ErrorInterceptor, which turns its InvalidArgument into a status."""
+
+    def __init__(self) -> None:
+        self._cache = _HandlerCache(_EdgeWrapper())
+
+    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
+        method = details.method
+        if rbac.is_public(method):
+            return await continuation(details)
+        return self._cache.get(method, await continuation(details))
 
 
 class GuardedRegistrar:
