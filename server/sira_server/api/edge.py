@@ -21,7 +21,8 @@ failure into an `Undecodable` marker that `check_request` reports as INVALID_ARG
 logging one line per `UNDECODABLE_LOG_INTERVAL` instead of a traceback per request.
 
 A checker is compiled once per message type (a list of closures over the fields that
-need checking), so the per-call cost is a few attribute reads and regex scans.
+need checking), so the per-call cost is a few attribute reads and string scans (a few microseconds
+for an Assign).
 """
 
 from __future__ import annotations
@@ -139,10 +140,11 @@ FIELD_RULES: Mapping[str, Rule] = {
     f"{_V1}GetInsightsRequest.experiment": _REFERENCE,
 }
 """One rule per field, by full name; ``<field>[]`` is the rule of a repeated string's
-items. Fields without a rule get `_FALLBACK` (a test keeps this table complete)."""
+items. A test keeps this table complete."""
 
 _FALLBACK = Text(L.MAX_NAME_CHARS)
-_UNBOUNDED = Count(L.MAX_VARIANTS)
+"""For a field added to the protos without a rule (a test fails until it has one)."""
+_FALLBACK_COUNT = Count(L.MAX_VARIANTS)
 
 
 # --- compiled checkers ------------------------------------------------------------------
@@ -285,8 +287,8 @@ def _text_rule(full_name: str) -> Text:
 
 
 def _count_rule(full_name: str) -> Count:
-    rule = FIELD_RULES.get(full_name, _UNBOUNDED)
-    return rule if isinstance(rule, Count) else _UNBOUNDED
+    rule = FIELD_RULES.get(full_name, _FALLBACK_COUNT)
+    return rule if isinstance(rule, Count) else _FALLBACK_COUNT
 
 
 def _step(field: FieldDescriptor) -> Checker | None:
