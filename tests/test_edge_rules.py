@@ -268,3 +268,28 @@ def test_values_without_a_kind_and_bad_timestamps_are_reported() -> None:
         "experiment.variants[0].config.list[0]",
         "experiment.variants[0].drop_time",
     }
+
+
+def test_targeting_and_context_are_bounded_in_bytes() -> None:
+    from sira_server.api.assignment import profile_from_context
+    from sira_server.domain.validation import ExperimentInput, VariantInput, validate_experiment
+
+    values = [f"{i:03d}" + "v" * 200 for i in range(limits.MAX_TARGETING_ATTRIBUTE_VALUES)]
+    targeting = {"attributes": {"plan": values}}
+    with pytest.raises(InvalidArgument) as caught:
+        validate_experiment(
+            ExperimentInput(
+                name="n",
+                targeting=targeting,
+                variants=[VariantInput(name="a"), VariantInput(name="b")],
+            )
+        )
+    assert [v.field for v in caught.value.violations] == ["experiment.targeting"]
+
+    context = assignment_service_pb2.SubjectContext(
+        attributes={f"a{i}": "v" * 256 for i in range(40)}
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        profile_from_context(context)
+    assert [v.field for v in caught.value.violations] == ["context"]
+    assert edge.message_violations(context) == []  # each entry alone is fine
