@@ -97,7 +97,6 @@ MIN_TIMESTAMP_SECONDS: Final = -62_135_596_800
 """0001-01-01T00:00:00Z, the first valid google.protobuf.Timestamp."""
 MAX_TIMESTAMP_SECONDS: Final = 253_402_300_799
 """9999-12-31T23:59:59Z, the last valid google.protobuf.Timestamp."""
-MAX_PAGE_SIZE: Final = 1000
 
 # --- what an error may carry -----------------------------------------------------------
 
