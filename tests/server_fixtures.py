@@ -28,7 +28,9 @@ from sira_server.store.migrate import apply_migrations
 
 TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32
 READY_LINE = re.compile(r"SIRA listening on (\S+)")
-SERVER_REDIS_DB = 14
+SERVER_REDIS_DB = int(os.environ.get("SIRA_TEST_SERVER_REDIS_DB", "14"))
+"""Redis database of the session's server; test runs sharing one Redis at the same time
+must each set their own (the fixture flushes it at start)."""
 
 
 @dataclass

@@ -44,6 +44,7 @@ from sira_server.api.context import current_principal
 from sira_server.api.interceptors import (
     ERROR_DOMAIN,
     AuthInterceptor,
+    EdgeInterceptor,
     ErrorInterceptor,
     GuardedRegistrar,
     build_interceptors,
@@ -791,9 +792,9 @@ async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> Non
 
 
 def test_build_interceptors_order() -> None:
-    """build_interceptors puts ErrorInterceptor first: it must see AuthInterceptor's errors."""
+    """build_interceptors puts ErrorInterceptor first: it must see the others' errors."""
     interceptors = build_interceptors(TokenVerifier(SETTINGS))
-    assert [type(i) for i in interceptors] == [ErrorInterceptor, AuthInterceptor]
+    assert [type(i) for i in interceptors] == [ErrorInterceptor, AuthInterceptor, EdgeInterceptor]
     assert all(isinstance(i, grpc.aio.ServerInterceptor) for i in interceptors)
 
 
@@ -807,3 +808,19 @@ async def test_wrapped_handlers_are_cached_per_method() -> None:
     auth_cache = interceptors[1]._cache._entries
     assert list(auth_cache) == [TRACKING + "Track"]
     assert list(error_cache) == [TRACKING + "Track"]
+
+
+async def test_the_edge_check_runs_on_both_paths(channel: grpc.aio.Channel) -> None:
+    """Control characters and undecodable bytes: INVALID_ARGUMENT before any servicer."""
+    bad = tracking_service_pb2.TrackRequest(
+        event=tracking_service_pb2.TrackedEvent(subject_id="\x00")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(channel, TRACKING + "Track", request=bad)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, details = rich(info.value)
+    assert [v.field for v in details[0].field_violations] == ["event.subject_id"]
+    raw = channel.unary_unary(TRACKING + "Track")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await raw(b"\xff\xff\xff")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -148,7 +148,13 @@ class SiraServer:
             guarded,
         )
         tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
-            TrackingServicer(self.catalog, self.hot, self.metrics), guarded
+            TrackingServicer(
+                self.catalog,
+                self.hot,
+                self.metrics,
+                max_event_value=settings.limits.max_event_value,
+            ),
+            guarded,
         )
         insights_service_pb2_grpc.add_InsightsServiceServicer_to_server(
             InsightsServicer(self.catalog, self.repository, self.hot, self.insights),

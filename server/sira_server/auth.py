@@ -22,6 +22,8 @@ from typing import Any
 import jwt
 
 from sira_server.config import DEV_SECRET_FILE, ConfigError, JwtSettings
+from sira_server.domain.limits import MAX_ACTOR_CHARS
+from sira_server.domain.text_rules import Text, text_problem
 from sira_server.errors import Unauthenticated
 
 __all__ = [
@@ -166,10 +168,16 @@ def _explain(exc: jwt.PyJWTError, algorithm: str) -> Unauthenticated:
     return Unauthenticated(message, reason=TOKEN_INVALID)
 
 
+_ACTOR = Text(MAX_ACTOR_CHARS)
+
+
 def _subject(payload: dict[str, Any]) -> str:
     subject = payload.get("sub")
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("token 'sub' claim must be a non-empty string", reason=TOKEN_INVALID)
+    problem = text_problem(subject, _ACTOR)
+    if problem is not None:  # it becomes the audit log's actor: Postgres must take it
+        raise Unauthenticated(f"token 'sub' claim {problem}", reason=TOKEN_INVALID)
     return subject
 
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sira_server.domain.limits import DEFAULT_MAX_EVENT_VALUE
+
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -33,6 +35,15 @@ class JwtSettings:
     """SIRA_JWT_ISSUER: when set, tokens must carry this `iss`."""
     leeway_seconds: float = 30.0
     """SIRA_JWT_LEEWAY_SECONDS: clock skew tolerated on exp/nbf."""
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Input limits an operator may tune (the fixed ones are in `domain.limits`)."""
+
+    max_event_value: float = DEFAULT_MAX_EVENT_VALUE
+    """SIRA_MAX_EVENT_VALUE: the largest Track value accepted (finite, > 0; default
+    1e12), so revenue sums stay finite."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Settings:
     """SIRA_TLS_CLIENT_CA_FILE: require client certificates signed by this CA (mTLS)."""
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
     @property
     def embedded(self) -> bool:
@@ -109,6 +121,11 @@ class Settings:
             raise ConfigError(f"SIRA_JWT_ALGORITHM must be HS256, RS256 or ES256, got {algorithm}")
         if algorithm != "HS256" and public_key is None:
             raise ConfigError(f"SIRA_JWT_ALGORITHM={algorithm} needs SIRA_JWT_PUBLIC_KEY(_FILE)")
+        max_event_value = number("SIRA_MAX_EVENT_VALUE", DEFAULT_MAX_EVENT_VALUE)
+        if not (0 < max_event_value < float("inf")):
+            raise ConfigError(
+                f"SIRA_MAX_EVENT_VALUE must be a finite number > 0, got {max_event_value}"
+            )
         metrics_port = integer("SIRA_METRICS_PORT", 9464)
         cert, key = text("SIRA_TLS_CERT_FILE"), text("SIRA_TLS_KEY_FILE")
         if (cert is None) != (key is None):
@@ -140,4 +157,5 @@ class Settings:
             tls_key_file=Path(key) if key else None,
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
+            limits=LimitSettings(max_event_value=max_event_value),
         )

@@ -18,7 +18,20 @@ else catches exceptions.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from sira_server.domain.limits import MAX_QUOTED_CHARS
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def excerpt(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` as an error may quote it: control characters escaped (``\\x00``), at most
+    ``limit`` characters of the input, a trailing "..." when cut."""
+    cut = text[:limit]
+    shown = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", cut)
+    return shown + ("..." if len(text) > limit else "")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from google.protobuf import timestamp_pb2
 from sira.experiments.v1 import assignment_service_pb2 as pb
 from sira.experiments.v1 import assignment_service_pb2_grpc
 from sira_server.api.convert import json_to_struct
+from sira_server.domain import limits
 from sira_server.domain.bayes import new_rng_state
 from sira_server.domain.exposure import is_exposed
 from sira_server.domain.sticky_cache import StickyCache
@@ -40,9 +41,9 @@ from sira_server.store.hot_state import HotState
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
-MAX_SUBJECT_ID = 256
-MAX_CONTEXT_VALUE = 128
-MAX_ATTRIBUTES = 64
+MAX_SUBJECT_ID = limits.MAX_SUBJECT_ID_CHARS
+MAX_CONTEXT_VALUE = limits.MAX_CONTEXT_VALUE_CHARS
+MAX_ATTRIBUTES = limits.MAX_CONTEXT_ATTRIBUTES
 
 
 def validate_subject(subject_id: str, field: str = "subject_id") -> None:
@@ -63,6 +64,14 @@ def profile_from_context(ctx: pb.SubjectContext) -> SubjectProfile:
         violations.append(FieldViolation("context.transaction_count", "must be >= 0"))
     if len(ctx.attributes) > MAX_ATTRIBUTES:
         violations.append(FieldViolation("context.attributes", f"at most {MAX_ATTRIBUTES}"))
+    elif _context_bytes(ctx) > limits.MAX_CONTEXT_BYTES:
+        violations.append(
+            FieldViolation(
+                "context",
+                f"its strings together must be at most {limits.MAX_CONTEXT_BYTES} bytes "
+                "(it is stored with every assignment)",
+            )
+        )
     if violations:
         raise InvalidArgument.from_violations(violations)
     return SubjectProfile(
@@ -73,6 +82,13 @@ def profile_from_context(ctx: pb.SubjectContext) -> SubjectProfile:
         transaction_count=ctx.transaction_count if ctx.HasField("transaction_count") else None,
         attributes=ctx.attributes,
     )
+
+
+def _context_bytes(ctx: pb.SubjectContext) -> int:
+    strings = [ctx.country, ctx.language, ctx.device, ctx.user_segment]
+    for key, value in ctx.attributes.items():
+        strings += (key, value)
+    return sum(len(s.encode("utf-8")) for s in strings)
 
 
 def context_json(ctx: pb.SubjectContext) -> str:

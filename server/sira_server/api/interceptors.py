@@ -9,6 +9,8 @@ list order, so the first one's wrapper ends up outermost around the handler.
                        into INTERNAL with a request id. Never UNKNOWN.
     AuthInterceptor    reads the bearer token, checks the RBAC table, sets
                        the principal for the servicer, then calls it.
+    EdgeInterceptor    parses requests without raising and checks every field
+                       against the edge rules (`api.edge`).
     servicer
 
 Anything that must observe final statuses (metrics, access logs) belongs
@@ -37,13 +39,16 @@ from grpc_status import rpc_status
 
 from sira_server import rbac
 from sira_server.api.context import set_principal
+from sira_server.api.edge import check_request, guard_deserializer
 from sira_server.auth import ANONYMOUS, Principal, TokenVerifier
+from sira_server.domain import limits
 from sira_server.errors import PermissionDenied, SiraError, Unauthenticated
 from sira_server.metrics import Metrics
 
 __all__ = [
     "ERROR_DOMAIN",
     "AuthInterceptor",
+    "EdgeInterceptor",
     "ErrorInterceptor",
     "InternalError",
     "bearer_token",
@@ -84,26 +89,50 @@ def _pack(message: Message) -> any_pb2.Any:
     return packed
 
 
+def _cut(text: str, max_bytes: int) -> str:
+    """``text`` within ``max_bytes`` of UTF-8, marked with "..." when cut."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode("utf-8", "ignore") + "..."
+
+
 def error_status(err: SiraError) -> Any:
-    """The grpc.Status for `err`: code, message, ErrorInfo and, if any, BadRequest."""
+    """The grpc.Status for `err`: code, message, ErrorInfo and, if any, BadRequest.
+
+    Capped whatever the error holds (`sira_server.domain.limits`, MAX_ERROR_*): at most
+    ten violations, short fields, descriptions and metadata values, so the trailers stay
+    a few KiB (clients refuse trailers above 16 KiB and would see RESOURCE_EXHAUSTED).
+    """
     code = _STATUS_CODES.get(err.status_name, grpc.StatusCode.INTERNAL)
     info = error_details_pb2.ErrorInfo(
         reason=err.reason,
         domain=ERROR_DOMAIN,
-        metadata={str(k): str(v) for k, v in err.metadata.items()},
+        metadata={
+            _cut(str(k), limits.MAX_ERROR_FIELD_BYTES): _cut(
+                str(v), limits.MAX_ERROR_METADATA_BYTES
+            )
+            for k, v in list(err.metadata.items())[: limits.MAX_ERROR_VIOLATIONS]
+        },
     )
     details = [_pack(info)]
     if err.violations:
+        shown = err.violations[: limits.MAX_ERROR_VIOLATIONS]
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=_cut(v.field, limits.MAX_ERROR_FIELD_BYTES),
+                    description=_cut(v.description, limits.MAX_ERROR_DESCRIPTION_BYTES),
                 )
-                for v in err.violations
+                for v in shown
             ]
         )
-        details.append(_pack(bad_request))
-    proto = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+        details.append(_pack(bad_request))  # the message says how many more there were
+    message = _cut(err.message, limits.MAX_ERROR_MESSAGE_BYTES)
+    if message != err.message and len(err.violations) > 1:  # keep the count when cutting
+        total = f" ({len(err.violations)} field violations in all)"
+        message = _cut(err.message, limits.MAX_ERROR_MESSAGE_BYTES - len(total)) + total
+    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
     return rpc_status.to_status(proto)
 
 
@@ -403,9 +432,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def build_interceptors(verifier: TokenVerifier, metrics: Metrics | None = None) -> list[Any]:
-    """The server's interceptors, outermost first: [ErrorInterceptor, AuthInterceptor]."""
+    """The server's interceptors, outermost first:
+    [ErrorInterceptor, AuthInterceptor, EdgeInterceptor]."""
     count = metrics.count_rpc if metrics is not None else _count_nothing
-    return [ErrorInterceptor(count), AuthInterceptor(verifier)]
+    return [ErrorInterceptor(count), AuthInterceptor(verifier), EdgeInterceptor()]
 
 
 # --- the same wrappers, applied once at registration ----------------------------------
@@ -427,9 +457,52 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return self._cache[method]
 
 
+# --- edge validation -------------------------------------------------------------------
+
+
+class _EdgeWrapper(_Wrapper):
+    """Parses requests without raising (`edge.guard_deserializer`) and checks every
+    field against the edge rules (`edge.check_request`) before the servicer runs."""
+
+    def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
+        async def checked(request: Any, context: Any) -> Any:
+            check_request(request)
+            return await behaviour(request, context)
+
+        return checked
+
+    def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
+        async def checked(request: Any, context: Any) -> AsyncIterator[Any]:
+            check_request(request)
+            async for item in behaviour(request, context):
+                yield item
+
+        return checked
+
+    def handler(self, handler: Any, method: str) -> Any:
+        wrapped = super().handler(handler, method)
+        return wrapped._replace(
+            request_deserializer=guard_deserializer(handler.request_deserializer, method)
+        )
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The edge check as an interceptor (`_EdgeWrapper`); public methods pass untouched.
+    Must sit inside ErrorInterceptor, which turns its InvalidArgument into a status."""
+
+    def __init__(self) -> None:
+        self._cache = _HandlerCache(_EdgeWrapper())
+
+    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
+        method = details.method
+        if rbac.is_public(method):
+            return await continuation(details)
+        return self._cache.get(method, await continuation(details))
+
+
 class GuardedRegistrar:
     """Stands in for the server in the generated `add_*Servicer_to_server` functions and
-    registers every method with the error and auth wrappers already applied.
+    registers every method with the error, auth and edge wrappers already applied.
 
     Same behaviour as `build_interceptors`, without the interceptor coroutine grpc.aio
     awaits for every call (measured: two no-op interceptors cost ~7 % of an echo
@@ -441,10 +514,13 @@ class GuardedRegistrar:
         self._server = server
         self._errors = _ErrorWrapper(count)
         self._auth = _AuthWrapper(verifier)
+        self._edge = _EdgeWrapper()
 
     def _wrap(self, handler: Any, method: str) -> Any:
-        # Error wrapper outermost: it turns the auth wrapper's SiraErrors into statuses.
-        return self._errors.handler(self._auth.handler(handler, method), method)
+        # Error wrapper outermost: it turns the auth and edge wrappers' SiraErrors into
+        # statuses. Auth before the edge check: strangers learn nothing about the rules.
+        inner = self._edge.handler(handler, method)
+        return self._errors.handler(self._auth.handler(inner, method), method)
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         self._server.add_generic_rpc_handlers(

@@ -23,6 +23,8 @@ from sira.experiments.v1 import tracking_service_pb2 as pb
 from sira.experiments.v1 import tracking_service_pb2_grpc
 from sira_server.api.assignment import validate_subject
 from sira_server.api.context import current_principal
+from sira_server.api.edge import check_message
+from sira_server.domain import limits
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.errors import (
     FailedPrecondition,
@@ -30,17 +32,18 @@ from sira_server.errors import (
     InvalidArgument,
     NotFound,
     SiraError,
+    excerpt,
 )
 from sira_server.metrics import Metrics
 from sira_server.store.hot_state import HotState, TrackEvent, TrackOutcome, TrackStatus
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
-MAX_BATCH = 1000
-MAX_EVENT_ID = 128
-MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
-CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-CURRENCY = re.compile(r"^[A-Z]{3}$")
+MAX_BATCH = limits.MAX_BATCH_EVENTS
+MAX_EVENT_ID = limits.MAX_EVENT_ID_CHARS
+MAX_FUTURE_SKEW_MS = limits.MAX_FUTURE_SKEW_MS
+CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+CURRENCY = re.compile(r"[A-Z]{3}")
 BUILTIN_TYPES = {
     pb.EVENT_TYPE_CONVERSION: "conversion",
     pb.EVENT_TYPE_REFUND: "refund",
@@ -58,7 +61,7 @@ class ValidEvent:
 def _event_type(event: pb.TrackedEvent, violations: list[FieldViolation]) -> str:
     if event.event_type == pb.EVENT_TYPE_CUSTOM:
         name = event.custom_event_name
-        if not CUSTOM_NAME.match(name):
+        if not CUSTOM_NAME.fullmatch(name):  # as the schema: no trailing "\n" either
             violations.append(
                 FieldViolation(
                     "event.custom_event_name",
@@ -90,8 +93,13 @@ def _event_type(event: pb.TrackedEvent, violations: list[FieldViolation]) -> str
     return BUILTIN_TYPES[event.event_type]
 
 
-def validate_event(event: pb.TrackedEvent, now_ms: int) -> TrackEvent:
-    """The event in domain form, or InvalidArgument listing every problem."""
+def validate_event(
+    event: pb.TrackedEvent, now_ms: int, max_value: float = limits.DEFAULT_MAX_EVENT_VALUE
+) -> TrackEvent:
+    """The event in domain form, or InvalidArgument listing every problem.
+
+    ``max_value`` is the setting SIRA_MAX_EVENT_VALUE: no sum of accepted values can
+    overflow to Infinity."""
     violations: list[FieldViolation] = []
     if not event.experiment:
         violations.append(FieldViolation("event.experiment", "required: id or key"))
@@ -108,7 +116,9 @@ def validate_event(event: pb.TrackedEvent, now_ms: int) -> TrackEvent:
         violations.append(
             FieldViolation("event.value", "must be a finite number >= 0 (refunds too)")
         )
-    if event.currency and not CURRENCY.match(event.currency):
+    elif event.value > max_value:
+        violations.append(FieldViolation("event.value", f"must be at most {max_value:g}"))
+    if event.currency and not CURRENCY.fullmatch(event.currency):
         violations.append(
             FieldViolation("event.currency", "ISO 4217 code: three upper-case letters")
         )
@@ -152,7 +162,7 @@ def outcome_error(
     key = live.experiment.key
     if outcome.status is TrackStatus.NOT_ASSIGNED:
         return FailedPrecondition(
-            f"subject '{event.subject_id}' was never assigned in experiment '{key}'; "
+            f"subject '{excerpt(event.subject_id)}' was never assigned in experiment '{key}'; "
             "call Assign first",
             reason="ERROR_REASON_SUBJECT_NOT_ASSIGNED",
             metadata={"experiment": key, "subject_id": event.subject_id},
@@ -161,7 +171,7 @@ def outcome_error(
     if not current_principal().is_anonymous and outcome.assigned_variant_id:
         metadata["assigned_variant"] = _named_like(live, outcome.assigned_variant_id, variant_sent)
     return FailedPrecondition(
-        f"subject '{event.subject_id}' is not assigned variant '{variant_sent}' "
+        f"subject '{excerpt(event.subject_id)}' is not assigned variant '{excerpt(variant_sent)}' "
         f"in experiment '{key}'",
         reason="ERROR_REASON_VARIANT_MISMATCH",
         metadata=metadata,
@@ -179,13 +189,21 @@ def track_error(err: SiraError) -> pb.TrackError:
 
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, catalog: ExperimentCatalog, hot: HotState, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        catalog: ExperimentCatalog,
+        hot: HotState,
+        metrics: Metrics,
+        *,
+        max_event_value: float = limits.DEFAULT_MAX_EVENT_VALUE,
+    ) -> None:
         self._catalog = catalog
         self._hot = hot
         self._metrics = metrics
+        self._max_event_value = max_event_value
 
     async def _resolve(self, event: pb.TrackedEvent, now_ms: int) -> ValidEvent:
-        valid = validate_event(event, now_ms)
+        valid = validate_event(event, now_ms, self._max_event_value)
         live = await self._catalog.get(event.experiment)
         index = live.index_of.get(event.variant_id)
         if index is None:
@@ -233,6 +251,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         by_experiment: dict[str, list[tuple[int, ValidEvent]]] = defaultdict(list)
         for position, event in enumerate(request.events):
             try:
+                check_message(event, "event")  # the edge leaves each item to this loop
                 valid = await self._resolve(event, now_ms)
             except SiraError as err:
                 results[position] = pb.TrackBatchResult(error=track_error(err))

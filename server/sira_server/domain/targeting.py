@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from sira_server.errors import FieldViolation, InvalidArgument
+from sira_server.errors import FieldViolation, InvalidArgument, excerpt
 
 __all__ = [
     "ISO_639_1",
@@ -334,7 +334,7 @@ def _unknown_key_message(key: str) -> str:
     )
     close = difflib.get_close_matches(key, list(_CANONICAL_OF), n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown targeting key '{key}'; {hint}accepted keys: {accepted}"
+    return f"unknown targeting key '{excerpt(key)}'; {hint}accepted keys: {accepted}"
 
 
 def _json_type(value: object) -> str:
@@ -391,11 +391,11 @@ def _check_country(raw: str) -> str | None:
     code = _norm_country(raw)
     if len(code) != 2 or not code.isascii() or not code.isalpha():
         return (
-            f"'{raw}' is not an ISO 3166-1 alpha-2 country code: use two letters "
+            f"'{excerpt(raw)}' is not an ISO 3166-1 alpha-2 country code: use two letters "
             "(e.g. 'SN' for Senegal, 'FR' for France)"
         )
     if code not in ISO_3166_1_ALPHA2:
-        return f"'{raw}' is not an assigned ISO 3166-1 alpha-2 country code"
+        return f"'{excerpt(raw)}' is not an assigned ISO 3166-1 alpha-2 country code"
     return None
 
 
@@ -404,14 +404,16 @@ def _check_language(raw: str) -> str | None:
     match = _LANGUAGE_RE.fullmatch(tag)
     if match is None:
         return (
-            f"'{raw}' is not a language code: use an ISO 639-1 two-letter code, optionally "
-            "with a region (e.g. 'fr', 'en', 'fr-SN')"
+            f"'{excerpt(raw)}' is not a language code: use an ISO 639-1 two-letter code, "
+            "optionally with a region (e.g. 'fr', 'en', 'fr-SN')"
         )
     primary, region = match.groups()
     if primary not in ISO_639_1:
         return f"'{primary}' is not an ISO 639-1 language code (e.g. 'fr', 'en', 'wo')"
     if region is not None and region.isalpha() and region.upper() not in ISO_3166_1_ALPHA2:
-        return f"'{region.upper()}' in '{raw}' is not an assigned ISO 3166-1 alpha-2 region"
+        return (
+            f"'{region.upper()}' in '{excerpt(raw)}' is not an assigned ISO 3166-1 alpha-2 region"
+        )
     return None
 
 
@@ -421,7 +423,7 @@ def _check_slug(raw: str) -> str | None:
         return "must not be empty"
     if len(slug) > _MAX_SLUG or _SLUG_RE.fullmatch(slug) is None:
         return (
-            f"'{raw}' is not a slug: use at most {_MAX_SLUG} letters, digits, '_', '-', "
+            f"'{excerpt(raw)}' is not a slug: use at most {_MAX_SLUG} letters, digits, '_', '-', "
             "'.' or ':', starting with a letter or digit (e.g. 'mobile', 'premium')"
         )
     return None
@@ -472,8 +474,8 @@ def _read_attributes(
             violations.append(
                 FieldViolation(
                     name_path,
-                    f"attribute name {name!r} is invalid: use 1 to {_MAX_SLUG} letters, "
-                    "digits, '_', '-', '.' or ':'",
+                    f"attribute name '{excerpt(str(name))}' is invalid: use 1 to {_MAX_SLUG} "
+                    "letters, digits, '_', '-', '.' or ':'",
                 )
             )
             continue

@@ -13,13 +13,13 @@ mistakes at once. Unset values get their documented defaults here, in one place:
 from __future__ import annotations
 
 import json
-import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from sira_server.domain import limits
 from sira_server.domain.experiment import (
     DEFAULT_EXPOSURE_PERCENT,
     DEFAULT_FAIL_FAST_MIN_SAMPLES,
@@ -38,7 +38,7 @@ from sira_server.domain.targeting import (
     targeting_to_json,
     validate_targeting_json,
 )
-from sira_server.errors import FieldViolation, InvalidArgument
+from sira_server.errors import FieldViolation, InvalidArgument, excerpt
 
 __all__ = [
     "DEFAULT_RETENTION_DAYS",
@@ -65,16 +65,16 @@ __all__ = [
     "validate_update_mask",
 ]
 
-MAX_KEY_LENGTH = 64
+MAX_KEY_LENGTH = limits.MAX_KEY_CHARS
 KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 """Experiment and variant keys (same rule as the schema's CHECK)."""
 METRIC_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 """Primary metric: an event type (same rule as ``experiment_metrics.event_type``)."""
-MAX_NAME_LENGTH = 200
-MAX_DESCRIPTION_LENGTH = 2000
-MIN_VARIANTS = 2
-MAX_VARIANTS = 20
-MAX_CONFIG_BYTES = 16 * 1024
+MAX_NAME_LENGTH = limits.MAX_NAME_CHARS
+MAX_DESCRIPTION_LENGTH = limits.MAX_DESCRIPTION_CHARS
+MIN_VARIANTS = limits.MIN_VARIANTS
+MAX_VARIANTS = limits.MAX_VARIANTS
+MAX_CONFIG_BYTES = limits.MAX_CONFIG_BYTES
 DEFAULT_RETENTION_DAYS = 90
 """ArchiveStaleExperiments: stopped experiments older than this are archived."""
 MAX_RETENTION_DAYS = 36_500
@@ -170,6 +170,13 @@ def validate_experiment(data: ExperimentInput, *, prefix: str = "experiment") ->
         data.targeting, field_prefix=f"{prefix}.targeting"
     )
     violations.extend(targeting_violations)
+    if not targeting_violations:
+        size = _json_size(targeting_to_json(targeting_from_json(data.targeting)))
+        if size > limits.MAX_TARGETING_BYTES:
+            bad(
+                "targeting",
+                f"must be at most {limits.MAX_TARGETING_BYTES} bytes as compact JSON, got {size}",
+            )
 
     allocation = _check_choice(data.allocation, Allocation, Allocation.THOMPSON_SAMPLING)
     if allocation is None:
@@ -189,8 +196,8 @@ def validate_experiment(data: ExperimentInput, *, prefix: str = "experiment") ->
     if METRIC_PATTERN.fullmatch(metric) is None:
         bad(
             "primary_metric",
-            f"'{metric}' is not an event type: use 1 to 64 lower-case letters, digits, '_' "
-            "or '-', starting with a letter (e.g. 'conversion')",
+            f"'{excerpt(metric)}' is not an event type: use 1 to 64 lower-case letters, "
+            "digits, '_' or '-', starting with a letter (e.g. 'conversion')",
         )
 
     threshold = (
@@ -243,13 +250,13 @@ def _check_key(raw: str, name: str, path: str, what: str, bad: _Reporter) -> str
         if KEY_PATTERN.fullmatch(raw) is None:
             bad(
                 path,
-                f"'{raw}' is not a valid {what} key: use 1 to 64 lower-case letters, digits, "
-                "'_' or '-', starting with a letter or digit",
+                f"'{excerpt(raw)}' is not a valid {what} key: use 1 to 64 lower-case letters, "
+                "digits, '_' or '-', starting with a letter or digit",
             )
         return raw
     key = slugify(name)
     if name and not key:
-        bad(path, f"cannot derive a key from the name '{name}'; set the key explicitly")
+        bad(path, f"cannot derive a key from the name '{excerpt(name)}'; set the key explicitly")
     return key
 
 
@@ -299,11 +306,21 @@ def _check_variants(items: Sequence[VariantInput], bad: _Reporter) -> list[Varia
             else:
                 control = i
         weight = DEFAULT_VARIANT_WEIGHT if item.weight is None else item.weight
-        if not (0 < weight < math.inf):
-            bad(f"{path}.weight", f"must be positive and finite (0 or unset means 1), got {weight}")
+        if not (0 < weight <= limits.MAX_VARIANT_WEIGHT):  # NaN fails too
+            bad(
+                f"{path}.weight",
+                f"must be positive, finite and at most {limits.MAX_VARIANT_WEIGHT:g} "
+                f"(0 or unset means 1), got {weight}",
+            )
         config = _check_config(item.config, f"{path}.config", bad)
         out.append(VariantSpec(key, name, config, item.is_control, float(weight)))
     return out
+
+
+def _json_size(value: object) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON (as Postgres's jsonb receives it)."""
+    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return len(encoded.encode("utf-8"))
 
 
 def _check_config(raw: object, path: str, bad: _Reporter) -> JsonObject:

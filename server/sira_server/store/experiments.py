@@ -12,9 +12,6 @@ raises `Unavailable`: nothing was written and the caller may retry.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -47,6 +44,7 @@ from sira_server.errors import (
     NotFound,
     Unavailable,
 )
+from sira_server.store import page_tokens
 
 __all__ = ["ExperimentRepository", "OnChange", "Page"]
 
@@ -133,12 +131,11 @@ class ExperimentRepository:
         after_created: datetime | None = None
         after_id: uuid.UUID | None = None
         if page_token:
-            position = _decode_token(page_token, query)
-            try:
-                after_created = _EPOCH + timedelta(microseconds=int(position["t"]))
-                after_id = uuid.UUID(str(position["i"]))
-            except (KeyError, ValueError, TypeError, OverflowError):
-                raise _bad_token() from None
+            position = page_tokens.decode(
+                page_token, query, {"t": page_tokens.micros_in_range, "i": page_tokens.is_uuid_text}
+            )
+            after_created = _EPOCH + timedelta(microseconds=position["t"])
+            after_id = uuid.UUID(position["i"])
         async with self._connection() as conn:
             rows = await conn.fetch(
                 f"""{_SELECT_EXPERIMENT}
@@ -156,7 +153,7 @@ class ExperimentRepository:
         if len(rows) > page_size:
             last = rows[page_size - 1]
             micros = (last["created_at"] - _EPOCH) // timedelta(microseconds=1)
-            next_token = _encode_token(query, {"t": micros, "i": str(last["id"])})
+            next_token = page_tokens.encode(query, {"t": micros, "i": str(last["id"])})
         return Page(tuple(experiments), next_token)
 
     async def list_audit_events(
@@ -175,10 +172,7 @@ class ExperimentRepository:
             query = f"audit:{experiment_id or ''}"
             before_id: int | None = None
             if page_token:
-                try:
-                    before_id = int(_decode_token(page_token, query)["i"])
-                except (KeyError, ValueError, TypeError):
-                    raise _bad_token() from None
+                before_id = page_tokens.decode(page_token, query, {"i": page_tokens.is_row_id})["i"]
             rows = await conn.fetch(
                 """SELECT id, experiment_id, actor, action, details, created_at
                 FROM experiment_audit_logs
@@ -203,7 +197,7 @@ class ExperimentRepository:
         )
         next_token = ""
         if len(rows) > page_size:
-            next_token = _encode_token(query, {"i": events[-1].id})
+            next_token = page_tokens.encode(query, {"i": events[-1].id})
         return Page(events, next_token)
 
     # --- mutations -----------------------------------------------------------------------
@@ -764,32 +758,3 @@ def _as_uuid(ref: str) -> uuid.UUID | None:
 def _row_count(status: str) -> int:
     """Rows affected, from a command tag such as ``INSERT 0 3``."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-# Page tokens: URL-safe base64 of a small JSON object that also names the query it
-# belongs to, so a token reused with another filter is rejected rather than misread.
-
-
-def _encode_token(query: str, position: JsonObject) -> str:
-    raw = json.dumps({"q": query, **position}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str, query: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-    except (binascii.Error, ValueError):
-        raise _bad_token() from None
-    if not isinstance(data, dict) or data.get("q") != query:
-        raise _bad_token()
-    return data
-
-
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument(
-        "page_token is malformed or belongs to another query; "
-        "pass the next_page_token of the previous page with the same filter",
-        reason="ERROR_REASON_INVALID_PAGE_TOKEN",
-        violations=[FieldViolation("page_token", "not a token of this query")],
-    )

@@ -88,16 +88,21 @@ class SubjectContext(_message.Message):
     TRANSACTION_COUNT_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     country: _builtins.str
-    """ISO 3166-1 alpha-2, any case."""
+    """ISO 3166-1 alpha-2, any case. At most 128 characters."""
     language: _builtins.str
-    """ISO 639-1, any case."""
+    """ISO 639-1, any case. At most 128 characters."""
     device: _builtins.str
+    """At most 128 characters."""
     user_segment: _builtins.str
+    """At most 128 characters."""
     transaction_count: _builtins.int
-    """Number of past transactions; unset fails any min_txn rule."""
+    """Number of past transactions, >= 0; unset fails any min_txn rule."""
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free attributes matched against Targeting.attributes."""
+        """Free attributes matched against Targeting.attributes. At most 64 entries;
+        names at most 64 characters, values at most 256; all the context's strings
+        together at most 8192 bytes (UTF-8), since it is stored with the assignment.
+        """
 
     def __init__(
         self,
@@ -127,7 +132,7 @@ class AssignRequest(_message.Message):
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
-    """Experiment id (UUID) or key."""
+    """Experiment id (UUID) or key. At most 64 characters."""
     subject_id: _builtins.str
     """The subject (molam_id). 1..256 characters."""
     @_builtins.property
@@ -251,6 +256,7 @@ class AssignAllRequest(_message.Message):
     SUBJECT_ID_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     subject_id: _builtins.str
+    """The subject (molam_id). 1..256 characters."""
     @_builtins.property
     def context(self) -> Global___SubjectContext: ...
     def __init__(

@@ -29,6 +29,11 @@ class AssignmentServiceStub:
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -53,6 +58,11 @@ class AssignmentServiceServicer:
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def Assign(self, request, context):
@@ -94,6 +104,11 @@ class AssignmentService:
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @staticmethod

@@ -30,6 +30,11 @@ class AssignmentServiceStub:
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_typing.overload
@@ -46,6 +51,11 @@ class AssignmentServiceAsyncStub(AssignmentServiceStub):
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -58,6 +68,11 @@ class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Decide which variant a subject sees. Roles: pay_module, connect_module.
 
     The first decision for a subject is the only one, ever (sticky).
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_abc_1.abstractmethod

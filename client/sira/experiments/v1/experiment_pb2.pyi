@@ -159,10 +159,12 @@ class Targeting(_message.Message):
     MIN_TXN_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     min_txn: _builtins.int
-    """Minimum number of past transactions of the subject, inclusive."""
+    """Minimum number of past transactions of the subject, inclusive; >= 0."""
     @_builtins.property
     def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """ISO 3166-1 alpha-2 country codes, upper case ("SN", "FR")."""
+        """ISO 3166-1 alpha-2 country codes, upper case ("SN", "FR").
+        Each list: at most 256 entries of at most 128 characters.
+        """
 
     @_builtins.property
     def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -178,7 +180,10 @@ class Targeting(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValues]:
-        """Free attributes: the subject's attribute must equal one of the values."""
+        """Free attributes: the subject's attribute must equal one of the values.
+        At most 64 attributes; names at most 64 characters (letters, digits, '_',
+        '-', '.', ':'). The whole rule at most 16384 bytes as compact JSON.
+        """
 
     def __init__(
         self,
@@ -208,7 +213,9 @@ class AttributeValues(_message.Message):
 
     VALUES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 100 values, each 1..256 characters."""
+
     def __init__(
         self,
         *,
@@ -280,19 +287,24 @@ class Variant(_message.Message):
     id: _builtins.str
     """Output only. UUID."""
     key: _builtins.str
-    """Unique within the experiment, a lower-case slug. Derived from the name
-    when empty on create.
+    """Unique within the experiment, a lower-case slug, 1..64 characters. Derived
+    from the name when empty on create.
     """
     name: _builtins.str
+    """1..200 characters, no control characters."""
     is_control: _builtins.bool
     """At most one control per experiment."""
     weight: _builtins.float
-    """Positive. Used by FIXED_WEIGHTS allocation. Default 1."""
+    """In (0, 1e9]. Used by FIXED_WEIGHTS allocation. Default 1."""
     state: Global___VariantState.ValueType
     """Output only."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
-        """Free JSON object handed to the caller with the decision."""
+        """Free JSON object handed to the caller with the decision. At most 16384
+        bytes as compact JSON, nested at most 8 levels, keys at most 256
+        characters, finite numbers only; string values may hold tab and new lines
+        but no other control characters.
+        """
 
     @_builtins.property
     def drop_time(self) -> _timestamp_pb2.Timestamp:
@@ -346,13 +358,17 @@ class Experiment(_message.Message):
     STOP_REASON_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Output only. UUID."""
+    """Output only. UUID. UpdateExperiment reads it as the reference (at most 64
+    characters).
+    """
     key: _builtins.str
     """Unique, a lower-case slug (a-z, 0-9, '-', '_'), 1..64 characters.
     Derived from the name when empty on create. Immutable.
     """
     name: _builtins.str
+    """1..200 characters, no control characters."""
     description: _builtins.str
+    """Free text, at most 2000 characters; tab and new lines allowed."""
     status: Global___ExperimentStatus.ValueType
     """Output only."""
     allocation: Global___AllocationStrategy.ValueType
@@ -361,10 +377,14 @@ class Experiment(_message.Message):
     Default 100.
     """
     primary_metric: _builtins.str
-    """Event that counts as the primary outcome. Default "conversion"."""
+    """Event that counts as the primary outcome, an event type slug of at most 64
+    characters. Default "conversion".
+    """
     reward: Global___RewardDefinition.ValueType
     created_by: _builtins.str
-    """Output only. Subject of the token that created it."""
+    """Output only (ignored on input, like every output-only string, which may
+    still be at most 2000 characters). Subject of the token that created it.
+    """
     winner_variant_id: _builtins.str
     """Output only. Set by StopExperiment or by auto-stop."""
     stop_reason: _builtins.str
@@ -377,7 +397,7 @@ class Experiment(_message.Message):
     def fail_fast(self) -> Global___FailFastSettings: ...
     @_builtins.property
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
-        """At least two."""
+        """2..20."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

@@ -50,7 +50,7 @@ class GetResultsRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
-    """Experiment id (UUID) or key."""
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,
@@ -199,6 +199,7 @@ class GetInsightsRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,

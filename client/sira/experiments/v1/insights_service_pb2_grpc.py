@@ -28,6 +28,11 @@ if _version_not_supported:
 class InsightsServiceStub:
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -51,6 +56,11 @@ class InsightsServiceStub:
 class InsightsServiceServicer:
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def GetResults(self, request, context):
@@ -91,6 +101,11 @@ def add_InsightsServiceServicer_to_server(servicer, server):
 class InsightsService:
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @staticmethod

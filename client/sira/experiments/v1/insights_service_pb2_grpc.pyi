@@ -29,6 +29,11 @@ GRPC_VERSION: str
 class InsightsServiceStub:
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_typing.overload
@@ -44,6 +49,11 @@ class InsightsServiceStub:
 class InsightsServiceAsyncStub(InsightsServiceStub):
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -55,6 +65,11 @@ class InsightsServiceAsyncStub(InsightsServiceStub):
 class InsightsServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read what happened and what to do. Roles: ops_admin, marketing,
     data_science.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_abc_1.abstractmethod

@@ -70,7 +70,7 @@ class GetExperimentRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
-    """Experiment id (UUID) or key."""
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,
@@ -116,7 +116,9 @@ class ListExperimentsRequest(_message.Message):
     page_size: _builtins.int
     """1..1000, default 50."""
     page_token: _builtins.str
-    """From a previous response's next_page_token."""
+    """From a previous response's next_page_token; opaque, at most 256
+    characters. Anything else is INVALID_ARGUMENT (ERROR_REASON_INVALID_PAGE_TOKEN).
+    """
     def __init__(
         self,
         *,
@@ -172,7 +174,7 @@ class UpdateExperimentRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to replace: name, description, targeting, allocation,
         exposure_percent, primary_metric, fail_fast, reward, variants.
-        Empty replaces all of them.
+        Empty replaces all of them. At most 16 paths of at most 64 characters.
         """
 
     def __init__(
@@ -215,6 +217,7 @@ class StartExperimentRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,
@@ -256,12 +259,15 @@ class StopExperimentRequest(_message.Message):
     WINNER_VARIANT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
     winner_variant: _builtins.str
     """Optional. Variant id or key of the winner, served to everyone afterwards.
-    Without a winner, everyone gets the control.
+    Without a winner, everyone gets the control. At most 64 characters.
     """
     reason: _builtins.str
-    """Optional free text kept in the audit log and on the experiment."""
+    """Optional free text kept in the audit log and on the experiment. At most
+    2000 characters; tab and new lines allowed.
+    """
     def __init__(
         self,
         *,
@@ -303,6 +309,7 @@ class ArchiveExperimentRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,
@@ -343,7 +350,7 @@ class ArchiveStaleExperimentsRequest(_message.Message):
     OLDER_THAN_DAYS_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     older_than_days: _builtins.int
-    """At least 1. Default 90 (the retention rule)."""
+    """1..36500. Default 90 (the retention rule)."""
     dry_run: _builtins.bool
     """Report what would be archived without changing anything."""
     def __init__(
@@ -386,6 +393,7 @@ class DeleteExperimentRequest(_message.Message):
 
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
     def __init__(
         self,
         *,
@@ -465,10 +473,13 @@ class ListAuditEventsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
-    """Optional experiment id or key; empty lists every experiment's events."""
+    """Optional experiment id or key (at most 64 characters); empty lists every
+    experiment's events.
+    """
     page_size: _builtins.int
     """1..1000, default 100."""
     page_token: _builtins.str
+    """As ListExperimentsRequest.page_token: opaque, at most 256 characters."""
     def __init__(
         self,
         *,

@@ -31,6 +31,13 @@ class LifecycleServiceStub:
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     def __init__(self, channel):
@@ -97,6 +104,13 @@ class LifecycleServiceServicer:
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     def CreateExperiment(self, request, context):
@@ -232,6 +246,13 @@ class LifecycleService:
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     @staticmethod

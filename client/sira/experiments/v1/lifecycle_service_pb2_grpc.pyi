@@ -32,6 +32,13 @@ class LifecycleServiceStub:
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     @_typing.overload
@@ -62,6 +69,13 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -88,6 +102,13 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Roles: ops_admin and marketing create, update, start, stop, archive and read;
     only ops_admin deletes; data_science reads.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
+    References (`experiment`, `winner_variant`) are an id or a key, at most 64
+    characters.
     """
 
     @_abc_1.abstractmethod

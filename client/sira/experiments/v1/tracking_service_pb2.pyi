@@ -85,15 +85,20 @@ class TrackedEvent(_message.Message):
     CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
-    """Experiment id (UUID) or key."""
+    """Experiment id (UUID) or key. At most 64 characters."""
     subject_id: _builtins.str
+    """The subject (molam_id). 1..256 characters."""
     variant_id: _builtins.str
-    """The variant the subject was assigned (id or key); must match."""
+    """The variant the subject was assigned (id or key, at most 64 characters);
+    must match.
+    """
     event_type: Global___EventType.ValueType
     custom_event_name: _builtins.str
     """Required for CUSTOM: lower-case slug, 1..64 characters."""
     value: _builtins.float
-    """Non-negative and finite (a refund's amount is positive too)."""
+    """Non-negative and finite (a refund's amount is positive too), at most the
+    server's SIRA_MAX_EVENT_VALUE (default 1e12).
+    """
     currency: _builtins.str
     """ISO 4217, three upper-case letters; required when value > 0."""
     client_event_id: _builtins.str
@@ -102,7 +107,9 @@ class TrackedEvent(_message.Message):
     """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """When it happened; default: when received."""
+        """When it happened; default: when received. After 1970, at most 5 minutes
+        ahead of the server's clock.
+        """
 
     def __init__(
         self,
@@ -174,7 +181,9 @@ class TrackBatchRequest(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackedEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrackedEvent]:
+        """1..1000 events."""
+
     def __init__(
         self,
         *,

@@ -29,6 +29,11 @@ class TrackingServiceStub:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -53,6 +58,11 @@ class TrackingServiceServicer:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def Track(self, request, context):
@@ -62,7 +72,8 @@ class TrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TrackBatch(self, request, context):
-        """Up to 1000 events; each is accepted or rejected on its own.
+        """1..1000 events; each is accepted or rejected on its own, by the rules of
+        Track (a bad event fails only its own result).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +104,11 @@ class TrackingService:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @staticmethod

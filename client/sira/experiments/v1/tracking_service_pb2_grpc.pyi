@@ -30,6 +30,11 @@ class TrackingServiceStub:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_typing.overload
@@ -38,24 +43,38 @@ class TrackingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TrackingServiceAsyncStub: ...
     Track: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.TrackRequest, _tracking_service_pb2.TrackResponse]
     TrackBatch: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.TrackBatchRequest, _tracking_service_pb2.TrackBatchResponse]
-    """Up to 1000 events; each is accepted or rejected on its own."""
+    """1..1000 events; each is accepted or rejected on its own, by the rules of
+    Track (a bad event fails only its own result).
+    """
 
 @_typing.type_check_only
 class TrackingServiceAsyncStub(TrackingServiceStub):
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Track: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.TrackRequest, _tracking_service_pb2.TrackResponse]  # type: ignore[assignment]
     TrackBatch: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.TrackBatchRequest, _tracking_service_pb2.TrackBatchResponse]  # type: ignore[assignment]
-    """Up to 1000 events; each is accepted or rejected on its own."""
+    """1..1000 events; each is accepted or rejected on its own, by the rules of
+    Track (a bad event fails only its own result).
+    """
 
 class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Report what a subject did. Roles: pay_module, connect_module; also callable
     without a token, but only for a subject that really has the named
     assignment.
+
+    Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
+    U+007F-U+009F) and have the maximum length given with each field; doubles reject
+    NaN and +-Infinity. A violation is INVALID_ARGUMENT with a BadRequest naming the
+    field, before anything is read or written. Undecodable bytes are INVALID_ARGUMENT.
     """
 
     @_abc_1.abstractmethod
@@ -71,6 +90,8 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_service_pb2.TrackBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_service_pb2.TrackBatchResponse, _abc.Awaitable[_tracking_service_pb2.TrackBatchResponse]]:
-        """Up to 1000 events; each is accepted or rejected on its own."""
+        """1..1000 events; each is accepted or rejected on its own, by the rules of
+        Track (a bad event fails only its own result).
+        """
 
 def add_TrackingServiceServicer_to_server(servicer: TrackingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
