@@ -198,15 +198,48 @@ def _real_oneofs(descriptor: Descriptor) -> list[list[FieldDescriptor]]:
     return groups
 
 
+HOSTILITY = (0, 10, 50, 100)
+"""Percent of fields given hostile values, drawn per request: mostly sane requests with
+one bad field reach the deep paths; wholly hostile ones test the edge."""
+
+SANE_STRINGS = st.from_regex(r"\A[a-z][a-z0-9_-]{0,11}\Z")
+
+
 class _Builder:
-    def __init__(self, draw: st.DrawFn, pools: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, draw: st.DrawFn, pools: Mapping[str, Sequence[Any]], hostility: int) -> None:
         self.draw = draw
         self.pools = pools
+        self.hostility = hostility
 
     def scalar(self, field: FieldDescriptor, depth: int) -> Any:
+        if self.draw(st.integers(0, 99)) >= self.hostility:
+            return self.sane(field)
+        return self.hostile(field)
+
+    def sane(self, field: FieldDescriptor) -> Any:
+        kind = field.type
+        wanted = str if kind == FieldDescriptor.TYPE_STRING else (int, float)
+        pool = [v for v in self.pools.get(field.name, ()) if isinstance(v, wanted)]
+        if kind in INT_BOUNDS or kind == FieldDescriptor.TYPE_ENUM:
+            pool = [v for v in pool if isinstance(v, int)]
+        if pool and kind != FieldDescriptor.TYPE_BOOL:
+            return self.draw(st.sampled_from(pool))
+        if kind == FieldDescriptor.TYPE_STRING:
+            return self.draw(SANE_STRINGS)
+        if kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+            return self.draw(st.floats(0.0, 100.0))
+        if kind == FieldDescriptor.TYPE_ENUM:
+            known = [v.number for v in field.enum_type.values if v.number]
+            return self.draw(st.sampled_from(known or [0]))
+        if kind in INT_BOUNDS:
+            return self.draw(st.integers(1, 100))
+        return self.hostile(field)
+
+    def hostile(self, field: FieldDescriptor) -> Any:
         kind = field.type
         if kind == FieldDescriptor.TYPE_STRING:
-            return self.draw(_strings(self.pools.get(field.name, ())))
+            pool = [v for v in self.pools.get(field.name, ()) if isinstance(v, str)]
+            return self.draw(_strings(pool))
         if kind == FieldDescriptor.TYPE_BYTES:
             return self.draw(st.binary(max_size=64))
         if kind == FieldDescriptor.TYPE_BOOL:
@@ -224,9 +257,9 @@ class _Builder:
 
     def fill(self, message: Message, depth: int) -> None:
         descriptor = message.DESCRIPTOR
-        if descriptor.full_name == TIMESTAMP and self.draw(st.booleans()):
+        if descriptor.full_name == TIMESTAMP and self.draw(st.integers(0, 99)) >= self.hostility:
             # Mostly valid times, so the rest of the request is what gets tested.
-            message.seconds = self.draw(st.integers(TIMESTAMP_MIN, TIMESTAMP_MAX))  # type: ignore[attr-defined]
+            message.seconds = self.draw(st.integers(1_600_000_000, 1_900_000_000))  # type: ignore[attr-defined]
             message.nanos = self.draw(st.integers(0, 999_999_999))  # type: ignore[attr-defined]
             return
         in_oneof = set()
@@ -239,7 +272,8 @@ class _Builder:
             if field.name in in_oneof:
                 continue
             # Realistic pool fields are set more often: they open the deeper paths.
-            if self.draw(st.integers(0, 9)) < (8 if field.name in self.pools else 5):
+            chance = 9 if self.hostility == 0 or field.name in self.pools else 5
+            if self.draw(st.integers(0, 9)) < chance:
                 self.set_field(message, field, depth)
 
     def set_field(self, message: Message, field: FieldDescriptor, depth: int) -> None:
@@ -271,13 +305,13 @@ class _Builder:
             setattr(message, field.name, self.scalar(field, depth))
 
 
-def request_strategy(rpc: Rpc, pools: Mapping[str, Sequence[str]]) -> st.SearchStrategy[Message]:
+def request_strategy(rpc: Rpc, pools: Mapping[str, Sequence[Any]]) -> st.SearchStrategy[Message]:
     """Requests of `rpc`, every field reachable, hostile and realistic values mixed."""
 
     @st.composite
     def build(draw: st.DrawFn) -> Message:
         message = rpc.request_class()
-        _Builder(draw, pools).fill(message, 0)
+        _Builder(draw, pools, draw(st.sampled_from(HOSTILITY))).fill(message, 0)
         return message
 
     return build()

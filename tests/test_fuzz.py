@@ -33,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -66,7 +67,9 @@ EXAMPLES = int(os.environ.get("SIRA_FUZZ_EXAMPLES", "400"))
 """Requests in all (about 80 % structured, 20 % raw bytes)."""
 DERANDOMIZE = os.environ.get("SIRA_FUZZ_DERANDOMIZE", "1") != "0"
 MAX_RSS_GROWTH_MB = float(os.environ.get("SIRA_FUZZ_MAX_RSS_GROWTH_MB", "300"))
-RPCS = all_rpcs()
+# Calls that end the seeded experiments run last, so the others reach past NOT_FOUND.
+ENDING = ("StopExperiment", "ArchiveExperiment", "ArchiveStaleExperiments", "DeleteExperiment")
+RPCS = sorted(all_rpcs(), key=lambda rpc: ENDING.index(rpc.name) if rpc.name in ENDING else -1)
 PER_RPC = max(1, math.ceil(EXAMPLES * 0.8 / len(RPCS)))
 RAW = max(1, EXAMPLES - PER_RPC * len(RPCS))
 CALL_TIMEOUT = 60.0
@@ -119,13 +122,16 @@ KNOWN_FINDINGS: dict[str, Callable[[Rpc, Message | None], bool]] = {
 class World:
     server: RunningServer
     channel: grpc.Channel
-    pools: dict[str, list[str]]
+    pools: dict[str, list[Any]]
     experiment_ids: list[str]
     tokens: dict[str | None, str | None]
     rss_before: int = 0
     requests: int = 0
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
     tolerated: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def __repr__(self) -> str:  # hypothesis prints it with every failing example
+        return f"World({self.server.address})"
 
     def call(self, rpc: Rpc, payload: bytes, role: str | None) -> tuple[grpc.StatusCode, str]:
         """Send raw bytes to `rpc`; the status code and details."""
@@ -142,6 +148,8 @@ class World:
         else:
             code, details = grpc.StatusCode.OK, ""
         self.codes[f"{rpc.name}:{code.name}"] += 1
+        if os.environ.get("SIRA_FUZZ_DEBUG") and rpc.name in os.environ["SIRA_FUZZ_DEBUG"]:
+            print(f"{rpc.name} {role} {code.name} {details[:150]!r}")
         return code, details
 
     def judge(
@@ -228,9 +236,8 @@ def world(fuzz_server: RunningServer) -> Iterator[World]:
                 assignment_service_pb2.AssignRequest(experiment=key, subject_id=subject),
                 metadata=pay,
             )
-    pools = {
+    pools: dict[str, list[Any]] = {
         "experiment": keys + ids,
-        "key": [*keys, f"fz-new-{suffix}"],
         "id": ids,
         "variant_id": [*variant_ids, "control", "treat"],
         "winner_variant": ["control", "treat", *variant_ids],
@@ -247,6 +254,16 @@ def world(fuzz_server: RunningServer) -> Iterator[World]:
         "primary_metric": ["conversion"],
         "paths": ["name", "description", "variants", "targeting", "exposure_percent"],
         "reason": ["enough"],
+        # Sane numbers for fields with a range, so mostly-valid requests get through.
+        "threshold": [0.9, 0.95],
+        "exposure_percent": [50.0, 100.0],
+        "weight": [1.0, 3.0],
+        "value": [0.0, 49.99],
+        "min_samples": [100],
+        "min_txn": [0, 3],
+        "page_size": [10],
+        "older_than_days": [90],
+        "transaction_count": [5],
     }
     world = World(fuzz_server, channel, pools, ids, tokens)
     world.rss_before = _rss(fuzz_server)
