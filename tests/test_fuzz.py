@@ -62,6 +62,7 @@ from sira.experiments.v1 import (
 )
 from sira_server.rbac import METHOD_ROLES, ROLES
 from sira_server.store.hot_keys import STREAM_REGISTRY, experiment_id_of_stream, experiment_keys
+from sira_server.store.roles import as_role
 
 EXAMPLES = int(os.environ.get("SIRA_FUZZ_EXAMPLES", "400"))
 """Requests in all (about 80 % structured, 20 % raw bytes)."""
@@ -187,7 +188,9 @@ def fuzz_server(fuzz_database_url: str, redis_server_url: str) -> Iterator[Runni
     redis.Redis.from_url(redis_server_url).flushdb()
     data_dir = Path(tempfile.mkdtemp(prefix="sira-fuzz-"))
     try:
-        with run_sira_server(fuzz_database_url, redis_server_url, data_dir) as server:
+        # As production runs it: the least-privileged application role.
+        app_url = as_role(fuzz_database_url)
+        with run_sira_server(app_url, redis_server_url, data_dir) as server:
             yield server
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -170,11 +170,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     on_experiment("results", "observed counts, conversion rates and revenue per variant")
     on_experiment("insights", "Bayesian statistics, fail-fast verdict and recommendation")
 
-    migrate = command("migrate", "apply pending database migrations")
+    migrate = command("migrate", "apply pending database migrations (as the schema owner)")
     migrate.add_argument(
         "--database-url",
-        default=env.get("SIRA_DATABASE_URL") or None,
-        help="Postgres DSN (env SIRA_DATABASE_URL)",
+        default=env.get("SIRA_MIGRATE_DATABASE_URL") or env.get("SIRA_DATABASE_URL") or None,
+        help="Postgres DSN of the schema owner (env SIRA_MIGRATE_DATABASE_URL, else "
+        "SIRA_DATABASE_URL)",
     )
 
     rebuild = command(
@@ -377,7 +378,7 @@ _SERVER_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], int]]
 def _cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     if not args.database_url:
         raise UsageError(
-            "no database: pass --database-url or set SIRA_DATABASE_URL "
+            "no database: pass --database-url or set SIRA_MIGRATE_DATABASE_URL "
             "(the embedded server migrates its own database on start)"
         )
     from sira_server.store.migrate import apply_migrations  # server side, only needed here

@@ -350,7 +350,10 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
             f" --data-dir {settings.data_dir}"
         )
     if settings.metrics_port:
-        lines.append(f"  metrics:        http://{host}:{settings.metrics_port}/metrics")
+        metrics_host = settings.listen.metrics_host
+        if metrics_host in ("0.0.0.0", "::", "[::]"):
+            metrics_host = "127.0.0.1"
+        lines.append(f"  metrics:        http://{metrics_host}:{settings.metrics_port}/metrics")
     return lines
 
 
@@ -368,7 +371,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     try:
         metrics = Metrics()
         if settings.metrics_port:
-            start_exporter(metrics, settings.metrics_port)
+            start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)
         sira = SiraServer(settings, stores, TokenVerifier(settings.jwt), metrics)
         if stop.is_set():
             return

@@ -100,7 +100,7 @@ class Metrics:
         child.inc()
 
 
-def start_exporter(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+def start_exporter(metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
     """Serve /metrics on a daemon thread (without the `_created` series: noise here)."""
     disable_created_metrics()  # type: ignore[no-untyped-call]
     start_http_server(port, addr=host, registry=metrics.registry)
