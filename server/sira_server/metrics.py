@@ -85,12 +85,25 @@ class Metrics:
             registry=r,
         )
 
+        self.dead_lettered = Counter(
+            "sira_write_behind_dead_lettered_entries",
+            "Write-behind records Postgres rejected, parked in a dead-letter stream.",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "sira_write_behind_dead_letters",
+            "Records parked in an experiment's dead-letter stream (`sira deadletter list`).",
+            ["experiment_id"],
+            registry=r,
+        )
+
     def record_flush(self, stats: FlushStats) -> None:
         """One write-behind pass (the flusher's on_flush callback)."""
         if stats.acked:
             self.flush_latency.observe(stats.latency_seconds)
         self.flushed.labels("assignment").inc(stats.assignments_inserted)
         self.flushed.labels("metric").inc(stats.metrics_inserted)
+        self.dead_lettered.inc(stats.dead_lettered)
 
     def count_rpc(self, method: str, code: str) -> None:
         """One finished RPC; label children are cached (this runs on every call)."""
