@@ -355,43 +355,24 @@ def mutated_bytes(draw: st.DrawFn, valid: bytes) -> bytes:
     return bytes(data)
 
 
-def strings_in(message: Message) -> Iterator[str]:
-    """Every string value and map key of a message, recursively (for findings)."""
+def scalars_in(message: Message, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every scalar value of a message with its field path (map keys included), recursively.
+
+    Paths name fields, not positions: `experiment.variants.config.fields[key]`."""
     for field, value in message.ListFields():
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.is_repeated:
-                if field.message_type.GetOptions().map_entry:
-                    for key, item in value.items():
-                        if isinstance(key, str):
-                            yield key
-                        if isinstance(item, str):
-                            yield item
-                        elif isinstance(item, Message):
-                            yield from strings_in(item)
+        path = f"{prefix}{field.name}"
+        if field.type != FieldDescriptor.TYPE_MESSAGE:
+            for item in value if field.is_repeated else [value]:
+                yield path, item
+        elif field.is_repeated and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                yield f"{path}[key]", key
+                if isinstance(item, Message):
+                    yield from scalars_in(item, f"{path}.")
                 else:
-                    for item in value:
-                        yield from strings_in(item)
-            else:
-                yield from strings_in(value)
-        elif field.type == FieldDescriptor.TYPE_STRING:
-            if field.is_repeated:
-                yield from value
-            else:
-                yield value
-
-
-def floats_in(message: Message) -> Iterator[tuple[str, float]]:
-    """Every double/float value of a message with its field name, recursively."""
-    for field, value in message.ListFields():
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.is_repeated:
-                items = value.values() if field.message_type.GetOptions().map_entry else iter(value)
-                for item in items:
-                    if isinstance(item, Message):
-                        yield from floats_in(item)
-            else:
-                yield from floats_in(value)
-        elif field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-            values = value if field.is_repeated else [value]
-            for item in values:
-                yield field.name, item
+                    yield path, item
+        elif field.is_repeated:
+            for item in value:
+                yield from scalars_in(item, f"{path}.")
+        else:
+            yield from scalars_in(value, f"{path}.")
