@@ -390,6 +390,7 @@ def test_the_server_is_alive_afterwards(world: World) -> None:
 
 def test_memory_growth_is_bounded(world: World) -> None:
     grown_mb = (_rss(world.server) - world.rss_before) / 2**20
+    print(f"\nfuzz: server RSS grew by {grown_mb:.0f} MB over {world.requests} requests")
     assert grown_mb < MAX_RSS_GROWTH_MB, f"server RSS grew by {grown_mb:.0f} MB"
 
 
