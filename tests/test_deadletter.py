@@ -107,6 +107,10 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
         assert await count_dead_letters(redis) == {experiment_id: 1}
 
         await migrated_pool.execute(UNDRIFT)
+        # --id picks entries: another id leaves this one parked.
+        assert await _cli("deadletter", "replay", "--id", "1-1", *urls) == 0
+        assert await count_dead_letters(redis) == {experiment_id: 1}
+        capsys.readouterr()
         assert await _cli("deadletter", "replay", f"exp-{experiment_id[:8]}", *urls) == 0
         assert "1 written" in capsys.readouterr().out
         assert await count_dead_letters(redis) == {experiment_id: 0}
