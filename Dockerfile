@@ -12,7 +12,9 @@ RUN useradd --create-home --uid 10001 sira
 COPY --from=build /install /usr/local
 COPY migrations /app/migrations
 ENV SIRA_MIGRATIONS_DIR=/app/migrations \
+    SIRA_GRPC_HOST=0.0.0.0 \
     SIRA_GRPC_PORT=50051 \
+    SIRA_METRICS_HOST=0.0.0.0 \
     SIRA_METRICS_PORT=9464 \
     NUMBA_CACHE_DIR=/opt/numba-cache \
     PYTHONUNBUFFERED=1
@@ -22,6 +24,7 @@ RUN python -c "from sira_server.domain import bayes; bayes.warm_up()" \
 USER sira
 WORKDIR /home/sira
 EXPOSE 50051 9464
-# Production sets SIRA_DATABASE_URL, SIRA_REDIS_URL and the JWT settings; the
-# migration Job runs `sira migrate` before the Deployment rolls out.
+# Production sets SIRA_DATABASE_URL (the sira_app role), SIRA_REDIS_URL and the JWT
+# settings; the migration Job runs `sira migrate` with SIRA_MIGRATE_DATABASE_URL (the
+# schema owner) before the Deployment rolls out. A container listens on every interface.
 ENTRYPOINT ["sira-server"]

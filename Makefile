@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/sira/experiments/v1/*.proto)
 
-.PHONY: install run test migrate protos lint typecheck bench clean
+.PHONY: install run test fuzz migrate protos lint typecheck bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,6 +17,12 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The property-based fuzz suite at full budget, fresh randomness (`make test` runs it small
+# and derandomized). SIRA_FUZZ_EXAMPLES=N to change the budget.
+fuzz: install
+	SIRA_FUZZ_EXAMPLES=$${SIRA_FUZZ_EXAMPLES:-10000} SIRA_FUZZ_DERANDOMIZE=$${SIRA_FUZZ_DERANDOMIZE:-0} \
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 migrate:
 	$(VENV)/bin/sira migrate

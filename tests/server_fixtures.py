@@ -25,6 +25,7 @@ import jwt
 import pytest
 
 from sira_server.store.migrate import apply_migrations
+from sira_server.store.roles import as_role
 
 TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32
 READY_LINE = re.compile(r"SIRA listening on (\S+)")
@@ -157,7 +158,10 @@ def sira_server(
 
     redis.Redis.from_url(redis_url).flushdb()
     with run_sira_server(
-        sira_server_database_url, redis_url, tmp_path_factory.mktemp("sira-server")
+        # As production runs it: the least-privileged role of migration 0003.
+        as_role(sira_server_database_url),
+        redis_url,
+        tmp_path_factory.mktemp("sira-server"),
     ) as server:
         yield server
 

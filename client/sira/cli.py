@@ -170,11 +170,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     on_experiment("results", "observed counts, conversion rates and revenue per variant")
     on_experiment("insights", "Bayesian statistics, fail-fast verdict and recommendation")
 
-    migrate = command("migrate", "apply pending database migrations")
+    migrate = command("migrate", "apply pending database migrations (as the schema owner)")
     migrate.add_argument(
         "--database-url",
-        default=env.get("SIRA_DATABASE_URL") or None,
-        help="Postgres DSN (env SIRA_DATABASE_URL)",
+        default=env.get("SIRA_MIGRATE_DATABASE_URL") or env.get("SIRA_DATABASE_URL") or None,
+        help="Postgres DSN of the schema owner (env SIRA_MIGRATE_DATABASE_URL, else "
+        "SIRA_DATABASE_URL)",
     )
 
     rebuild = command(
@@ -191,6 +192,36 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env.get("SIRA_REDIS_URL") or None,
         help="Redis URL (env SIRA_REDIS_URL)",
     )
+
+    dead = command(
+        "deadletter", "write-behind records Postgres rejected: list them, replay them (operators)"
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, help_text in (
+        ("list", "show the parked records and why Postgres rejected them"),
+        ("replay", "write the parked records again, once the cause is fixed"),
+    ):
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(action, env, sub=True)
+        action.add_argument("experiment", nargs="?", default="", help="only this experiment")
+        action.add_argument(
+            "--database-url",
+            default=env.get("SIRA_DATABASE_URL") or None,
+            help="Postgres DSN (env SIRA_DATABASE_URL)",
+        )
+        action.add_argument(
+            "--redis-url",
+            default=env.get("SIRA_REDIS_URL") or None,
+            help="Redis URL (env SIRA_REDIS_URL)",
+        )
+        if name == "list":
+            action.add_argument(
+                "--limit", type=_positive_int, default=100, help="at most this many"
+            )
+        else:
+            action.add_argument(
+                "--id", action="append", default=[], dest="ids", help="only this entry (repeatable)"
+            )
 
     token = command("token", "mint a development JWT (HS256)")
     token.add_argument(
@@ -377,7 +408,7 @@ _SERVER_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], int]]
 def _cmd_migrate(args: argparse.Namespace, out: Output) -> int:
     if not args.database_url:
         raise UsageError(
-            "no database: pass --database-url or set SIRA_DATABASE_URL "
+            "no database: pass --database-url or set SIRA_MIGRATE_DATABASE_URL "
             "(the embedded server migrates its own database on start)"
         )
     from sira_server.store.migrate import apply_migrations  # server side, only needed here
@@ -430,6 +461,90 @@ def _cmd_rebuild(args: argparse.Namespace, out: Output) -> int:
             f"rebuilt {report.experiment_key}: {report.assigned_subjects} assigned subjects, "
             f"{report.successes} successes"
         )
+    return EXIT_OK
+
+
+def _cmd_deadletter(args: argparse.Namespace, out: Output) -> int:
+    if not args.database_url or not args.redis_url:
+        raise UsageError(
+            "deadletter talks to the stores directly: pass --database-url and --redis-url "
+            "(or set SIRA_DATABASE_URL and SIRA_REDIS_URL)"
+        )
+    from sira_server.errors import SiraError as StoreError  # server side, only needed here
+    from sira_server.store import admin
+
+    try:
+        if args.action == "list":
+            views = asyncio.run(
+                admin.list_dead(
+                    args.database_url, args.redis_url, args.experiment, limit=args.limit
+                )
+            )
+            return _show_dead(views, out)
+        report = asyncio.run(
+            admin.replay_dead(
+                args.database_url, args.redis_url, args.experiment, entry_ids=args.ids
+            )
+        )
+    except StoreError as exc:
+        sys.stderr.write(f"error: {exc.status_name}: {_one_line(exc.message)}\n")
+        return EXIT_SERVER
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot reach the stores: {_one_line(str(exc))}\n")
+        return EXIT_SERVER
+    if out.as_json:
+        out.json(
+            {
+                "written": report.written,
+                "discarded": report.discarded,
+                "still_rejected": report.still_dead,
+            }
+        )
+    else:
+        out.console.print(
+            f"replayed: {len(report.written)} written, {len(report.discarded)} discarded"
+            f" (experiment deleted), {len(report.still_dead)} still rejected"
+        )
+        for entry_id, reason in report.still_dead.items():
+            out.console.print(f"  {entry_id}: {_one_line(reason)[:200]}")
+    return EXIT_SERVER if report.still_dead else EXIT_OK
+
+
+def _show_dead(views: Sequence[Any], out: Output) -> int:
+    if out.as_json:
+        out.json(
+            {
+                "dead_letters": [
+                    {
+                        "experiment_key": v.experiment_key,
+                        "experiment_id": v.letter.experiment_id,
+                        "id": v.letter.entry_id,
+                        "kind": v.letter.kind,
+                        "subject_id": v.letter.subject_id,
+                        "reason": v.letter.reason,
+                    }
+                    for v in views
+                ]
+            }
+        )
+        return EXIT_OK
+    if not views:
+        out.console.print("no dead letters")
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title=f"{len(views)} dead letter(s)")
+    for column in ("experiment", "id", "kind", "subject", "reason"):
+        table.add_column(column)
+    for v in views:
+        table.add_row(
+            v.experiment_key,
+            v.letter.entry_id,
+            v.letter.kind,
+            v.letter.subject_id[:40],
+            _one_line(v.letter.reason)[:120],
+        )
+    out.console.print(table)
     return EXIT_OK
 
 
@@ -524,6 +639,8 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
             return _cmd_token(args, out, env)
         if args.command == "rebuild":
             return _cmd_rebuild(args, out)
+        if args.command == "deadletter":
+            return _cmd_deadletter(args, out)
         with _connect(args) as client:
             return _SERVER_COMMANDS[args.command](client, args, out)
     except SiraError as exc:

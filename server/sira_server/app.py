@@ -48,6 +48,7 @@ from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.metrics import Metrics, start_exporter
+from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.flusher import WriteBehindFlusher
 from sira_server.store.hot_state import HotState
@@ -66,6 +67,9 @@ HEALTH_PROBE_SECONDS = 2.0
 # store is down: Kubernetes liveness must not restart pods during a Postgres
 # outage (decisions go on from Redis), readiness uses the overall status "".
 LIVENESS_SERVICE = "liveness"
+# Health service name that is NOT_SERVING while write-behind records are parked as dead
+# letters (Postgres rejected them): the data is safe in Redis, an operator must act.
+WRITE_BEHIND_SERVICE = "write-behind"
 GAUGE_SECONDS = 5.0
 SHUTDOWN_SLACK_SECONDS = 10.0
 CLOSE_SECONDS = 5.0
@@ -167,6 +171,7 @@ class SiraServer:
         self._flusher_task: asyncio.Task[None] | None = None
         self._gauges_task: asyncio.Task[None] | None = None
         self._serving: dict[str, bool] = {}
+        self._dead_letters = 0
 
     async def _changed(self, experiment_id: str) -> None:
         """After a lifecycle commit: refresh every process's catalog."""
@@ -234,6 +239,7 @@ class SiraServer:
     async def start(self) -> None:
         await self._set_serving(False)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(WRITE_BEHIND_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         if not await self.stores.ping():
             raise ConfigError("Postgres or Redis did not answer at start-up; see the log")
@@ -292,9 +298,27 @@ class SiraServer:
                     self.metrics.experiments.labels(status).set(count)
                 for experiment_id, pending in (await self.flusher.backlog()).items():
                     self.metrics.write_behind_pending.labels(experiment_id).set(pending)
+                await self._report_dead_letters()
             except Exception as exc:  # a gauge is never worth a crash
                 log.debug("gauge update failed: %s", exc)
             await asyncio.sleep(GAUGE_SECONDS)
+
+    async def _report_dead_letters(self) -> None:
+        """Parked write-behind records: a gauge, the health service, one warning per change."""
+        counts = await count_dead_letters(self.stores.redis)
+        for experiment_id, parked in counts.items():
+            self.metrics.dead_letters.labels(experiment_id).set(parked)
+        total = sum(counts.values())
+        if total != self._dead_letters:
+            if total:
+                log.warning(
+                    "%d write-behind record(s) parked as dead letters (Postgres rejected"
+                    " them); `sira deadletter list` shows why, `sira deadletter replay`"
+                    " writes them once fixed",
+                    total,
+                )
+            await self.health.set(WRITE_BEHIND_SERVICE, _status(total == 0))
+            self._dead_letters = total
 
 
 def describe_tasks() -> str:
@@ -355,7 +379,10 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
             f" --data-dir {settings.data_dir}"
         )
     if settings.metrics_port:
-        lines.append(f"  metrics:        http://{host}:{settings.metrics_port}/metrics")
+        metrics_host = settings.listen.metrics_host
+        if metrics_host in ("0.0.0.0", "::", "[::]"):
+            metrics_host = "127.0.0.1"
+        lines.append(f"  metrics:        http://{metrics_host}:{settings.metrics_port}/metrics")
     return lines
 
 
@@ -373,7 +400,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     try:
         metrics = Metrics()
         if settings.metrics_port:
-            start_exporter(metrics, settings.metrics_port)
+            start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)
         sira = SiraServer(settings, stores, TokenVerifier(settings.jwt), metrics)
         if stop.is_set():
             return

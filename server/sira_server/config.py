@@ -47,13 +47,23 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class ListenSettings:
+    """Where the server listens besides gRPC (kept apart from the gRPC fields for merges)."""
+
+    metrics_host: str = "127.0.0.1"
+    """SIRA_METRICS_HOST: interface the Prometheus exporter binds. Loopback unless told
+    otherwise (the k8s manifests set 0.0.0.0 for the scraper)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
     """SIRA_DATABASE_URL: Postgres DSN. Unset: start the embedded Postgres."""
     redis_url: str | None = None
     """SIRA_REDIS_URL: Redis URL. Unset: start the embedded Redis."""
-    grpc_host: str = "0.0.0.0"
-    """SIRA_GRPC_HOST: interface the gRPC server binds."""
+    grpc_host: str = "127.0.0.1"
+    """SIRA_GRPC_HOST: interface the gRPC server binds. Loopback unless told otherwise
+    (containers set 0.0.0.0: the Dockerfile and the k8s manifests)."""
     grpc_port: int = 50051
     """SIRA_GRPC_PORT: gRPC port (0 picks a free one)."""
     metrics_port: int | None = 9464
@@ -73,6 +83,7 @@ class Settings:
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
     limits: LimitSettings = field(default_factory=LimitSettings)
+    listen: ListenSettings = field(default_factory=ListenSettings)
 
     @property
     def embedded(self) -> bool:
@@ -139,7 +150,7 @@ class Settings:
         return cls(
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),
-            grpc_host=text("SIRA_GRPC_HOST") or "0.0.0.0",
+            grpc_host=text("SIRA_GRPC_HOST") or "127.0.0.1",
             grpc_port=integer("SIRA_GRPC_PORT", 50051),
             metrics_port=metrics_port or None,
             data_dir=Path(text("SIRA_DATA_DIR") or ".sira"),
@@ -158,4 +169,5 @@ class Settings:
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
             limits=LimitSettings(max_event_value=max_event_value),
+            listen=ListenSettings(metrics_host=text("SIRA_METRICS_HOST") or "127.0.0.1"),
         )

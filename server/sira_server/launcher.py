@@ -24,6 +24,7 @@ from sira_server.app import banner, resolve_jwt_secret, serve
 from sira_server.config import Settings
 from sira_server.embedded import EmbeddedServers
 from sira_server.store.migrate import apply_migrations
+from sira_server.store.roles import as_role
 
 log = logging.getLogger("sira_server")
 
@@ -41,6 +42,8 @@ def run(settings: Settings) -> None:
             applied = asyncio.run(apply_migrations(database_url))
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+            # Migrated as the owner; served as the least-privileged application role.
+            settings = replace(settings, database_url=as_role(database_url))
         settings = resolve_jwt_secret(settings, embedded=embedded is not None)
         if settings.workers == 1:
             asyncio.run(serve(settings, lambda port: announce(settings, port, embedded)))

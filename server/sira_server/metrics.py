@@ -85,12 +85,25 @@ class Metrics:
             registry=r,
         )
 
+        self.dead_lettered = Counter(
+            "sira_write_behind_dead_lettered_entries",
+            "Write-behind records Postgres rejected, parked in a dead-letter stream.",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "sira_write_behind_dead_letters",
+            "Records parked in an experiment's dead-letter stream (`sira deadletter list`).",
+            ["experiment_id"],
+            registry=r,
+        )
+
     def record_flush(self, stats: FlushStats) -> None:
         """One write-behind pass (the flusher's on_flush callback)."""
         if stats.acked:
             self.flush_latency.observe(stats.latency_seconds)
         self.flushed.labels("assignment").inc(stats.assignments_inserted)
         self.flushed.labels("metric").inc(stats.metrics_inserted)
+        self.dead_lettered.inc(stats.dead_lettered)
 
     def assignment_created(self, experiment_id: str) -> None:
         """A new sticky assignment was stored (HotState's `applied` callback)."""
@@ -108,7 +121,7 @@ class Metrics:
         child.inc()
 
 
-def start_exporter(metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+def start_exporter(metrics: Metrics, port: int, host: str = "127.0.0.1") -> None:
     """Serve /metrics on a daemon thread (without the `_created` series: noise here)."""
     disable_created_metrics()  # type: ignore[no-untyped-call]
     start_http_server(port, addr=host, registry=metrics.registry)

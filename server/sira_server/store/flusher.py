@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BANDIT_REFRESH_LOCK = "sira:bandit_state_refresh"
 DEAD_LETTER_MAXLEN = 100_000
+MAX_REASON_CHARS = 500
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     OSError,  # includes TimeoutError, refused connections
@@ -111,6 +112,15 @@ class _Entry:
     record: AssignmentRecord | MetricRecord | None
     """None: malformed, dead-letter it."""
     raw: dict[bytes, bytes]
+
+
+WriteBehindEntry = _Entry
+"""One stream entry as the flusher writes it (public for the dead-letter replay)."""
+
+
+def parse_entry(stream: str, entry_id: bytes, raw: dict[bytes, bytes]) -> _Entry:
+    """An entry of `stream` (its write-behind stream key) from its raw fields."""
+    return _Entry(stream, entry_id, _parse(raw), raw)
 
 
 @dataclass
@@ -325,6 +335,10 @@ class WriteBehindFlusher:
         self._age_orphans(entries, outcome)
         return outcome
 
+    async def write_entries(self, entries: Sequence[_Entry]) -> _Outcome:
+        """Write entries read elsewhere (the dead-letter replay) as a pass would; no ack."""
+        return await self._write(entries)
+
     async def _hook(self, stage: str) -> None:
         if stage == "before_commit" and self.fail_before_commit:
             raise SimulatedCrashError("simulated crash before the Postgres commit")
@@ -346,8 +360,9 @@ class WriteBehindFlusher:
         pipe = self.redis.pipeline(transaction=False)
         for i, reason in dead.items():
             entry = entries[i]
+            reason = reason[:MAX_REASON_CHARS]  # Postgres may quote the whole row
             log.error(
-                "write-behind entry %s of %s dead-lettered: %s",
+                "write-behind entry %s of %s dead-lettered (`sira deadletter list`): %s",
                 entry.entry_id.decode(),
                 entry.stream,
                 reason,
