@@ -13,11 +13,10 @@ most often), a garbage token or none. The properties:
 `make test` runs a small derandomized budget (the same requests every run);
 `make fuzz` runs SIRA_FUZZ_EXAMPLES=10000 requests with fresh randomness.
 
-Findings owned by the edge-validation work (issue 7, points 1 and 3) are
-tolerated here ONLY when the request matches them exactly (`KNOWN_FINDINGS`);
-`test_fuzz_known_findings.py` holds one minimal reproducer each, marked
-xfail(strict=True), so they turn into failures the day they are fixed and the
-tolerance must go.
+What the suite found before the edge validation existed (NUL in strings,
+non-finite numbers, forged page tokens, undecodable bytes, a NUL acknowledged by
+Redis then dead-lettered by Postgres) is pinned by minimal reproducers in
+`test_fuzz_findings.py`; nothing is tolerated here any more.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import grpc
 import psutil
 import pytest
 import redis
-from fuzz_requests import Rpc, all_rpcs, mutated_bytes, request_strategy, scalars_in
+from fuzz_requests import Rpc, all_rpcs, mutated_bytes, request_strategy
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,41 +92,6 @@ FUZZ_SETTINGS = settings(
 BAD_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 
-# --- findings owned by the edge-validation branch (issue 7, points 1 and 3) ----------
-
-
-def _nul_fields(rpc: Rpc, request: Message | None) -> list[str]:
-    if request is None:
-        return []
-    return [path for path, v in scalars_in(request) if isinstance(v, str) and "\x00" in v]
-
-
-def _non_finite_fields(rpc: Rpc, request: Message | None) -> list[str]:
-    if request is None:
-        return []
-    return [
-        path for path, v in scalars_in(request) if isinstance(v, float) and not math.isfinite(v)
-    ]
-
-
-def _page_token(rpc: Rpc, request: Message | None) -> list[str]:
-    return ["page_token"] if request is not None and getattr(request, "page_token", "") else []
-
-
-def _undecodable(rpc: Rpc, request: Message | None) -> list[str]:
-    return ["(bytes)"] if request is None else []
-
-
-KNOWN_FINDINGS: dict[str, Callable[[Rpc, Message | None], list[str]]] = {
-    "nul-in-string": _nul_fields,
-    "non-finite-number": _non_finite_fields,
-    "forged-page-token": _page_token,
-    "undecodable-bytes": _undecodable,
-}
-"""INTERNAL/UNKNOWN tolerated only for requests with these traits (see the module doc);
-each returns the fields that have the trait, reported in the summary."""
-
-
 # --- the seeded world ----------------------------------------------------------------
 
 
@@ -141,7 +105,6 @@ class World:
     rss_before: int = 0
     requests: int = 0
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
-    tolerated: collections.Counter[str] = field(default_factory=collections.Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __repr__(self) -> str:  # hypothesis prints it with every failing example
@@ -181,12 +144,6 @@ class World:
             return
         if request is None and code == grpc.StatusCode.INTERNAL and "deserializ" in details:
             return  # gRPC's own answer to bytes it cannot parse (allowed by issue 7, point 3)
-        for name, matches in KNOWN_FINDINGS.items():
-            fields = matches(rpc, request)
-            if fields:
-                where = ",".join(sorted(set(fields)))
-                self.tolerated[f"{rpc.name}:{name}:{code.name}:{where}"] += 1
-                return
         shown = text_format.MessageToString(request, as_utf8=False)[:3000] if request else "?"
         raise AssertionError(
             f"{rpc.name} (token {role}) answered {code.name}: {details[:300]!r}\nrequest:\n{shown}"
@@ -291,9 +248,7 @@ def world(fuzz_server: RunningServer) -> Iterator[World]:
         yield world
     finally:
         channel.close()
-        print(f"\nfuzz: {world.requests} requests; tolerated known findings:")
-        for finding, count in sorted(world.tolerated.items()):
-            print(f"  {count:5d}  {finding}")
+        print(f"\nfuzz: {world.requests} requests")
         print(f"fuzz: status codes: {dict(sorted(world.codes.items()))}")
         errors = collections.Counter(
             line.split(": ", 1)[-1][:160]
@@ -411,23 +366,17 @@ async def test_redis_counters_equal_postgres_rows(world: World, fuzz_database_ur
             keys = experiment_keys(experiment_id)
             if not await conn.fetchval("SELECT 1 FROM experiments WHERE id = $1", experiment_id):
                 continue  # deleted by the fuzz: both sides dropped it
-            dead = {b"a": 0, b"m": 0}
-            for _id, fields in await client.xrange(keys.dead):
-                # Known finding: a NUL acknowledged by Redis, rejected by Postgres.
-                assert any(b"\x00" in v or b"\\u0000" in v for v in fields.values()), (
-                    f"dead letter outside the known NUL finding: {fields!r:.500}"
-                )
-                world.tolerated["write-behind:nul-in-string:dead-lettered"] += 1
-                dead[fields[b"t"]] += 1
+            dead = await client.xrange(keys.dead, count=3)
+            assert not dead, f"acknowledged records dead-lettered: {dead!r:.500}"
             rows = await conn.fetchval(
                 "SELECT count(*) FROM experiment_assignments WHERE experiment_id = $1",
                 experiment_id,
             )
-            assert await client.hlen(keys.asg) == rows + dead[b"a"], experiment_id
+            assert await client.hlen(keys.asg) == rows, experiment_id
             metrics = await conn.fetchval(
                 "SELECT count(*) FROM experiment_metrics WHERE experiment_id = $1", experiment_id
             )
-            assert await client.scard(keys.events) == metrics + dead[b"m"], experiment_id
+            assert await client.scard(keys.events) == metrics, experiment_id
     finally:
         await conn.close()
         await client.aclose()

@@ -1,9 +1,7 @@
-"""Minimal reproducers of what the fuzz suite finds and tolerates (`test_fuzz.KNOWN_FINDINGS`).
+"""Minimal reproducers of what the fuzz suite found before the edge validation (issue 7).
 
-Each is owned by the edge-validation work of issue 7 (points 1 and 3) and
-marked xfail(strict=True): the day it is fixed, the test passes, strict
-xfail turns that into a failure, and both the mark here and the matching
-entry of KNOWN_FINDINGS must be removed, so the fuzz suite stops tolerating it.
+Each answered INTERNAL or UNKNOWN (or lost an acknowledged record) on the code
+before the fix; each must stay INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ from sira.experiments.v1 import (
 )
 from sira_server.store.hot_keys import experiment_keys
 
-FIXED_ON_THE_VALIDATION_BRANCH = "issue 7 points 1/3 (edge validation), another branch"
-
 
 def _auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
@@ -46,15 +42,13 @@ def channel(sira_server: RunningServer) -> grpc.Channel:
         yield channel
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_nul_in_a_reference_is_invalid_argument(channel: grpc.Channel, token_for) -> None:  # type: ignore[no-untyped-def]
     stub = lifecycle_service_pb2_grpc.LifecycleServiceStub(channel)
     request = lifecycle_service_pb2.GetExperimentRequest(experiment="\x00")
     code = _code(lambda: stub.GetExperiment(request, metadata=_auth(token_for("ops_admin"))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT  # today: INTERNAL
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_nul_in_a_stop_reason_is_invalid_argument(  # type: ignore[no-untyped-def]
     channel: grpc.Channel, token_for, unique_key: str
 ) -> None:
@@ -71,10 +65,9 @@ def test_nul_in_a_stop_reason_is_invalid_argument(  # type: ignore[no-untyped-de
     )
     request = lifecycle_service_pb2.StopExperimentRequest(experiment=unique_key, reason="\x00")
     code = _code(lambda: stub.StopExperiment(request, metadata=admin))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT  # today: INTERNAL
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_undecodable_bytes_are_invalid_argument(channel: grpc.Channel, token_for) -> None:  # type: ignore[no-untyped-def]
     raw = channel.unary_unary(
         "/sira.experiments.v1.LifecycleService/GetExperiment",
@@ -88,22 +81,20 @@ def test_undecodable_bytes_are_invalid_argument(channel: grpc.Channel, token_for
         code, details = exc.code(), exc.details() or ""
     else:
         code, details = grpc.StatusCode.OK, ""
-    # Today: UNKNOWN with a traceback logged. Also fine: gRPC's own "failed to deserialize".
+    # Also allowed (issue 7, point 3): gRPC's own "failed to deserialize", without a traceback.
     assert code == grpc.StatusCode.INVALID_ARGUMENT or (
         code == grpc.StatusCode.INTERNAL and "deserializ" in details
     )
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_a_forged_page_token_is_invalid_argument(channel: grpc.Channel, token_for) -> None:  # type: ignore[no-untyped-def]
     stub = lifecycle_service_pb2_grpc.LifecycleServiceStub(channel)
     forged = base64.urlsafe_b64encode(b'{"q":"audit:","i":9223372036854775808}').decode()
     request = lifecycle_service_pb2.ListAuditEventsRequest(page_token=forged)
     code = _code(lambda: stub.ListAuditEvents(request, metadata=_auth(token_for("ops_admin"))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT  # today: INTERNAL
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_an_acknowledged_assignment_is_never_dead_lettered(  # type: ignore[no-untyped-def]
     channel: grpc.Channel, sira_server: RunningServer, token_for, unique_key: str
 ) -> None:
@@ -125,7 +116,7 @@ def test_an_acknowledged_assignment_is_never_dead_lettered(  # type: ignore[no-u
     if code != grpc.StatusCode.OK:
         assert code == grpc.StatusCode.INVALID_ARGUMENT  # the fix: refused at the edge
         return
-    # Today: OK, then the flusher dead-letters the record Postgres rejects.
+    # If it is ever accepted again, Postgres must take the record: nothing dead-lettered.
     client = redis.Redis.from_url(sira_server.env["SIRA_REDIS_URL"])
     keys = experiment_keys(created.id)
     deadline = time.monotonic() + 30
@@ -134,7 +125,6 @@ def test_an_acknowledged_assignment_is_never_dead_lettered(  # type: ignore[no-u
     assert client.xlen(keys.dead) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED_ON_THE_VALIDATION_BRANCH)
 def test_nan_in_a_variant_config_is_invalid_argument(  # type: ignore[no-untyped-def]
     channel: grpc.Channel, token_for, unique_key: str
 ) -> None:
@@ -144,4 +134,4 @@ def test_nan_in_a_variant_config_is_invalid_argument(  # type: ignore[no-untyped
     experiment.variants.add(key="b", name="B")
     request = lifecycle_service_pb2.CreateExperimentRequest(experiment=experiment)
     code = _code(lambda: stub.CreateExperiment(request, metadata=_auth(token_for("ops_admin"))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT  # today: INTERNAL
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
