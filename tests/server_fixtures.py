@@ -28,7 +28,8 @@ from sira_server.store.migrate import apply_migrations
 
 TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32
 READY_LINE = re.compile(r"SIRA listening on (\S+)")
-SERVER_REDIS_DB = 14
+# Overridable so parallel test runs on one Redis do not flush each other's server.
+SERVER_REDIS_DB = int(os.environ.get("SIRA_TEST_SERVER_REDIS_DB", "14"))
 
 
 @dataclass

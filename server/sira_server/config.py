@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sira_server.limit_settings import LimitSettings
+
 DEV_SECRET_FILE = "dev-jwt-secret"
 
 
@@ -61,6 +63,8 @@ class Settings:
     """SIRA_TLS_CLIENT_CA_FILE: require client certificates signed by this CA (mTLS)."""
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    """Tracking tokens, caps, rate and connection limits (`limit_settings`)."""
 
     @property
     def embedded(self) -> bool:
@@ -140,4 +144,5 @@ class Settings:
             tls_key_file=Path(key) if key else None,
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
+            limits=LimitSettings.from_env(text, integer, ConfigError),
         )

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -102,6 +102,11 @@ def error_status(err: SiraError) -> Any:
             ]
         )
         details.append(_pack(bad_request))
+    retry_after = getattr(err, "retry_after_seconds", None)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(retry_after * 1e9)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     proto = status_pb2.Status(code=code.value[0], message=err.message, details=details)
     return rpc_status.to_status(proto)
 
@@ -421,12 +426,22 @@ class GuardedRegistrar:
     real server directly, so they pass no wrapper at all.
     """
 
-    def __init__(self, server: Any, verifier: TokenVerifier, count: Count = _count_nothing):
+    def __init__(
+        self,
+        server: Any,
+        verifier: TokenVerifier,
+        count: Count = _count_nothing,
+        limits: _Wrapper | None = None,
+    ):
+        """`limits`: admission (`api.call_limits.CallLimits`), applied inside auth."""
         self._server = server
         self._errors = _ErrorWrapper(count)
         self._auth = _AuthWrapper(verifier)
+        self._limits = limits
 
     def _wrap(self, handler: Any, method: str) -> Any:
+        if self._limits is not None:  # needs the principal: inside the auth wrapper
+            handler = self._limits.handler(handler, method)
         # Error wrapper outermost: it turns the auth wrapper's SiraErrors into statuses.
         return self._errors.handler(self._auth.handler(handler, method), method)
 

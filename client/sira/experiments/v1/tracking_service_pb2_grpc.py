@@ -27,8 +27,12 @@ if _version_not_supported:
 
 class TrackingServiceStub:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
     """
 
     def __init__(self, channel):
@@ -51,8 +55,12 @@ class TrackingServiceStub:
 
 class TrackingServiceServicer:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
     """
 
     def Track(self, request, context):
@@ -91,8 +99,12 @@ def add_TrackingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrackingService:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
     """
 
     @staticmethod
