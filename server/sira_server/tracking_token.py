@@ -64,6 +64,8 @@ class TrackingTokens:
         if version != VERSION or not issued_text.isdigit() or len(issued_text) > 12:
             return False
         issued = int(issued_text)
+        if str(issued) != issued_text:  # one spelling per token (no leading zeros)
+            return False
         if not (now - self.max_age_seconds <= issued <= now + FUTURE_SKEW_SECONDS):
             return False
         expected = self._mac(experiment_id, subject_id, variant_id, issued)
