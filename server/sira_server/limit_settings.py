@@ -30,7 +30,7 @@ class RoleLimit:
 
 
 def _default_roles() -> dict[str, RoleLimit]:
-    modules = RoleLimit(rate=5000.0, burst=10_000, concurrency=512)
+    modules = RoleLimit(rate=20_000.0, burst=40_000, concurrency=1024)
     people = RoleLimit(rate=50.0, burst=100, concurrency=8)
     return {
         "pay_module": modules,
@@ -61,6 +61,10 @@ class LimitSettings:
     max_in_flight: int = 2048
     """SIRA_MAX_IN_FLIGHT: RPCs in flight in one process; over it, calls are shed with
     RESOURCE_EXHAUSTED instead of queueing. 0 disables."""
+    admin_max_in_flight: int = 2
+    """SIRA_ADMIN_MAX_IN_FLIGHT: LifecycleService calls in flight in one process, all
+    callers together; over it they are shed (RESOURCE_EXHAUSTED), so admin traffic
+    cannot take the event loop from Assign/Track. 0 disables."""
     max_receive_message_bytes: int = 4 * 1024 * 1024
     """SIRA_MAX_RECEIVE_MESSAGE_BYTES: largest request accepted (gRPC's default, explicit)."""
     max_send_message_bytes: int = 16 * 1024 * 1024
@@ -141,6 +145,7 @@ class LimitSettings:
             ),
             roles=parse_role_limits(text("SIRA_RATE_LIMITS"), d.roles, error),
             max_in_flight=integer("SIRA_MAX_IN_FLIGHT", d.max_in_flight, 0),
+            admin_max_in_flight=integer("SIRA_ADMIN_MAX_IN_FLIGHT", d.admin_max_in_flight, 0),
             max_receive_message_bytes=integer(
                 "SIRA_MAX_RECEIVE_MESSAGE_BYTES", d.max_receive_message_bytes, 1024
             ),

@@ -1,5 +1,6 @@
-"""Admission of every guarded call: a server-wide cap on calls in flight, then the
-caller's token bucket and concurrency limit (`rate_limiter`), by role.
+"""Admission of every guarded call: a server-wide cap on calls in flight, a smaller one
+on admin (LifecycleService) calls, then the caller's token bucket and concurrency limit
+(`rate_limiter`), by role.
 
 Applied at registration by `GuardedRegistrar`, inside the auth wrapper (it needs the
 principal) and outside the servicer. A refused call ends at once with
@@ -27,6 +28,8 @@ from sira_server.rate_limiter import RateLimiter
 __all__ = ["CallLimits", "peer_host"]
 
 SERVER_BUSY_RETRY_SECONDS = 0.1
+ADMIN_PREFIX = "/sira.experiments.v1.LifecycleService/"
+"""Admin calls: Postgres reads and writes, long pages; capped together."""
 
 
 def peer_host(peer: str) -> str:
@@ -47,6 +50,7 @@ class CallLimits(_Wrapper):
         self._limiter = RateLimiter()
         self._by_roles: dict[frozenset[str], RoleLimit] = {}
         self.in_flight = 0
+        self.admin_in_flight = 0
 
     def _refuse(self, limit: str, message: str, retry_after: float) -> ResourceExhausted:
         self._on_limited(limit)
@@ -59,13 +63,20 @@ class CallLimits(_Wrapper):
             return "peer:" + peer_host(str(context.peer()))
         return "sub:" + principal.subject
 
-    def admit(self, context: Any) -> str:
+    def admit(self, context: Any, admin: bool = False) -> str:
         """Count one call in (returns the key to `release`) or raise ResourceExhausted."""
         cap = self._settings.max_in_flight
         if cap and self.in_flight >= cap:
             raise self._refuse(
                 "server_in_flight",
                 f"the server has {cap} calls in flight; retry shortly",
+                SERVER_BUSY_RETRY_SECONDS,
+            )
+        admin_cap = self._settings.admin_max_in_flight
+        if admin and admin_cap and self.admin_in_flight >= admin_cap:
+            raise self._refuse(
+                "admin_in_flight",
+                f"the server has {admin_cap} LifecycleService calls in flight; retry shortly",
                 SERVER_BUSY_RETRY_SECONDS,
             )
         principal = current_principal()
@@ -85,33 +96,37 @@ class CallLimits(_Wrapper):
                 refusal.retry_after_seconds,
             )
         self.in_flight += 1
+        self.admin_in_flight += admin
         return key
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, admin: bool = False) -> None:
         self.in_flight -= 1
+        self.admin_in_flight -= admin
         self._limiter.release(key)
 
     def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
         admit, release = self.admit, self.release
+        admin = method.startswith(ADMIN_PREFIX)
 
         async def limited(request: Any, context: Any) -> Any:
-            key = admit(context)
+            key = admit(context, admin)
             try:
                 return await behaviour(request, context)
             finally:
-                release(key)
+                release(key, admin)
 
         return limited
 
     def stream(self, behaviour: StreamBehaviour, method: str) -> StreamBehaviour:
         admit, release = self.admit, self.release
+        admin = method.startswith(ADMIN_PREFIX)
 
         async def limited(request: Any, context: Any) -> AsyncIterator[Any]:
-            key = admit(context)
+            key = admit(context, admin)
             try:
                 async for item in behaviour(request, context):
                     yield item
             finally:
-                release(key)
+                release(key, admin)
 
         return limited

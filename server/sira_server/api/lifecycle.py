@@ -38,7 +38,7 @@ __all__ = ["LifecycleServicer"]
 
 DEFAULT_PAGE_SIZE = 50
 DEFAULT_AUDIT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 200
+MAX_PAGE_SIZE = 100
 """Largest page returned; a larger page_size (accepted up to 1000) is coerced to it
 (AIP-158), which bounds the work and the response of one List call."""
 THREAD_CONVERSION_ITEMS = 20

@@ -114,7 +114,7 @@ class ListExperimentsRequest(_message.Message):
     status: _experiment_pb2.ExperimentStatus.ValueType
     """Only experiments in this status; UNSPECIFIED lists every status."""
     page_size: _builtins.int
-    """1..1000, default 50; pages hold at most 200 (a larger size is coerced)."""
+    """1..1000, default 50; pages hold at most 100 (a larger size is coerced)."""
     page_token: _builtins.str
     """From a previous response's next_page_token."""
     def __init__(
@@ -467,7 +467,7 @@ class ListAuditEventsRequest(_message.Message):
     experiment: _builtins.str
     """Optional experiment id or key; empty lists every experiment's events."""
     page_size: _builtins.int
-    """1..1000, default 100; pages hold at most 200 (a larger size is coerced)."""
+    """1..1000, default 100; pages hold at most 100 (a larger size is coerced)."""
     page_token: _builtins.str
     def __init__(
         self,
