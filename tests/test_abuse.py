@@ -68,6 +68,7 @@ ENV = {
     "SIRA_RATE_LIMITS": "data_science=0.001/3/8",
     "SIRA_MAX_RECEIVE_MESSAGE_BYTES": str(MAX_REQUEST),
     "SIRA_METRICS_PORT": str(METRICS_PORT),
+    "SIRA_MAX_CONNECTION_IDLE_SECONDS": "1",
 }
 
 
@@ -323,6 +324,21 @@ async def test_requests_over_the_size_limit_are_not_read(
     event = conversion("e", "s" * (MAX_REQUEST + 1000), "v")
     code, _, _ = await answer(lambda: public.Track(tpb.TrackRequest(event=event)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_idle_connections_are_closed_by_the_server(
+    server: RunningServer, pay: AsyncClient
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        await answer(lambda: stub.Track(tpb.TrackRequest()))  # any answer: connected
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        # The server's GOAWAY after SIRA_MAX_CONNECTION_IDLE_SECONDS moves the channel
+        # out of READY; without the limit it would stay connected forever.
+        await asyncio.wait_for(
+            channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=60
+        )
+        assert channel.get_state() != grpc.ChannelConnectivity.READY
 
 
 # --- unknown references ---------------------------------------------------------------

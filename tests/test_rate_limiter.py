@@ -144,3 +144,20 @@ def test_limit_settings_from_env() -> None:
     for bad in ("marketing=1/2", "marketing=x/1/1", "=1/1/1", "marketing=0/1/1"):
         with pytest.raises(ConfigError, match="SIRA_RATE_LIMITS"):
             Settings.from_env({"SIRA_RATE_LIMITS": bad})
+
+
+def test_lifecycle_calls_share_a_small_cap() -> None:
+    refused: list[str] = []
+    calls = CallLimits(LimitSettings(admin_max_in_flight=2), refused.append)
+    with acting_as(Principal("olga", frozenset({"ops_admin"}))):
+        first = calls.admit(Peer("ipv4:1.1.1.1:1"), admin=True)
+    with acting_as(Principal("mia", frozenset({"marketing"}))):
+        second = calls.admit(Peer("ipv4:1.1.1.1:1"), admin=True)
+        with pytest.raises(ResourceExhausted) as caught:
+            calls.admit(Peer("ipv4:1.1.1.1:1"), admin=True)
+        assert caught.value.metadata == {"limit": "admin_in_flight"}
+        calls.release(calls.admit(Peer("ipv4:1.1.1.1:1")))  # not an admin call: admitted
+    calls.release(first, admin=True)
+    calls.release(second, admin=True)
+    assert (calls.in_flight, calls.admin_in_flight) == (0, 0)
+    assert refused == ["admin_in_flight"]
