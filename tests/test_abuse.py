@@ -246,6 +246,24 @@ async def test_without_a_jwt_every_failure_is_one_answer_and_nothing_counts(
     assert accepted.outcome == tpb.TRACK_OUTCOME_ACCEPTED
 
 
+async def test_the_readme_app_flow(
+    server: RunningServer, admin: AsyncClient, pay: AsyncClient
+) -> None:
+    exp = await running_experiment(admin)
+    d = await pay.assign(exp.key, "user-123")
+    page = {"variant": d.variant.key, "experiment": d.experiment_id, "token": d.tracking_token}
+    async with AsyncClient(server.address) as app:  # no bearer token
+        tracked = await app.track(
+            experiment=page["experiment"],
+            subject_id="user-123",
+            variant_id=page["variant"],
+            event_type="conversion",
+            client_event_id="order-881",
+            tracking_token=page["token"],
+        )
+    assert tracked.outcome == tpb.TRACK_OUTCOME_ACCEPTED
+
+
 async def test_assign_all_signs_each_decision(admin: AsyncClient, pay: AsyncClient) -> None:
     exp = await running_experiment(admin)
     decisions = await pay.assign_all("all-1")

@@ -26,7 +26,7 @@ import grpc
 
 from sira.experiments.v1 import tracking_service_pb2 as pb
 from sira.experiments.v1 import tracking_service_pb2_grpc
-from sira_server.api.assignment import validate_subject
+from sira_server.api.assignment import MAX_SUBJECT_ID, validate_subject
 from sira_server.api.context import current_principal
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.errors import (
@@ -223,6 +223,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         index = None if live is None else live.index_of.get(event.variant_id)
         if (
             live is None
+            or len(event.subject_id) > MAX_SUBJECT_ID  # Assign never signed one: no HMAC work
             or index is None
             or not self._tokens.verify(
                 event.tracking_token,
