@@ -83,8 +83,10 @@ class LimitSettings:
     long, so clients rebalance across replicas; jittered ±10 % by gRPC."""
     max_connection_age_grace_seconds: int = 30
     """SIRA_MAX_CONNECTION_AGE_GRACE_SECONDS: time in-flight calls get after that GOAWAY."""
-    max_concurrent_streams: int = 256
-    """SIRA_MAX_CONCURRENT_STREAMS: calls in flight on one HTTP/2 connection."""
+    max_concurrent_streams: int = 0
+    """SIRA_MAX_CONCURRENT_STREAMS: calls in flight on one HTTP/2 connection; 0 leaves
+    gRPC's default (no limit): a client racing past the limit gets its streams refused
+    as UNAVAILABLE, so the per-principal and process limits are what bound calls."""
     admin_pool_size: int = 4
     """SIRA_ADMIN_POOL_SIZE: Postgres connections for lifecycle and reports, apart from
     the decision path's pool, so admin traffic cannot starve Assign/Track."""
@@ -119,8 +121,11 @@ class LimitSettings:
             ("grpc.max_connection_idle_ms", self.max_connection_idle_seconds * ms),
             ("grpc.max_connection_age_ms", self.max_connection_age_seconds * ms),
             ("grpc.max_connection_age_grace_ms", self.max_connection_age_grace_seconds * ms),
-            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-        ]
+        ] + (
+            [("grpc.max_concurrent_streams", self.max_concurrent_streams)]
+            if self.max_concurrent_streams
+            else []
+        )
 
     @classmethod
     def from_env(
@@ -171,7 +176,7 @@ class LimitSettings:
                 "SIRA_MAX_CONNECTION_AGE_GRACE_SECONDS", d.max_connection_age_grace_seconds, 0
             ),
             max_concurrent_streams=integer(
-                "SIRA_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams, 1
+                "SIRA_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams, 0
             ),
             admin_pool_size=integer("SIRA_ADMIN_POOL_SIZE", d.admin_pool_size, 1),
             admin_statement_timeout_ms=integer(
