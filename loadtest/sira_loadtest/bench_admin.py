@@ -96,11 +96,15 @@ async def _seed(address: str, secret: str, prefix: str) -> None:
                     experiment_pb2.Variant(key="b", name="B"),
                 ],
             )
-            await stub.CreateExperiment(
-                lifecycle_service_pb2.CreateExperimentRequest(experiment=experiment),
-                metadata=metadata,
-                timeout=30,
-            )
+            request = lifecycle_service_pb2.CreateExperimentRequest(experiment=experiment)
+            while True:
+                try:
+                    await stub.CreateExperiment(request, metadata=metadata, timeout=30)
+                    break
+                except grpc.aio.AioRpcError as exc:  # one principal: its rate limit
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    await asyncio.sleep(_retry_delay(exc))
 
 
 async def _assigns(
