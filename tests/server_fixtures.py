@@ -88,6 +88,12 @@ def run_sira_server(
         "SIRA_JWT_SECRET": TEST_JWT_SECRET,
         "SIRA_DATA_DIR": str(data_dir),
         "SIRA_SHUTDOWN_GRACE_SECONDS": "2",
+        # The suite's servers serve every test at full speed; test_abuse.py sets limits.
+        "SIRA_RATE_LIMITS": ",".join(
+            f"{role}=1000000/1000000/10000"
+            for role in ("ops_admin", "marketing", "data_science", "anonymous")
+        ),
+        "SIRA_ADMIN_MAX_IN_FLIGHT": "0",
         **(extra_env or {}),
     }
     with log_path.open("wb") as log_file:

@@ -426,7 +426,9 @@ class Api:
             event_type=event_type,
             client_event_id=f"{subject}-{event_type}",
         )
-        reply: tpb.TrackResponse = await self.tracking.Track(tpb.TrackRequest(event=event))
+        reply: tpb.TrackResponse = await self.tracking.Track(
+            tpb.TrackRequest(event=event), metadata=self.module
+        )
         return reply
 
     async def get_insights(self, key: str) -> ipb.GetInsightsResponse:

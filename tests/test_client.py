@@ -554,3 +554,36 @@ def test_real_server_errors_are_typed(
             reader.delete_experiment(unique_key)
         assert denied.value.reason == "ERROR_REASON_ROLE_NOT_ALLOWED"
         assert reader.get_experiment(unique_key).key == unique_key
+
+
+def _shed(retry_after: float) -> grpc.Status:
+    """What the server's limits answer (built by the server's own error mapping)."""
+    from sira_server.api.interceptors import error_status
+    from sira_server.errors import ResourceExhausted
+
+    return error_status(
+        ResourceExhausted(
+            "the server is busy", metadata={"limit": "x"}, retry_after_seconds=retry_after
+        )
+    )
+
+
+async def test_calls_shed_by_a_server_limit_are_retried_after_retry_info(
+    fake_server: FakeServer,
+) -> None:
+    # Even a non-idempotent call: the server refused it before doing anything.
+    fake_server.script.failures, fake_server.script.failure = 2, _shed(0.01)
+    async with AsyncClient(fake_server.address, retry=FAST_RETRY) as client:
+        started = await client.start_experiment("checkout-button-color")
+    assert started.status == experiment_pb2.EXPERIMENT_STATUS_RUNNING
+    assert fake_server.script.calls == 3
+
+
+async def test_a_long_retry_info_is_the_callers_to_honour(fake_server: FakeServer) -> None:
+    fake_server.script.failures, fake_server.script.failure = 1, _shed(120.0)
+    async with AsyncClient(fake_server.address, retry=FAST_RETRY) as client:
+        with pytest.raises(sira.ResourceExhaustedError) as caught:
+            await client.get_experiment("x")
+    assert fake_server.script.calls == 1
+    assert caught.value.reason == "ERROR_REASON_RATE_LIMITED"
+    assert caught.value.retry_after == pytest.approx(120.0)

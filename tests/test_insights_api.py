@@ -87,7 +87,9 @@ class Api:
         event = tpb.TrackedEvent(
             experiment=key, subject_id=subject, variant_id=variant_id, event_type=event_type
         )
-        reply = await self.tracking.Track(tpb.TrackRequest(event=event))
+        reply = await self.tracking.Track(
+            tpb.TrackRequest(event=event), metadata=self.auth("pay_module")
+        )
         assert reply.outcome == tpb.TRACK_OUTCOME_ACCEPTED
 
     async def get_insights(self, key: str, role: str = "data_science") -> ipb.GetInsightsResponse:

@@ -137,15 +137,16 @@ async def assign(stubs: Stubs, key: str, subject: str) -> apb.Decision:
     return decision
 
 
-async def convert(stubs: Stubs, key: str, subject: str, variant_id: str) -> None:
+async def convert(stubs: Stubs, key: str, subject: str, decision: apb.Decision) -> None:
     event = tpb.TrackedEvent(
         experiment=key,
         subject_id=subject,
-        variant_id=variant_id,
+        variant_id=decision.variant.id,
         event_type=tpb.EVENT_TYPE_CONVERSION,
         value=49.99,
         currency="EUR",
         client_event_id=f"{subject}-paid",
+        tracking_token=decision.tracking_token,  # the app's proof of its assignment
     )
     reply = await stubs.tracking.Track(tpb.TrackRequest(event=event))  # public: no token
     assert reply.outcome == tpb.TRACK_OUTCOME_ACCEPTED
@@ -177,7 +178,7 @@ async def simulate(stubs: Stubs, key: str, run: Run) -> None:
             arm = index[decision.variant.id]
             served = len(run.subjects[arm])
             if CONVERTS[arm, served]:  # the subject pays with the colour it saw
-                conversions.append(convert(stubs, key, subject, decision.variant.id))
+                conversions.append(convert(stubs, key, subject, decision))
             run.subjects[arm].append(subject)
             run.new.append(arm)
         await asyncio.gather(*conversions)

@@ -12,6 +12,17 @@
             currency="EUR",
         )
 
+From a subject's browser or app, without a token, track with the decision's proof
+(the server hands `decision.tracking_token` to the app along with the variant):
+
+    with Client("localhost:50051") as public:
+        public.track(
+            experiment=decision.experiment_id,
+            subject_id="user-123",
+            variant_id=decision.variant.id,
+            tracking_token=decision.tracking_token,
+        )
+
 Generated messages and stubs live in `sira.experiments.v1`; the admin CLI is
 `sira` (`sira.cli`).
 """

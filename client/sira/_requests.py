@@ -136,8 +136,10 @@ def tracked_event(
     custom_event_name: str = "",
     client_event_id: str = "",
     occur_time: datetime | None = None,
+    tracking_token: str = "",
 ) -> tracking_service_pb2.TrackedEvent:
-    """Build a TrackedEvent from plain values."""
+    """Build a TrackedEvent from plain values. `tracking_token`: the Decision's, needed
+    when tracking without a bearer token (from the subject's browser or app)."""
     event = tracking_service_pb2.TrackedEvent(
         experiment=experiment,
         subject_id=subject_id,
@@ -147,6 +149,7 @@ def tracked_event(
         value=value,
         currency=currency,
         client_event_id=client_event_id,
+        tracking_token=tracking_token,
     )
     if occur_time is not None:
         event.occur_time.FromDatetime(occur_time)
@@ -346,6 +349,7 @@ def track(
     custom_event_name: str = "",
     client_event_id: str = "",
     occur_time: datetime | None = None,
+    tracking_token: str = "",
     timeout: float | None = None,
 ) -> Call[tracking_service_pb2.TrackResponse]:
     """Record one event, given as a TrackedEvent or as keyword fields."""
@@ -361,6 +365,7 @@ def track(
         "custom_event_name": custom_event_name,
         "client_event_id": client_event_id,
         "occur_time": occur_time,
+        "tracking_token": tracking_token,
     }
     if event is None:
         if fields["event_type"] is None:

@@ -47,7 +47,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How UNAVAILABLE is retried (see `sira.client` for which calls)."""
+    """How UNAVAILABLE is retried (see `sira.client` for which calls); calls shed by a
+    server limit (RESOURCE_EXHAUSTED with a RetryInfo up to `max_backoff`) are retried
+    after the delay the server asks for."""
 
     attempts: int = 3
     """Total attempts, the first included; 1 disables retries."""
@@ -68,6 +70,16 @@ class RetryPolicy:
         return random.uniform(0.0, bound)
 
 
+def _shed(error: SiraError) -> bool:
+    """Refused by a server limit before any work: any call may be retried after the
+    RetryInfo delay."""
+    return (
+        error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and error.reason == "ERROR_REASON_RATE_LIMITED"
+        and error.retry_after is not None
+    )
+
+
 def _retryable(error: SiraError, idempotent: bool) -> bool:
     if error.code != grpc.StatusCode.UNAVAILABLE:
         return False
@@ -86,7 +98,16 @@ class Attempts:
     def failed(self, exc: grpc.RpcError) -> float:
         """The pause before the next attempt; raises the typed error when there is none."""
         error = from_rpc_error(exc)
-        if self._attempt >= self._retry.attempts or not _retryable(error, self._idempotent):
+        if self._attempt >= self._retry.attempts:
+            raise error from None
+        if _shed(error):
+            # A short wait (load shed) is waited out; a long one (rate) is the caller's.
+            assert error.retry_after is not None
+            if error.retry_after > self._retry.max_backoff:
+                raise error from None
+            self._attempt += 1
+            return error.retry_after
+        if not _retryable(error, self._idempotent):
             raise error from None
         pause = self._retry.backoff(self._attempt)
         self._attempt += 1

@@ -21,6 +21,11 @@ behaviour:
     the request was sent may have applied it, and a replay would then fail
     with ALREADY_EXISTS / FAILED_PRECONDITION / NOT_FOUND, so those surface
     to the caller instead.
+- any call the server shed under load (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED,
+  with a RetryInfo no longer than `RetryPolicy.max_backoff`) is retried after the
+  delay it names: the server refused it before doing anything. Longer delays (a
+  caller over its rate, a subject over its cap) raise `ResourceExhaustedError`
+  with `retry_after` set.
 
 Each request is built once, in `sira._requests`; this module and `sira.aio`
 only send it (blocking or awaited) and sleep between attempts.

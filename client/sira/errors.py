@@ -71,6 +71,7 @@ class SiraError(Exception):
         reason: str = "",
         metadata: dict[str, str] | None = None,
         violations: list[tuple[str, str]] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -81,6 +82,8 @@ class SiraError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.violations: list[tuple[str, str]] = list(violations or [])
         """(field, description) pairs from google.rpc.BadRequest."""
+        self.retry_after = retry_after
+        """Seconds to wait before retrying, from google.rpc.RetryInfo (rate limits)."""
 
     @property
     def code_name(self) -> str:
@@ -181,6 +184,7 @@ def from_rpc_error(error: grpc.RpcError) -> SiraError:
     reason = ""
     metadata: dict[str, str] = {}
     violations: list[tuple[str, str]] = []
+    retry_after: float | None = None
     if status is not None:
         if not message:
             message = status.message
@@ -196,6 +200,10 @@ def from_rpc_error(error: grpc.RpcError) -> SiraError:
                 bad_request = error_details_pb2.BadRequest()
                 detail.Unpack(bad_request)
                 violations.extend((v.field, v.description) for v in bad_request.field_violations)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     cls = error_class(code)
     return cls(
         message or code.name,
@@ -203,6 +211,7 @@ def from_rpc_error(error: grpc.RpcError) -> SiraError:
         reason=reason,
         metadata=metadata,
         violations=violations,
+        retry_after=retry_after,
     )
 
 

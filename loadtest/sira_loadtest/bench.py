@@ -45,6 +45,7 @@ from sira.experiments.v1 import (
     lifecycle_service_pb2_grpc,
     tracking_service_pb2,
 )
+from sira_loadtest import bench_admin
 from sira_loadtest.bench_rate import (
     OPEN_LOOP_END,
     OPEN_LOOP_START,
@@ -562,6 +563,8 @@ async def run_bench(options: BenchOptions) -> BenchResult:
             # Last on this server: its insights cache keeps recomputing for a minute.
             if sira is not None and options.insights:
                 await _insights_run(result, sira, options)
+            if sira is not None:
+                await _admin_isolation_run(result, sira, options)
         if sira is not None and options.sira_workers > 1:
             if usable_cores() < 2:
                 result.problems.append(
@@ -933,6 +936,19 @@ async def _h2load_runs(
             result.measurements.append(measured)
 
 
+async def _admin_isolation_run(result: BenchResult, sira: _Sira, options: BenchOptions) -> None:
+    """Assign p99 quiet vs. under 100 concurrent ListExperiments (`bench_admin`)."""
+    print("measuring Assign p99 under admin load", file=sys.stderr)
+    try:
+        measured = await bench_admin.measure_admin_isolation(
+            sira.address, sira.secret, sira.experiment, options.duration
+        )
+    except grpc.aio.AioRpcError as exc:
+        result.problems.append(f"admin isolation not measured: {error_text(exc)[1]}")
+        return
+    result.settings["admin_isolation"] = measured.to_json()
+
+
 def parse_args(argv: list[str] | None) -> BenchOptions:
     p = argparse.ArgumentParser(prog="python -m sira_loadtest.bench", description=__doc__)
     p.add_argument("-z", "--duration", default="10s", help="per measured run (10s)")
@@ -1016,6 +1032,12 @@ def main(argv: list[str] | None = None) -> None:
         result.problems.append(kernels_problem)
     replace_section(options.markdown, render_markdown(result))
     write_open_loop_section(options.markdown, result)
+    replace_section(
+        options.markdown,
+        bench_admin.render_markdown(result.settings.get("admin_isolation")),
+        start=bench_admin.SECTION_START,
+        end=bench_admin.SECTION_END,
+    )
     options.json_path.parent.mkdir(parents=True, exist_ok=True)
     options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     print(measurement_table(result.measurements))

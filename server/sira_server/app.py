@@ -34,6 +34,7 @@ from sira.experiments.v1 import (
     tracking_service_pb2_grpc,
 )
 from sira_server.api.assignment import AssignmentServicer
+from sira_server.api.call_limits import CallLimits
 from sira_server.api.health import HealthServicer
 from sira_server.api.insights import InsightsServicer
 from sira_server.api.interceptors import GuardedRegistrar
@@ -47,6 +48,7 @@ from sira_server.engine.autopilot import FailFastAutopilot
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
+from sira_server.limit_settings import LimitSettings
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
@@ -54,6 +56,7 @@ from sira_server.store.flusher import WriteBehindFlusher
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
+from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
 
 log = logging.getLogger("sira_server")
 
@@ -90,6 +93,9 @@ async def _answers(store: str, probe: Awaitable[object]) -> bool:
 class Stores:
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    admin_pool: asyncpg.Pool | None = None
+    """Lifecycle and reports, with a statement timeout: admin traffic cannot take the
+    decision path's connections (None: share `pool`)."""
 
     async def postgres_ok(self) -> bool:
         return await _answers("Postgres", self.pool.fetchval("SELECT 1"))
@@ -109,6 +115,10 @@ class Stores:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.pool.close(), timeout=CLOSE_SECONDS)
         self.pool.terminate()
+        if self.admin_pool is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.admin_pool.close(), timeout=CLOSE_SECONDS)
+            self.admin_pool.terminate()
 
 
 class SiraServer:
@@ -126,9 +136,19 @@ class SiraServer:
         self.metrics = metrics or Metrics()
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
+            options=[
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+                *settings.limits.grpc_options(),
+            ],
         )
-        guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
+        limited = self.metrics.limited
+        self.call_limits = CallLimits(settings.limits, lambda limit: limited.labels(limit).inc())
+        guarded = GuardedRegistrar(
+            self.server, verifier, self.metrics.count_rpc, limits=self.call_limits
+        )
+        tokens = TrackingTokens(
+            tracking_key(settings), settings.limits.tracking_token_max_age_seconds
+        )
         self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, applied=self.metrics)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
@@ -144,11 +164,15 @@ class SiraServer:
             f"{socket.gethostname()}-{os.getpid()}",
             on_flush=self.metrics.record_flush,
         )
+        # Lifecycle and reports on their own pool (same change notifications).
+        admin = ExperimentRepository(stores.admin_pool or stores.pool, on_change=self._changed)
         lifecycle_service_pb2_grpc.add_LifecycleServiceServicer_to_server(
-            LifecycleServicer(self.repository), guarded
+            LifecycleServicer(admin), guarded
         )
         assignment_service_pb2_grpc.add_AssignmentServiceServicer_to_server(
-            AssignmentServicer(self.catalog, self.posteriors, self.hot, stores.pool, self.metrics),
+            AssignmentServicer(
+                self.catalog, self.posteriors, self.hot, stores.pool, self.metrics, tokens=tokens
+            ),
             guarded,
         )
         tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
@@ -156,12 +180,14 @@ class SiraServer:
                 self.catalog,
                 self.hot,
                 self.metrics,
+                tokens,
+                subject_events_per_hour=settings.limits.subject_events_per_hour,
                 max_event_value=settings.limits.max_event_value,
             ),
             guarded,
         )
         insights_service_pb2_grpc.add_InsightsServiceServicer_to_server(
-            InsightsServicer(self.catalog, self.repository, self.hot, self.insights),
+            InsightsServicer(self.catalog, admin, self.hot, self.insights),
             guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -350,12 +376,20 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
             await task
 
 
-async def open_stores(database_url: str, redis_url: str) -> Stores:
+async def open_stores(
+    database_url: str, redis_url: str, limits: LimitSettings | None = None
+) -> Stores:
+    limits = limits or LimitSettings()
     try:
         pool = await create_pool(database_url)
+        admin_pool = await create_pool(
+            database_url,
+            max_size=limits.admin_pool_size,
+            server_settings={"statement_timeout": str(limits.admin_statement_timeout_ms)},
+        )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    return Stores(pool=pool, redis=create_redis(redis_url))
+    return Stores(pool=pool, redis=create_redis(redis_url), admin_pool=admin_pool)
 
 
 def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
@@ -367,6 +401,26 @@ def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
         raise ConfigError("SIRA_JWT_SECRET is required with HS256 when using external stores")
     secret = ensure_dev_secret(settings.data_dir)
     return replace(settings, jwt=replace(jwt, secret=secret))
+
+
+def resolve_tracking_key(settings: Settings, *, embedded: bool) -> Settings:
+    """The tracking token key: configured, else (embedded default) generated once in the
+    data dir. With external stores and no key, `tracking_key` derives it from the HS256
+    secret that replicas share."""
+    if settings.limits.tracking_key or not embedded:
+        return settings
+    key = ensure_key_file(settings.data_dir)
+    return replace(settings, limits=replace(settings.limits, tracking_key=key))
+
+
+def tracking_key(settings: Settings) -> bytes:
+    if settings.limits.tracking_key:
+        return settings.limits.tracking_key.encode()
+    if settings.jwt.algorithm == "HS256" and settings.jwt.secret:
+        return derive_key(settings.jwt.secret)
+    raise ConfigError(
+        "SIRA_TRACKING_TOKEN_KEY is required when the JWT algorithm has no shared secret"
+    )
 
 
 def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
@@ -396,7 +450,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stores = await open_stores(settings.database_url, settings.redis_url)
+    stores = await open_stores(settings.database_url, settings.redis_url, settings.limits)
     try:
         metrics = Metrics()
         if settings.metrics_port:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sira_server.domain.limits import DEFAULT_MAX_EVENT_VALUE
+from sira_server.limit_settings import LimitSettings
 
 DEV_SECRET_FILE = "dev-jwt-secret"
 
@@ -35,15 +36,6 @@ class JwtSettings:
     """SIRA_JWT_ISSUER: when set, tokens must carry this `iss`."""
     leeway_seconds: float = 30.0
     """SIRA_JWT_LEEWAY_SECONDS: clock skew tolerated on exp/nbf."""
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    """Input limits an operator may tune (the fixed ones are in `domain.limits`)."""
-
-    max_event_value: float = DEFAULT_MAX_EVENT_VALUE
-    """SIRA_MAX_EVENT_VALUE: the largest Track value accepted (finite, > 0; default
-    1e12), so revenue sums stay finite."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +75,7 @@ class Settings:
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
     limits: LimitSettings = field(default_factory=LimitSettings)
+    """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
 
     @property
@@ -168,6 +161,9 @@ class Settings:
             tls_key_file=Path(key) if key else None,
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
-            limits=LimitSettings(max_event_value=max_event_value),
+            limits=replace(
+                LimitSettings.from_env(text, integer, ConfigError),
+                max_event_value=max_event_value,
+            ),
             listen=ListenSettings(metrics_host=text("SIRA_METRICS_HOST") or "127.0.0.1"),
         )

@@ -108,3 +108,15 @@ class Unavailable(SiraError):
 class ResourceExhausted(SiraError):
     status_name = "RESOURCE_EXHAUSTED"
     default_reason = "ERROR_REASON_RATE_LIMITED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_seconds = retry_after_seconds
+        """Sent as google.rpc.RetryInfo: when a retry may succeed."""

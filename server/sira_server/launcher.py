@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from sira_server.app import banner, resolve_jwt_secret, serve
+from sira_server.app import banner, resolve_jwt_secret, resolve_tracking_key, serve
 from sira_server.config import Settings
 from sira_server.embedded import EmbeddedServers
 from sira_server.store.migrate import apply_migrations
@@ -45,6 +45,7 @@ def run(settings: Settings) -> None:
             # Migrated as the owner; served as the least-privileged application role.
             settings = replace(settings, database_url=as_role(database_url))
         settings = resolve_jwt_secret(settings, embedded=embedded is not None)
+        settings = resolve_tracking_key(settings, embedded=embedded is not None)
         if settings.workers == 1:
             asyncio.run(serve(settings, lambda port: announce(settings, port, embedded)))
         else:

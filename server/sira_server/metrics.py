@@ -84,6 +84,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.limited = Counter(
+            "sira_limited",
+            "Calls or events refused by a limit (rate, concurrency, server_in_flight, "
+            "subject_events) or for lack of tracking proof (tracking_proof).",
+            ["limit"],
+            registry=r,
+        )
 
         self.dead_lettered = Counter(
             "sira_write_behind_dead_lettered_entries",

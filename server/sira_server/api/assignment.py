@@ -38,6 +38,7 @@ from sira_server.metrics import Metrics
 from sira_server.store.assignments import find_assignment
 from sira_server.store.hot_keys import Assignment
 from sira_server.store.hot_state import HotState
+from sira_server.tracking_token import TrackingTokens
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -124,7 +125,9 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         metrics: Metrics,
         *,
         sticky_capacity: int = 200_000,
+        tokens: TrackingTokens | None = None,
     ) -> None:
+        """`tokens`: sign each decision that names a variant with a tracking token."""
         self._catalog = catalog
         self._posteriors = posteriors
         self._hot = hot
@@ -134,7 +137,14 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         self._rng_state = new_rng_state(secrets.randbits(62))
         self._rng = random.Random(secrets.randbits(64))
         self._variants: dict[tuple[str, int], tuple[pb.AssignedVariant, ...]] = {}
+        self._tokens = tokens
         catalog.add_listener(self._on_change)
+
+    def _sign(self, decision: pb.Decision, subject_id: str) -> None:
+        if self._tokens is not None and decision.HasField("variant"):
+            decision.tracking_token = self._tokens.issue(
+                decision.experiment_id, subject_id, decision.variant.id, time.time()
+            )
 
     async def _on_change(self, live: LiveExperiment | None, experiment_id: str) -> None:
         self._variants = {k: v for k, v in self._variants.items() if k[0] != experiment_id}
@@ -235,6 +245,7 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         profile = profile_from_context(request.context)
         live = await self._catalog.get(ref)
         decision = await self.decide(live, request.subject_id, profile, request.context)
+        self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
         return pb.AssignResponse(decision=decision)
 
@@ -251,5 +262,7 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
             )
         )
         decisions = [decision for decision in every if decision.HasField("variant")]
+        for decision in decisions:
+            self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
         return pb.AssignAllResponse(decisions=decisions)

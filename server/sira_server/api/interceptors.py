@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -128,6 +128,11 @@ def error_status(err: SiraError) -> Any:
             ]
         )
         details.append(_pack(bad_request))  # the message says how many more there were
+    retry_after = getattr(err, "retry_after_seconds", None)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(retry_after * 1e9)))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     message = _cut(err.message, limits.MAX_ERROR_MESSAGE_BYTES)
     if message != err.message and len(err.violations) > 1:  # keep the count when cutting
         total = f" ({len(err.violations)} field violations in all)"
@@ -510,16 +515,27 @@ class GuardedRegistrar:
     real server directly, so they pass no wrapper at all.
     """
 
-    def __init__(self, server: Any, verifier: TokenVerifier, count: Count = _count_nothing):
+    def __init__(
+        self,
+        server: Any,
+        verifier: TokenVerifier,
+        count: Count = _count_nothing,
+        limits: _Wrapper | None = None,
+    ):
+        """`limits`: admission (`api.call_limits.CallLimits`), applied inside auth."""
         self._server = server
         self._errors = _ErrorWrapper(count)
         self._auth = _AuthWrapper(verifier)
         self._edge = _EdgeWrapper()
+        self._limits = limits
 
     def _wrap(self, handler: Any, method: str) -> Any:
-        # Error wrapper outermost: it turns the auth and edge wrappers' SiraErrors into
-        # statuses. Auth before the edge check: strangers learn nothing about the rules.
+        # Error wrapper outermost: it turns the auth, limit and edge wrappers' SiraErrors
+        # into statuses. Auth before the edge check: strangers learn nothing about the
+        # rules. Limits need the principal (inside auth) and shed load before any work.
         inner = self._edge.handler(handler, method)
+        if self._limits is not None:
+            inner = self._limits.handler(inner, method)
         return self._errors.handler(self._auth.handler(inner, method), method)
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:

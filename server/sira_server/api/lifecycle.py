@@ -7,7 +7,9 @@ the error interceptor maps to gRPC statuses; nothing is caught here.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 
@@ -36,6 +38,26 @@ __all__ = ["LifecycleServicer"]
 
 DEFAULT_PAGE_SIZE = 50
 DEFAULT_AUDIT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 100
+"""Largest page returned; a larger page_size (accepted up to 1000) is coerced to it
+(AIP-158), which bounds the work and the response of one List call."""
+THREAD_CONVERSION_ITEMS = 20
+"""Pages longer than this are converted to protobuf off the event loop."""
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+
+def _page_size(value: int, default: int) -> int:
+    return min(validate_page_size(value, default=default), MAX_PAGE_SIZE)
+
+
+async def _convert(items: Sequence[T], to_proto: Callable[[T], M]) -> list[M]:
+    """Long pages are converted in a worker thread, so the loop keeps serving Assign."""
+    if len(items) <= THREAD_CONVERSION_ITEMS:
+        return [to_proto(item) for item in items]
+    return await asyncio.to_thread(lambda: [to_proto(item) for item in items])
+
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -66,11 +88,11 @@ class LifecycleServicer(lifecycle_service_pb2_grpc.LifecycleServiceServicer):
     ) -> pb.ListExperimentsResponse:
         page = await self._repository.list_experiments(
             status=status_from_proto(request.status),
-            page_size=validate_page_size(request.page_size, default=DEFAULT_PAGE_SIZE),
+            page_size=_page_size(request.page_size, DEFAULT_PAGE_SIZE),
             page_token=request.page_token,
         )
         return pb.ListExperimentsResponse(
-            experiments=[experiment_to_proto(e) for e in page.items],
+            experiments=await _convert(page.items, experiment_to_proto),
             next_page_token=page.next_page_token,
         )
 
@@ -138,10 +160,10 @@ class LifecycleServicer(lifecycle_service_pb2_grpc.LifecycleServiceServicer):
     ) -> pb.ListAuditEventsResponse:
         page = await self._repository.list_audit_events(
             experiment=request.experiment.strip() or None,
-            page_size=validate_page_size(request.page_size, default=DEFAULT_AUDIT_PAGE_SIZE),
+            page_size=_page_size(request.page_size, DEFAULT_AUDIT_PAGE_SIZE),
             page_token=request.page_token,
         )
         return pb.ListAuditEventsResponse(
-            events=[audit_event_to_proto(e) for e in page.items],
+            events=await _convert(page.items, audit_event_to_proto),
             next_page_token=page.next_page_token,
         )

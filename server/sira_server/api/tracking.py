@@ -2,9 +2,14 @@
 
 Validation happens here; the state rules (assigned? same variant? seen this event id?)
 are enforced atomically by the Track script in Redis, in ONE round trip, together with
-the counters and the write-behind record. Callable without a token: the script's
-assignment check is then the whole authorization, and errors never reveal which variant
-a subject has.
+the counters and the write-behind record.
+
+Callable without a bearer token (from a subject's app), but then each event must carry
+the tracking token of its Decision (`tracking_token`): checked first, against the
+in-process catalog only, before anything else is looked at or stored. Every failure of
+that proof, and any later "not assigned"/"other variant" answer, is the same
+`no_proof()` error, so an unauthenticated caller learns nothing about who is enrolled
+where. Such events are also capped per subject, type and experiment per hour.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import grpc
 
 from sira.experiments.v1 import tracking_service_pb2 as pb
 from sira.experiments.v1 import tracking_service_pb2_grpc
-from sira_server.api.assignment import validate_subject
+from sira_server.api.assignment import MAX_SUBJECT_ID, validate_subject
 from sira_server.api.context import current_principal
 from sira_server.api.edge import check_message
 from sira_server.domain import limits
@@ -31,11 +36,20 @@ from sira_server.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     SiraError,
+    Unauthenticated,
     excerpt,
 )
 from sira_server.metrics import Metrics
-from sira_server.store.hot_state import HotState, TrackEvent, TrackOutcome, TrackStatus
+from sira_server.store.hot_state import (
+    CAP_WINDOW_MS,
+    HotState,
+    TrackEvent,
+    TrackOutcome,
+    TrackStatus,
+)
+from sira_server.tracking_token import TrackingTokens
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -49,6 +63,25 @@ BUILTIN_TYPES = {
     pb.EVENT_TYPE_REFUND: "refund",
     pb.EVENT_TYPE_CHURN: "churn",
 }
+
+
+def no_proof() -> Unauthenticated:
+    """The one answer to any tracking failure of a caller without a bearer token."""
+    return Unauthenticated(
+        "tracking without a bearer token needs the tracking_token of the subject's "
+        "Decision for exactly this experiment, subject and variant (not expired)",
+        reason="ERROR_REASON_TOKEN_INVALID",
+    )
+
+
+def capped(cap: int, now_ms: int) -> ResourceExhausted:
+    retry_ms = CAP_WINDOW_MS - now_ms % CAP_WINDOW_MS
+    return ResourceExhausted(
+        f"this subject reported {cap} events of this type in this experiment this hour, "
+        "the most allowed without a bearer token",
+        metadata={"limit": "subject_events"},
+        retry_after_seconds=retry_ms / 1000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,17 +227,47 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         catalog: ExperimentCatalog,
         hot: HotState,
         metrics: Metrics,
+        tokens: TrackingTokens,
         *,
+        subject_events_per_hour: int = 0,
         max_event_value: float = limits.DEFAULT_MAX_EVENT_VALUE,
     ) -> None:
         self._catalog = catalog
         self._hot = hot
         self._metrics = metrics
         self._max_event_value = max_event_value
+        self._tokens = tokens
+        self._cap = subject_events_per_hour
+
+    def _proven(self, event: pb.TrackedEvent, now_ms: int) -> LiveExperiment:
+        """For a caller without a bearer token: the experiment, if the event carries a
+        valid tracking token for it; `no_proof()` otherwise, whatever the cause."""
+        live = self._catalog.peek(event.experiment)
+        index = None if live is None else live.index_of.get(event.variant_id)
+        if (
+            live is None
+            or len(event.subject_id) > MAX_SUBJECT_ID  # Assign never signed one: no HMAC work
+            or index is None
+            or not self._tokens.verify(
+                event.tracking_token,
+                live.id,
+                event.subject_id,
+                live.variant_ids[index],
+                now_ms / 1000,
+            )
+        ):
+            self._metrics.limited.labels("tracking_proof").inc()
+            raise no_proof()
+        return live
 
     async def _resolve(self, event: pb.TrackedEvent, now_ms: int) -> ValidEvent:
-        valid = validate_event(event, now_ms, self._max_event_value)
-        live = await self._catalog.get(event.experiment)
+        anonymous = current_principal().is_anonymous
+        if anonymous:
+            live = self._proven(event, now_ms)
+            valid = validate_event(event, now_ms, self._max_event_value)
+        else:
+            valid = validate_event(event, now_ms, self._max_event_value)
+            live = await self._catalog.get(event.experiment)
         index = live.index_of.get(event.variant_id)
         if index is None:
             raise NotFound(
@@ -220,6 +283,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             occurred_ms=valid.occurred_ms,
             value=valid.value,
             currency=valid.currency,
+            cap=self._cap if anonymous else 0,
         )
         return ValidEvent(live, canonical, event.variant_id)
 
@@ -232,6 +296,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             return pb.TrackResponse(
                 event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_DUPLICATE
             )
+        if outcome.status is TrackStatus.CAPPED:
+            self._metrics.limited.labels("subject_events").inc()
+            raise capped(valid.event.cap, int(time.time() * 1000))
+        if current_principal().is_anonymous:
+            raise no_proof()
         raise outcome_error(valid.live, valid.event, outcome, valid.variant_sent)
 
     async def Track(self, request: pb.TrackRequest, context: Context) -> pb.TrackResponse:

@@ -8,7 +8,9 @@ net for a missed message (Redis restarted, subscriber reconnecting).
 Only running and stopped experiments live here. A reference to anything else is looked
 up in Postgres and answered with an error (draft: FAILED_PRECONDITION; archived or
 unknown: NOT_FOUND), remembered for a second so a flood of bad references cannot
-overload Postgres.
+overload Postgres. Those remembered misses are bounded in bytes (`MISS_CACHE_BYTES`,
+oldest dropped first); callers without a token use `peek`, which never reaches
+Postgres nor remembers anything.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 
 CHANGES_CHANNEL = "sira:experiments:changed"
 LIVE_STATUSES = (ExperimentStatus.RUNNING, ExperimentStatus.STOPPED)
+MISS_CACHE_BYTES = 1 << 20
+"""Budget of remembered misses: reference characters plus `MISS_OVERHEAD_BYTES` each."""
+MISS_OVERHEAD_BYTES = 200
 DELETED_VERSION = 2**63 - 1
 """What a deleted experiment counts as in `_applied`: newer than any definition."""
 
@@ -96,6 +101,7 @@ class ExperimentCatalog:
         self._by_id: dict[str, LiveExperiment] = {}
         self._by_ref: dict[str, LiveExperiment] = {}
         self._misses: dict[str, tuple[float, SiraError]] = {}
+        self._miss_bytes = 0
         self._applied: dict[str, int] = {}
         """Newest definition version applied per experiment (installed or removed). Reads
         of Postgres overlap (a reload per change, misses of `get`): one that finishes after
@@ -111,6 +117,11 @@ class ExperimentCatalog:
 
     def running(self) -> list[LiveExperiment]:
         return [e for e in self._by_id.values() if e.running]
+
+    def peek(self, ref: str) -> LiveExperiment | None:
+        """The live experiment named by id or key if this process holds it; never waits,
+        never queries Postgres, never remembers a miss (for unauthenticated callers)."""
+        return self._by_ref.get(ref)
 
     async def get(self, ref: str) -> LiveExperiment:
         """The live experiment named by id or key; raises for any other state."""
@@ -137,9 +148,7 @@ class ExperimentCatalog:
                     metadata={"experiment": ref},
                 )
         except (FailedPrecondition, NotFound) as exc:
-            self._misses[ref] = (time.monotonic() + self._negative_ttl, exc)
-            if len(self._misses) > 10_000:
-                self._misses.clear()
+            self._remember_miss(ref, exc)
             raise
         if self._is_stale(experiment.id, experiment.version):
             # A reload applied a newer definition while this read was in flight.
@@ -151,6 +160,23 @@ class ExperimentCatalog:
                 )
             return live
         return self._install(experiment)
+
+    def _remember_miss(self, ref: str, exc: SiraError) -> None:
+        if ref in self._misses:
+            self._forget_miss(ref)
+        self._misses[ref] = (time.monotonic() + self._negative_ttl, exc)
+        self._miss_bytes += _miss_size(ref, exc)
+        while self._miss_bytes > MISS_CACHE_BYTES and self._misses:
+            self._forget_miss(next(iter(self._misses)))  # oldest first (insertion order)
+
+    def _forget_miss(self, ref: str) -> None:
+        _, exc = self._misses.pop(ref)
+        self._miss_bytes -= _miss_size(ref, exc)
+
+    @property
+    def miss_cache_bytes(self) -> int:
+        """Approximate memory held by remembered misses."""
+        return self._miss_bytes
 
     # --- changes ---
 
@@ -167,6 +193,7 @@ class ExperimentCatalog:
 
     async def reload(self, experiment_id: str) -> None:
         self._misses.clear()
+        self._miss_bytes = 0
         try:
             experiment = await self._repository.get(experiment_id)
         except NotFound:
@@ -263,3 +290,7 @@ class ExperimentCatalog:
                 log.warning("catalog change listener: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+def _miss_size(ref: str, exc: SiraError) -> int:
+    return len(ref) + len(exc.message) + MISS_OVERHEAD_BYTES

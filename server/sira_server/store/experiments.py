@@ -12,6 +12,7 @@ raises `Unavailable`: nothing was written and the caller may retry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -88,6 +89,10 @@ _EXPERIMENT_KEY_CONSTRAINT = "experiments_key_key"
 _VARIANT_KEY_CONSTRAINT = "experiment_variants_experiment_id_key_key"
 _ONE_CONTROL_INDEX = "experiment_variants_one_control"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+THREAD_BUILD_ROWS = 20
+"""Pages with more rows are turned into domain objects in a worker thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,7 +700,12 @@ class ExperimentRepository:
                     dropped_at=v["dropped_at"],
                 )
             )
-        return [_experiment(r, by_experiment[r["id"]]) for r in rows]
+        if len(rows) <= THREAD_BUILD_ROWS:
+            return [_experiment(r, by_experiment[r["id"]]) for r in rows]
+        # A long page (List calls) is built off the event loop: Assign/Track keep it.
+        return await asyncio.to_thread(
+            lambda: [_experiment(r, by_experiment[r["id"]]) for r in rows]
+        )
 
 
 def _experiment(row: asyncpg.Record, variants: list[Variant]) -> Experiment:

@@ -15,6 +15,8 @@ script touches a single slot (Redis Cluster safe)::
     sira:{exp:<id>}:wb        STREAM write-behind records for the flusher
     sira:{exp:<id>}:dead      STREAM records the flusher could not write
     sira:{exp:<id>}:lock      STRING rebuild lock
+    sira:{exp:<id>}:cap:<hour>:<type>:<subject>  STRING  events counted against a
+                              subject's hourly cap (expires after the hour)
     sira:streams              SET   every write-behind stream (flusher registry)
 
 The Lua scripts in ``store/lua/`` write the same formats; change both together.

@@ -83,6 +83,8 @@ class TrackStatus(enum.Enum):
     """The subject has no assignment in this experiment; nothing changed."""
     MISMATCH = "mismatch"
     """The subject is assigned another variant; nothing changed."""
+    CAPPED = "capped"
+    """Over the subject's hourly cap for this event type (`TrackEvent.cap`); not recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,9 @@ class TrackEvent:
     occurred_ms: int
     value: float = 0.0
     currency: str | None = None
+    cap: int = 0
+    """At most this many events of this subject, type and experiment per clock hour
+    (0: no cap; used for tracking without a service token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +449,13 @@ class HotState:
         outcomes: list[TrackOutcome | None] = [None] * len(events)
         todo = list(range(len(events)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
-            calls = [(script_keys, _track_args(events[i], received_ms)) for i in todo]
+            calls = [
+                (
+                    (*script_keys, cap_key(keys, events[i], received_ms)),
+                    _track_args(events[i], received_ms),
+                )
+                for i in todo
+            ]
             with redis_errors_as_unavailable():
                 replies = await self._eval(TRACK_SCRIPT, calls)
             retry = []
@@ -544,7 +555,19 @@ def _track_args(event: TrackEvent, received_ms: int) -> tuple[str | int, ...]:
         event.event_id,
         event.occurred_ms,
         received_ms,
+        event.cap,
+        CAP_WINDOW_MS,
     )
+
+
+CAP_WINDOW_MS = 3_600_000
+
+
+def cap_key(keys: ExperimentKeys, event: TrackEvent, received_ms: int) -> str:
+    """The counter of `event`'s subject and type in this clock hour (same slot as the
+    experiment's other keys; expires with the window)."""
+    hour = received_ms // CAP_WINDOW_MS
+    return f"{keys.meta[: -len('meta')]}cap:{hour}:{event.event_type}:{event.subject_id}"
 
 
 def _track_outcome(reply: list[Any]) -> TrackOutcome:
@@ -557,6 +580,8 @@ def _track_outcome(reply: list[Any]) -> TrackOutcome:
         return TrackOutcome(TrackStatus.NOT_ASSIGNED)
     if tag == b"M":
         return TrackOutcome(TrackStatus.MISMATCH, assigned_variant_id=reply[1].decode())
+    if tag == b"L":
+        return TrackOutcome(TrackStatus.CAPPED)
     raise ValueError(f"unexpected reply from track.lua: {reply!r}")
 
 

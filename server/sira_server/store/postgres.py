@@ -51,10 +51,21 @@ async def connect(dsn: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections decode json/jsonb to Python objects and back."""
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    server_settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb to Python objects and back;
+    `server_settings` are session settings (e.g. statement_timeout)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings=server_settings,
     )
     return pool
 

@@ -196,12 +196,20 @@ class Decision(_message.Message):
     VARIANT_FIELD_NUMBER: _builtins.int
     PROPENSITY_FIELD_NUMBER: _builtins.int
     ASSIGN_TIME_FIELD_NUMBER: _builtins.int
+    TRACKING_TOKEN_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     experiment_key: _builtins.str
     reason: Global___AssignmentReason.ValueType
     propensity: _builtins.float
     """Probability with which this variant was picked when the subject was first
     assigned (its propensity); 1 for concluded experiments.
+    """
+    tracking_token: _builtins.str
+    """Proof of this assignment for tracking without a service token: hand it to
+    the subject's app, which passes it in TrackedEvent.tracking_token. An HMAC
+    over experiment id, subject id, variant id and issue time; opaque to
+    callers, valid for SIRA_TRACKING_TOKEN_MAX_AGE_SECONDS. Empty without a
+    variant.
     """
     @_builtins.property
     def variant(self) -> Global___AssignedVariant:
@@ -220,10 +228,11 @@ class Decision(_message.Message):
         variant: Global___AssignedVariant | None = ...,
         propensity: _builtins.float = ...,
         assign_time: _timestamp_pb2.Timestamp | None = ...,
+        tracking_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "variant", b"variant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "experiment_id", b"experiment_id", "experiment_key", b"experiment_key", "propensity", b"propensity", "reason", b"reason", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign_time", b"assign_time", "experiment_id", b"experiment_id", "experiment_key", b"experiment_key", "propensity", b"propensity", "reason", b"reason", "tracking_token", b"tracking_token", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

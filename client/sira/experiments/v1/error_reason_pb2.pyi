@@ -54,6 +54,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_TOKEN_INVALID: _ErrorReason.ValueType  # 9
     """The token could not be verified (bad signature, algorithm, audience,
     issuer, malformed). Metadata: none (the cause is logged server side).
+    Also the one answer to a Track without a bearer token that lacks a valid
+    tracking_token for its experiment, subject and variant, whatever the cause.
     """
     ERROR_REASON_TOKEN_EXPIRED: _ErrorReason.ValueType  # 10
     """The token's exp is in the past or its nbf in the future."""
@@ -67,7 +69,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Metadata: "store".
     """
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 13
-    """Too many requests; retry after a pause."""
+    """Too many requests; retry after a pause. Status RESOURCE_EXHAUSTED; a
+    google.rpc.RetryInfo detail says how long to wait. Metadata: "limit"
+    (rate, concurrency, server_in_flight or subject_events).
+    """
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 14
     """The page_token is malformed or belongs to another query."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 15
@@ -114,6 +119,8 @@ ERROR_REASON_TOKEN_MISSING: ErrorReason.ValueType  # 8
 ERROR_REASON_TOKEN_INVALID: ErrorReason.ValueType  # 9
 """The token could not be verified (bad signature, algorithm, audience,
 issuer, malformed). Metadata: none (the cause is logged server side).
+Also the one answer to a Track without a bearer token that lacks a valid
+tracking_token for its experiment, subject and variant, whatever the cause.
 """
 ERROR_REASON_TOKEN_EXPIRED: ErrorReason.ValueType  # 10
 """The token's exp is in the past or its nbf in the future."""
@@ -127,7 +134,10 @@ caller should retry (with the same client_event_id for Track).
 Metadata: "store".
 """
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 13
-"""Too many requests; retry after a pause."""
+"""Too many requests; retry after a pause. Status RESOURCE_EXHAUSTED; a
+google.rpc.RetryInfo detail says how long to wait. Metadata: "limit"
+(rate, concurrency, server_in_flight or subject_events).
+"""
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 14
 """The page_token is malformed or belongs to another query."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 15

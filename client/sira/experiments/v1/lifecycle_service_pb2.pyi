@@ -114,7 +114,7 @@ class ListExperimentsRequest(_message.Message):
     status: _experiment_pb2.ExperimentStatus.ValueType
     """Only experiments in this status; UNSPECIFIED lists every status."""
     page_size: _builtins.int
-    """1..1000, default 50."""
+    """1..1000, default 50; pages hold at most 100 (a larger size is coerced)."""
     page_token: _builtins.str
     """From a previous response's next_page_token; opaque, at most 256
     characters. Anything else is INVALID_ARGUMENT (ERROR_REASON_INVALID_PAGE_TOKEN).
@@ -477,7 +477,7 @@ class ListAuditEventsRequest(_message.Message):
     experiment's events.
     """
     page_size: _builtins.int
-    """1..1000, default 100."""
+    """1..1000, default 100; pages hold at most 100 (a larger size is coerced)."""
     page_token: _builtins.str
     """As ListExperimentsRequest.page_token: opaque, at most 256 characters."""
     def __init__(

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sira.experiments.v1 import error_reason_pb2 as sira_dot_experiments_dot_v1_dot_error__reason__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sira/experiments/v1/tracking_service.proto\x12\x13sira.experiments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&sira/experiments/v1/error_reason.proto\"\x83\x02\n\x0cTrackedEvent\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x12\n\nvariant_id\x18\x03 \x01(\t\x12\x32\n\nevent_type\x18\x04 \x01(\x0e\x32\x1e.sira.experiments.v1.EventType\x12\x19\n\x11\x63ustom_event_name\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x08 \x01(\t\x12.\n\noccur_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"@\n\x0cTrackRequest\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.sira.experiments.v1.TrackedEvent\"U\n\rTrackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.sira.experiments.v1.TrackOutcome\"F\n\x11TrackBatchRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.sira.experiments.v1.TrackedEvent\"l\n\nTrackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x30\n\x06reason\x18\x02 \x01(\x0e\x32 .sira.experiments.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x86\x01\n\x10TrackBatchResult\x12\x36\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\".sira.experiments.v1.TrackResponseH\x00\x12\x30\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.sira.experiments.v1.TrackErrorH\x00\x42\x08\n\x06result\"L\n\x12TrackBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.sira.experiments.v1.TrackBatchResult*\x86\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_CONVERSION\x10\x01\x12\x15\n\x11\x45VENT_TYPE_REFUND\x10\x02\x12\x14\n\x10\x45VENT_TYPE_CHURN\x10\x03\x12\x15\n\x11\x45VENT_TYPE_CUSTOM\x10\x04*f\n\x0cTrackOutcome\x12\x1d\n\x19TRACK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRACK_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17TRACK_OUTCOME_DUPLICATE\x10\x02\x32\xc0\x01\n\x0fTrackingService\x12N\n\x05Track\x12!.sira.experiments.v1.TrackRequest\x1a\".sira.experiments.v1.TrackResponse\x12]\n\nTrackBatch\x12&.sira.experiments.v1.TrackBatchRequest\x1a\'.sira.experiments.v1.TrackBatchResponseB.Z,github.com/sira/experiments/v1;experimentsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*sira/experiments/v1/tracking_service.proto\x12\x13sira.experiments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&sira/experiments/v1/error_reason.proto\"\x9b\x02\n\x0cTrackedEvent\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x12\n\nvariant_id\x18\x03 \x01(\t\x12\x32\n\nevent_type\x18\x04 \x01(\x0e\x32\x1e.sira.experiments.v1.EventType\x12\x19\n\x11\x63ustom_event_name\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x08 \x01(\t\x12.\n\noccur_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etracking_token\x18\n \x01(\t\"@\n\x0cTrackRequest\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.sira.experiments.v1.TrackedEvent\"U\n\rTrackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x32\n\x07outcome\x18\x02 \x01(\x0e\x32!.sira.experiments.v1.TrackOutcome\"F\n\x11TrackBatchRequest\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.sira.experiments.v1.TrackedEvent\"l\n\nTrackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x30\n\x06reason\x18\x02 \x01(\x0e\x32 .sira.experiments.v1.ErrorReason\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"\x86\x01\n\x10TrackBatchResult\x12\x36\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\".sira.experiments.v1.TrackResponseH\x00\x12\x30\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1f.sira.experiments.v1.TrackErrorH\x00\x42\x08\n\x06result\"L\n\x12TrackBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.sira.experiments.v1.TrackBatchResult*\x86\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_CONVERSION\x10\x01\x12\x15\n\x11\x45VENT_TYPE_REFUND\x10\x02\x12\x14\n\x10\x45VENT_TYPE_CHURN\x10\x03\x12\x15\n\x11\x45VENT_TYPE_CUSTOM\x10\x04*f\n\x0cTrackOutcome\x12\x1d\n\x19TRACK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRACK_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17TRACK_OUTCOME_DUPLICATE\x10\x02\x32\xc0\x01\n\x0fTrackingService\x12N\n\x05Track\x12!.sira.experiments.v1.TrackRequest\x1a\".sira.experiments.v1.TrackResponse\x12]\n\nTrackBatch\x12&.sira.experiments.v1.TrackBatchRequest\x1a\'.sira.experiments.v1.TrackBatchResponseB.Z,github.com/sira/experiments/v1;experimentsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sira.experiments.v1.trackin
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z,github.com/sira/experiments/v1;experimentsv1'
-  _globals['_EVENTTYPE']._serialized_start=953
-  _globals['_EVENTTYPE']._serialized_end=1087
-  _globals['_TRACKOUTCOME']._serialized_start=1089
-  _globals['_TRACKOUTCOME']._serialized_end=1191
+  _globals['_EVENTTYPE']._serialized_start=977
+  _globals['_EVENTTYPE']._serialized_end=1111
+  _globals['_TRACKOUTCOME']._serialized_start=1113
+  _globals['_TRACKOUTCOME']._serialized_end=1215
   _globals['_TRACKEDEVENT']._serialized_start=141
-  _globals['_TRACKEDEVENT']._serialized_end=400
-  _globals['_TRACKREQUEST']._serialized_start=402
-  _globals['_TRACKREQUEST']._serialized_end=466
-  _globals['_TRACKRESPONSE']._serialized_start=468
-  _globals['_TRACKRESPONSE']._serialized_end=553
-  _globals['_TRACKBATCHREQUEST']._serialized_start=555
-  _globals['_TRACKBATCHREQUEST']._serialized_end=625
-  _globals['_TRACKERROR']._serialized_start=627
-  _globals['_TRACKERROR']._serialized_end=735
-  _globals['_TRACKBATCHRESULT']._serialized_start=738
-  _globals['_TRACKBATCHRESULT']._serialized_end=872
-  _globals['_TRACKBATCHRESPONSE']._serialized_start=874
-  _globals['_TRACKBATCHRESPONSE']._serialized_end=950
-  _globals['_TRACKINGSERVICE']._serialized_start=1194
-  _globals['_TRACKINGSERVICE']._serialized_end=1386
+  _globals['_TRACKEDEVENT']._serialized_end=424
+  _globals['_TRACKREQUEST']._serialized_start=426
+  _globals['_TRACKREQUEST']._serialized_end=490
+  _globals['_TRACKRESPONSE']._serialized_start=492
+  _globals['_TRACKRESPONSE']._serialized_end=577
+  _globals['_TRACKBATCHREQUEST']._serialized_start=579
+  _globals['_TRACKBATCHREQUEST']._serialized_end=649
+  _globals['_TRACKERROR']._serialized_start=651
+  _globals['_TRACKERROR']._serialized_end=759
+  _globals['_TRACKBATCHRESULT']._serialized_start=762
+  _globals['_TRACKBATCHRESULT']._serialized_end=896
+  _globals['_TRACKBATCHRESPONSE']._serialized_start=898
+  _globals['_TRACKBATCHRESPONSE']._serialized_end=974
+  _globals['_TRACKINGSERVICE']._serialized_start=1218
+  _globals['_TRACKINGSERVICE']._serialized_end=1410
 # @@protoc_insertion_point(module_scope)

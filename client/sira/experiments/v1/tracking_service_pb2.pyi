@@ -84,6 +84,7 @@ class TrackedEvent(_message.Message):
     CURRENCY_FIELD_NUMBER: _builtins.int
     CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    TRACKING_TOKEN_FIELD_NUMBER: _builtins.int
     experiment: _builtins.str
     """Experiment id (UUID) or key. At most 64 characters."""
     subject_id: _builtins.str
@@ -105,6 +106,10 @@ class TrackedEvent(_message.Message):
     """Idempotency key, 1..128 characters: the same id twice is one event.
     Strongly recommended; without it the server cannot dedupe retries.
     """
+    tracking_token: _builtins.str
+    """Decision.tracking_token of this subject's assignment. Required without a
+    bearer token; ignored with a service token.
+    """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When it happened; default: when received. After 1970, at most 5 minutes
@@ -123,10 +128,11 @@ class TrackedEvent(_message.Message):
         currency: _builtins.str = ...,
         client_event_id: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        tracking_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "currency", b"currency", "custom_event_name", b"custom_event_name", "event_type", b"event_type", "experiment", b"experiment", "occur_time", b"occur_time", "subject_id", b"subject_id", "value", b"value", "variant_id", b"variant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "currency", b"currency", "custom_event_name", b"custom_event_name", "event_type", b"event_type", "experiment", b"experiment", "occur_time", b"occur_time", "subject_id", b"subject_id", "tracking_token", b"tracking_token", "value", b"value", "variant_id", b"variant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,8 +27,12 @@ if _version_not_supported:
 
 class TrackingServiceStub:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject
@@ -56,8 +60,12 @@ class TrackingServiceStub:
 
 class TrackingServiceServicer:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject
@@ -102,8 +110,12 @@ def add_TrackingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrackingService:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject

@@ -28,8 +28,12 @@ GRPC_VERSION: str
 
 class TrackingServiceStub:
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject
@@ -50,8 +54,12 @@ class TrackingServiceStub:
 @_typing.type_check_only
 class TrackingServiceAsyncStub(TrackingServiceStub):
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject
@@ -68,8 +76,12 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
 
 class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Report what a subject did. Roles: pay_module, connect_module; also callable
-    without a token, but only for a subject that really has the named
-    assignment.
+    without a bearer token (from a subject's browser or app), but then only with
+    the tracking_token of that subject's Decision for exactly the named
+    experiment, subject and variant. Without a bearer token, every rejection
+    for lack of proof is the same UNAUTHENTICATED (ERROR_REASON_TOKEN_INVALID),
+    whatever the cause, and events are capped per subject, event type and
+    experiment per hour (RESOURCE_EXHAUSTED, ERROR_REASON_RATE_LIMITED).
 
     Input rules for every RPC here: strings reject control characters (U+0000-U+001F,
     U+007F-U+009F) and have the maximum length given with each field; doubles reject

@@ -1,12 +1,13 @@
 -- One tracked event: check the assignment, dedupe, bump counters, append the
 -- write-behind record, all in one atomic step.
 --
--- KEYS: 1 meta, 2 asg, 3 succ, 4 conv, 5 refunded, 6 churned, 7 events, 8 cnt, 9 wb
+-- KEYS: 1 meta, 2 asg, 3 succ, 4 conv, 5 refunded, 6 churned, 7 events, 8 cnt, 9 wb,
+--       10 cap (this subject's events of this type this hour)
 -- ARGV: 1 subject, 2 variant, 3 event_type, 4 value, 5 currency ('' = none),
---       6 event_id, 7 occurred_ms, 8 received_ms
+--       6 event_id, 7 occurred_ms, 8 received_ms, 9 cap (0 = none), 10 cap ttl ms
 -- Returns {'A', first_conversion 0|1} accepted, {'D'} duplicate event id,
 --         {'N'} subject not assigned, {'M', assigned_variant} variant mismatch,
---         {'R'} hot state missing (rebuild first).
+--         {'R'} hot state missing (rebuild first), {'L'} over the subject's cap.
 --
 -- Successes per variant: subjects with a conversion; with reward
 -- 'conversion_not_refunded', minus those with a refund. Both sides are
@@ -26,6 +27,18 @@ if assigned ~= variant then
 end
 if redis.call('SADD', KEYS[7], ARGV[6]) == 0 then
   return {'D'}
+end
+-- Per-subject cap (tracking without a service token): refused events leave no trace
+-- but the count, and their id stays free for a later retry.
+if ARGV[9] and ARGV[9] ~= '0' then
+  local seen = redis.call('INCR', KEYS[10])
+  if seen == 1 then
+    redis.call('PEXPIRE', KEYS[10], ARGV[10])
+  end
+  if seen > tonumber(ARGV[9]) then
+    redis.call('SREM', KEYS[7], ARGV[6])
+    return {'L'}
+  end
 end
 
 local not_refunded = meta[2] == 'conversion_not_refunded'
