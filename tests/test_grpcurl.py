@@ -155,7 +155,8 @@ def test_the_readme_walk_through_runs_as_written(server: RunningServer) -> None:
     assert stopped["status"] == "EXPERIMENT_STATUS_STOPPED"
     assert {"status": "SERVING"} in docs  # Health/Check
     listed = [d["statuses"] for d in docs if "statuses" in d]
-    assert listed == [{name: {"status": "SERVING"} for name in (*SERVICES, "", "liveness")}]
+    everything = (*SERVICES, "", "liveness", "write-behind")
+    assert listed == [{name: {"status": "SERVING"} for name in everything}]
     assert "Traceback" not in server.log()
 
 

@@ -135,6 +135,7 @@ FIELD_RULES: Mapping[str, Rule] = {
     f"{_V1}TrackedEvent.custom_event_name": Text(L.MAX_EVENT_NAME_CHARS),
     f"{_V1}TrackedEvent.currency": Text(L.MAX_CURRENCY_CHARS),
     f"{_V1}TrackedEvent.client_event_id": Text(L.MAX_EVENT_ID_CHARS),
+    f"{_V1}TrackedEvent.tracking_token": Text(L.MAX_TRACKING_TOKEN_CHARS),
     # Insights
     f"{_V1}GetResultsRequest.experiment": _REFERENCE,
     f"{_V1}GetInsightsRequest.experiment": _REFERENCE,

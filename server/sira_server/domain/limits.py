@@ -46,6 +46,8 @@ MAX_CONTEXT_BYTES: Final = 8 * 1024
 """A SubjectContext's strings together (UTF-8): it is stored with every assignment."""
 MAX_EVENT_ID_CHARS: Final = 128
 """Track's client_event_id (also the schema's CHECK)."""
+MAX_TRACKING_TOKEN_CHARS: Final = 128
+"""Track's tracking_token: a Decision's token is about 60 characters."""
 MAX_EVENT_NAME_CHARS: Final = 64
 """A custom event name and the primary metric: an event type slug."""
 MAX_CURRENCY_CHARS: Final = 3

@@ -107,8 +107,8 @@ class TrackedEvent(_message.Message):
     Strongly recommended; without it the server cannot dedupe retries.
     """
     tracking_token: _builtins.str
-    """Decision.tracking_token of this subject's assignment. Required without a
-    bearer token; ignored with a service token.
+    """Decision.tracking_token of this subject's assignment, at most 128
+    characters. Required without a bearer token; ignored with a service token.
     """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
