@@ -28,7 +28,9 @@ from sira_server.store.migrate import apply_migrations
 
 TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32
 READY_LINE = re.compile(r"SIRA listening on (\S+)")
-SERVER_REDIS_DB = 14
+SERVER_REDIS_DB = int(os.environ.get("SIRA_TEST_SERVER_REDIS_DB", "14"))
+"""The session server's Redis db (flushed at session start): test runs sharing one Redis
+must each set their own, or one run's flush wipes the other's server state."""
 
 
 @dataclass

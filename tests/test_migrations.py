@@ -23,6 +23,9 @@ from sira_server.store.migrate import (
 from sira_server.store.postgres import PostgresUnreachable
 
 REPO_MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+REPO_VERSIONS = [m.version for m in discover_migrations(REPO_MIGRATIONS)]
+"""Every migration of the repository, in order ("0001", "0002", ...)."""
+REPO_LEDGER = [(m.version, m.name) for m in discover_migrations(REPO_MIGRATIONS)]
 SEED_TABLES = {
     "experiments",
     "experiment_variants",
@@ -98,54 +101,54 @@ async def test_missing_directory_is_a_clear_error(fresh_database_dsn: str, tmp_p
 
 async def test_applies_the_schema_to_an_empty_database(fresh_database_dsn: str) -> None:
     assert await _tables(fresh_database_dsn) == set()
-    assert await apply_migrations(fresh_database_dsn) == ["0001"]
-    assert await _tables(fresh_database_dsn) == {*SEED_TABLES, "schema_migrations"}
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial")]
+    assert await apply_migrations(fresh_database_dsn) == REPO_VERSIONS
+    assert await _tables(fresh_database_dsn) >= {*SEED_TABLES, "schema_migrations"}
+    assert await _ledger(fresh_database_dsn) == REPO_LEDGER
 
 
 async def test_second_run_applies_nothing(fresh_database_dsn: str) -> None:
-    assert await apply_migrations(fresh_database_dsn) == ["0001"]
+    assert await apply_migrations(fresh_database_dsn) == REPO_VERSIONS
     assert await apply_migrations(fresh_database_dsn) == []
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial")]
+    assert await _ledger(fresh_database_dsn) == REPO_LEDGER
 
 
 async def test_only_pending_files_run(fresh_database_dsn: str, migrations_copy: Path) -> None:
-    assert await apply_migrations(fresh_database_dsn, migrations_copy) == ["0001"]
-    (migrations_copy / "0002_add_note.sql").write_text(
+    assert await apply_migrations(fresh_database_dsn, migrations_copy) == REPO_VERSIONS
+    (migrations_copy / "0900_add_note.sql").write_text(
         "ALTER TABLE experiments ADD COLUMN note text NOT NULL DEFAULT '';"
     )
-    assert await apply_migrations(fresh_database_dsn, migrations_copy) == ["0002"]
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial"), ("0002", "add_note")]
+    assert await apply_migrations(fresh_database_dsn, migrations_copy) == ["0900"]
+    assert await _ledger(fresh_database_dsn) == [*REPO_LEDGER, ("0900", "add_note")]
 
 
 async def test_changed_file_is_refused(fresh_database_dsn: str, migrations_copy: Path) -> None:
     await apply_migrations(fresh_database_dsn, migrations_copy)
     initial = migrations_copy / "0001_initial.sql"
     initial.write_text(initial.read_text() + "\n-- an innocent-looking edit\n")
-    (migrations_copy / "0002_more.sql").write_text("CREATE TABLE never_created (id int);")
+    (migrations_copy / "0900_more.sql").write_text("CREATE TABLE never_created (id int);")
 
     with pytest.raises(MigrationError, match=r"0001_initial\.sql was changed after it was applied"):
         await apply_migrations(fresh_database_dsn, migrations_copy)
     # Refused before anything ran: the next file was not applied either.
     assert "never_created" not in await _tables(fresh_database_dsn)
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial")]
+    assert await _ledger(fresh_database_dsn) == REPO_LEDGER
 
 
 async def test_failing_file_rolls_back_wholly(
     fresh_database_dsn: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0002_broken.sql").write_text(
+    (migrations_copy / "0900_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\n"
         "INSERT INTO half_done VALUES (1);\n"
         "SELECT * FROM no_such_table;\n"
     )
-    with pytest.raises(MigrationError, match=r"0002_broken\.sql failed.*no_such_table"):
+    with pytest.raises(MigrationError, match=r"0900_broken\.sql failed.*no_such_table"):
         await apply_migrations(fresh_database_dsn, migrations_copy)
 
     tables = await _tables(fresh_database_dsn)
     assert "half_done" not in tables
-    assert tables >= SEED_TABLES  # 0001 ran in its own transaction and stays
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial")]
+    assert tables >= SEED_TABLES  # earlier files ran in their own transactions and stay
+    assert await _ledger(fresh_database_dsn) == REPO_LEDGER
 
 
 async def test_failing_first_file_records_nothing(fresh_database_dsn: str, tmp_path: Path) -> None:
@@ -204,5 +207,5 @@ async def test_two_processes_at_once_apply_exactly_once(fresh_database_dsn: str)
         stdout, stderr = await asyncio.to_thread(process.communicate, timeout=120)
         assert process.returncode == 0, stderr
         results.append(json.loads(stdout))
-    assert sorted(results) == [[], ["0001"]]
-    assert await _ledger(fresh_database_dsn) == [("0001", "initial")]
+    assert sorted(results) == [[], REPO_VERSIONS]
+    assert await _ledger(fresh_database_dsn) == REPO_LEDGER

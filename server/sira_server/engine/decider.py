@@ -28,6 +28,16 @@ arm that was nonetheless drawn; the true probability is positive."""
 WARM_UP_SHARE = 0.1
 """Share of new subjects given uniformly to active arms still short of min_samples."""
 
+EXPLORE_SHARE = 0.8
+"""With auto-stop on: share of the other new subjects spread uniformly over the active
+arms, so that the stopping rule gets evidence on every arm (docs/stopping.md: without it,
+Thompson sampling starves the losing arm and the rule cannot conclude in 3,000 subjects)."""
+
+
+def explore_share(experiment: Experiment) -> float:
+    """`EXPLORE_SHARE` while auto-stop may still act, else 0 (plain Thompson sampling)."""
+    return EXPLORE_SHARE if experiment.fail_fast.auto_stop else 0.0
+
 
 @dataclass(frozen=True, slots=True)
 class Posterior:
@@ -60,6 +70,7 @@ def choose_new_arm(
     rng_state: StateArray,
     rng: random.Random,
     min_samples: int,
+    explore: float = 0.0,
 ) -> Choice:
     """The arm a new subject gets, with the probability it had of being picked.
 
@@ -67,6 +78,9 @@ def choose_new_arm(
     an arm with `min_samples` subjects: without help such an arm may never get there,
     and auto-stop would wait forever. So while some active arms are short of
     `min_samples`, a `WARM_UP_SHARE` of new subjects goes uniformly to those arms.
+    Auto-stop's tests also need evidence on every arm, which pure Thompson sampling
+    starves: with ``explore`` > 0 (auto-stop on, `explore_share`), that share of the
+    remaining subjects goes uniformly to all active arms.
     The logged propensity is that of the whole mixture.
     """
     if allocation is Allocation.FIXED_WEIGHTS:
@@ -76,11 +90,17 @@ def choose_new_arm(
     short = active & (trials < min_samples)
     n_short = int(short.sum())
     share = WARM_UP_SHARE if n_short else 0.0
+    n_active = int(active.sum())
     if n_short and rng.random() < WARM_UP_SHARE:
         index = int(np.flatnonzero(short)[rng.randrange(n_short)])
+    elif explore > 0.0 and rng.random() < explore:
+        index = int(np.flatnonzero(active)[rng.randrange(n_active)])
     else:
         index = int(thompson_choose(posterior.alpha, posterior.beta, active, rng_state))
-    propensity = (1.0 - share) * float(posterior.prob_best[index])
+    thompson = (1.0 - explore) * float(posterior.prob_best[index])
+    if explore > 0.0:
+        thompson += explore / n_active
+    propensity = (1.0 - share) * thompson
     if short[index]:
         propensity += share / n_short
     return Choice(index, max(propensity, MIN_PROPENSITY))

@@ -425,6 +425,7 @@ class HotState:
             keys.events,
             keys.cnt,
             keys.wb,
+            keys.outcome,
         )
         received_ms = _now_ms()
         outcomes: list[TrackOutcome | None] = [None] * len(events)
