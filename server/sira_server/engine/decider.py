@@ -20,9 +20,10 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 StateArray = npt.NDArray[np.uint64]
 
-MIN_PROPENSITY = 1e-6
-"""Floor of a logged Thompson propensity: a Monte Carlo estimate of P(best) can be 0 for an
-arm that was nonetheless drawn; the true probability is positive."""
+MIN_PROPENSITY = 1e-300
+"""Floor of a logged propensity: the exact probability of an arm far behind can underflow
+to 0 in double precision (below ~1e-300) although the arm is drawable; no realistic arm
+gets there, and the floor keeps 1/p finite if one does."""
 
 
 WARM_UP_SHARE = 0.1
@@ -46,7 +47,8 @@ class Posterior:
     alpha: FloatArray
     beta: FloatArray
     prob_best: FloatArray
-    """Monte Carlo estimate among active arms: the propensity of a Thompson choice."""
+    """Exact probability that a Thompson draw picks each arm among the active ones
+    (`domain.propensity`): the propensity of a Thompson choice."""
 
     @classmethod
     def uniform(cls, active: BoolArray) -> Posterior:
