@@ -67,7 +67,7 @@ class Outcome:
     subjects: int
     """Subjects when the first step was taken; NEVER when the rule did not act."""
     wrong: bool
-    """The step dropped a best arm or crowned a non-best one."""
+    """The step dropped a best arm or crowned a non-best one; in a null cell, any step."""
     right_winner: bool
     """The step concluded with a best arm as the winner."""
     regret: float
@@ -117,9 +117,10 @@ def trajectory(
     trials = np.zeros(k)
     shown = np.zeros(k)  # Posterior.prob_best: only the logged propensity uses it
     posterior = Posterior.uniform(active)
-    out_s = np.empty((horizon, k))
-    out_n = np.empty((horizon, k))
     arms = np.empty(horizon, dtype=np.int64)
+    won = np.empty(horizon, dtype=np.bool_)
+    true_rates = rates.tolist()
+    draws = converts.tolist()
     for t in range(horizon):
         if t % REFRESH == 0:
             posterior = Posterior(1.0 + succ, 1.0 + trials - succ, shown)
@@ -134,12 +135,14 @@ def trajectory(
             explore,
         ).index
         trials[arm] += 1.0
-        if converts[t] < rates[arm]:
+        hit = draws[t] < true_rates[arm]
+        if hit:
             succ[arm] += 1.0
-        out_s[t] = succ
-        out_n[t] = trials
         arms[t] = arm
-    return out_s, out_n, arms
+        won[t] = hit
+    onehot = np.zeros((horizon, k))
+    onehot[np.arange(horizon), arms] = 1.0
+    return np.cumsum(onehot * won[:, None], axis=0), np.cumsum(onehot, axis=0), arms
 
 
 def _score(
@@ -149,7 +152,8 @@ def _score(
     is_best = [bool(r == best) for r in rates]
     dropped = [ids.index(v) for v in step.drop]
     winner = ids.index(step.winner) if step.winner is not None else -1
-    wrong = any(is_best[i] for i in dropped) or (winner >= 0 and not is_best[winner])
+    null = bool(rates.min() == best)  # nothing differs: any step is a wrong conclusion
+    wrong = null or any(is_best[i] for i in dropped) or (winner >= 0 and not is_best[winner])
     horizon = arms.size
     lost = float(np.sum(best - rates[arms[: t + 1]]))
     if winner >= 0:

@@ -228,7 +228,8 @@ class VariantInsight:
     lift_interval: Interval | None
     guardrails: tuple[GuardrailInsight, ...]
     fails_fast: bool
-    """The stopping rule decided this variant worse than another active one."""
+    """The stopping rule decided this variant (active or dropped) worse than an active
+    one; only active ones are dropped."""
     e_value: float = 0.0
     """The stopping rule's statistic (`StoppingVerdict.log_e_value`, exponentiated):
     evidence this variant is worse than another (for the leader: that it beats all)."""
@@ -428,8 +429,7 @@ def compute_insights(
         min_effect=rule.min_effect,
         min_samples=rule.min_samples,
     )
-    fails = np.zeros(len(arms), dtype=np.bool_)
-    fails[list(decision.failing)] = True
+    fails = np.array(decision.worse, dtype=np.bool_)  # dropped ones too, for the record
     e_values = decision.e_values
     insights = tuple(
         VariantInsight(

@@ -105,12 +105,17 @@ def failing(
     active: npt.ArrayLike,
     min_samples: int,
     log_thr: float,
+    *,
+    dropped_too: bool = False,
 ) -> BoolArray:
     """Per variant, shape ``(..., k)``: active, judged (>= min_samples) and decided worse than
-    another active judged variant."""
+    another active judged variant. With ``dropped_too``, inactive variants are judged as
+    well (against the active ones): what insights report for a dropped variant."""
     n = np.asarray(trials)
-    on = np.asarray(active, dtype=np.bool_) & (n >= min_samples)
-    pair_on = on[..., :, None] & on[..., None, :]
+    judged = n >= min_samples
+    on = np.asarray(active, dtype=np.bool_) & judged
+    rows = judged if dropped_too else on
+    pair_on = rows[..., :, None] & on[..., None, :]
     decided = (log_e >= log_thr) & pair_on
     out: BoolArray = np.asarray(decided.any(axis=-1), dtype=np.bool_)
     return out
@@ -123,11 +128,13 @@ class StoppingVerdict:
     log_e_value: tuple[float, ...]
     """Per variant: for a variant below the leader, the largest log L against an active
     variant with a higher rate (evidence it is worse); for the leader, the smallest log L
-    against the other active variants (evidence it beats all of them). 0 if inactive."""
+    against the other active variants (evidence it beats all of them)."""
     log_threshold: float
     """log(pairs / error_rate): a pair is decided at or above it."""
     failing: tuple[int, ...]
     """Indices of active variants decided worse than another active variant."""
+    worse: tuple[bool, ...]
+    """Per variant, active or dropped: decided worse than an active variant."""
     winner: int
     """The only active variant not failing, when the others all fail; else -1."""
     error_rate: float
@@ -158,13 +165,14 @@ def verdict(
     thr = log_threshold(k, error_rate)
     log_e = log_e_values(s, n, min_effect)
     fails = failing(log_e, n, on, min_samples, thr)
+    worse = failing(log_e, n, on, min_samples, thr, dropped_too=True)
     live = [i for i in range(k) if on[i]]
     rates = np.where(n > 0, s / np.maximum(n, 1.0), 0.0)
     leader = max(live, key=lambda i: (rates[i], -i)) if live else -1
     stat: list[float] = []
     for i in range(k):
         others = [j for j in live if j != i]
-        if not on[i] or not others:
+        if not others:
             stat.append(0.0)
         elif i == leader:
             stat.append(float(min(log_e[j, i] for j in others)))
@@ -173,4 +181,6 @@ def verdict(
     failing_idx = tuple(i for i in live if fails[i])
     remaining = [i for i in live if not fails[i]]
     winner = remaining[0] if failing_idx and len(remaining) == 1 else -1
-    return StoppingVerdict(tuple(stat), thr, failing_idx, winner, error_rate)
+    return StoppingVerdict(
+        tuple(stat), thr, failing_idx, tuple(bool(x) for x in worse), winner, error_rate
+    )
