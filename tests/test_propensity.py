@@ -3,6 +3,7 @@ down to P = 1e-5, and as inverse-propensity weights on simulated choices."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -41,7 +42,7 @@ def _scipy_prob(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray, i: int)
     edges = [0.0, *[c for c in cuts if 0.0 < c < 1.0], 1.0]
     return sum(
         integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-10, limit=200)[0]
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        for lo, hi in itertools.pairwise(edges)
     )
 
 

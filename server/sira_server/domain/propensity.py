@@ -28,10 +28,9 @@ FloatArray = npt.NDArray[np.float64]
 
 NODES = 12
 """Gauss-Legendre nodes per piece."""
-_QUANTILES = np.array(
-    [1e-14, 1e-10, 1e-7, 1e-5, 1e-3, 0.02, 0.2, 0.5, 0.8, 0.98, 0.999]
-    + [1 - 1e-5, 1 - 1e-7, 1 - 1e-10, 1 - 1e-14]
-)
+_LOWER = (1e-14, 1e-10, 1e-7, 1e-5, 1e-3, 0.02, 0.2, 0.5)
+_QUANTILES = np.array([*_LOWER, *(1.0 - q for q in reversed(_LOWER[:-1]))])
+"""Cut points of [0, 1], as quantiles of each active arm (symmetric around the median)."""
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(NODES)
 
 

@@ -82,8 +82,11 @@ class _RewardDefinitionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rewa
     REWARD_DEFINITION_CONVERSION: _RewardDefinition.ValueType  # 1
     """A subject with at least one conversion is a success."""
     REWARD_DEFINITION_CONVERSION_NOT_REFUNDED: _RewardDefinition.ValueType  # 2
-    """A subject with at least one conversion and no later refund is a success:
-    a refund of a converted subject retracts its success.
+    """A subject with at least one conversion and no refund at or after its
+    latest conversion is a success, by occurrence time (occur_time, default
+    the time the server received the event): a refund retracts the success of
+    the conversion before it; a refund before any conversion blocks nothing;
+    conversion, refund, conversion is a success; more refunds change nothing.
     """
 
 class RewardDefinition(_RewardDefinition, metaclass=_RewardDefinitionEnumTypeWrapper):
@@ -94,8 +97,11 @@ REWARD_DEFINITION_UNSPECIFIED: RewardDefinition.ValueType  # 0
 REWARD_DEFINITION_CONVERSION: RewardDefinition.ValueType  # 1
 """A subject with at least one conversion is a success."""
 REWARD_DEFINITION_CONVERSION_NOT_REFUNDED: RewardDefinition.ValueType  # 2
-"""A subject with at least one conversion and no later refund is a success:
-a refund of a converted subject retracts its success.
+"""A subject with at least one conversion and no refund at or after its
+latest conversion is a success, by occurrence time (occur_time, default
+the time the server received the event): a refund retracts the success of
+the conversion before it; a refund before any conversion blocks nothing;
+conversion, refund, conversion is a success; more refunds change nothing.
 """
 Global___RewardDefinition: _TypeAlias = RewardDefinition  # noqa: Y015
 
