@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import numpy as np
 import pytest
 from scipy import integrate, stats
 
 from sira_server.domain.bayes import monte_carlo_core, new_rng_state, thompson_choose
+from sira_server.domain.experiment import Allocation
 from sira_server.domain.propensity import thompson_propensities
+from sira_server.engine.decider import EXPLORE_SHARE, Posterior, choose_new_arm
 
 
 def _counts(successes: list[int], trials: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -121,3 +124,26 @@ def test_thompson_choose_frequencies_match() -> None:
     hits = sum(thompson_choose(alpha, beta, active, state) == 1 for _ in range(n))
     se = math.sqrt((1 - p) / (n * p))
     assert abs(hits / (n * p) - 1.0) < 4 * se
+
+
+def test_logged_propensity_under_auto_stop_is_the_choice_frequency() -> None:
+    """`choose_new_arm` with the exploration share (auto-stop) and one arm in warm-up:
+    the propensity it logs for each arm is the frequency with which it picks that arm."""
+    alpha, beta = _counts([20, 40, 2], [400, 400, 30])
+    active = np.ones(3, dtype=np.bool_)
+    posterior = Posterior(alpha, beta, thompson_propensities(alpha, beta, active))
+    state, rng = new_rng_state(3), random.Random(3)
+    n = 40_000
+    counts = np.zeros(3)
+    logged = np.zeros(3)
+    for _ in range(n):
+        choice = choose_new_arm(
+            Allocation.THOMPSON_SAMPLING, np.ones(3), active, posterior, state, rng, 100, 0.8
+        )
+        counts[choice.index] += 1
+        logged[choice.index] = choice.propensity
+    assert EXPLORE_SHARE == 0.8
+    assert logged.sum() == pytest.approx(1.0, rel=1e-9)
+    for i in range(3):
+        se = math.sqrt(logged[i] * (1 - logged[i]) / n)
+        assert abs(counts[i] / n - logged[i]) < 4 * se, (i, counts[i] / n, logged[i])
