@@ -225,7 +225,13 @@ def test_the_seeds_scenario_stops_with_green_as_winner() -> None:
     assert not green.fails_fast
     assert result.leading_variant_id == "green-id"
     assert result.action is RecommendedAction.STOP_WITH_WINNER
-    assert result.recommendation.startswith("Stop: 'Green' wins with P(best)=")
+    assert blue.e_value >= result.e_value_threshold == pytest.approx(1 / 0.05)
+    assert green.e_value == pytest.approx(blue.e_value)  # two arms: one pair
+    assert result.recommendation.startswith(
+        f"Stop: 'Green' wins; it beats 'Blue' (e-value {blue.e_value:.3g}) (e-value "
+        "threshold 20: under continuous monitoring the chance of ever concluding wrongly "
+        "is at most 5.0%). P(best)="
+    )
     assert result.failing_variant_ids == ("blue-id",)
     assert blue.lift is None
     assert green.lift is not None
@@ -253,8 +259,13 @@ def test_a_clearly_worse_variant_is_dropped_while_the_others_run() -> None:
     assert result.failing_variant_ids == ("c",)
     assert result.action is RecommendedAction.DROP_VARIANTS
     p = result.insights[2].prob_worse_than_best
+    e = result.insights[2].e_value
+    assert e >= result.e_value_threshold == pytest.approx(3 / 0.05)
     assert result.recommendation == (
-        f"Drop 'C' (P(worse than 'B')={100 * p:.1f}%) (threshold 95.0%); keep running the others."
+        f"Drop 'C' (worse than another variant, e-value {e:.3g}; P(worse than 'B')="
+        f"{100 * p:.1f}%) (e-value threshold 60: under continuous monitoring the chance of "
+        "ever concluding wrongly is at most 5.0%; guardrail threshold 95.0%); keep running "
+        "the others."
     )
 
 
@@ -263,9 +274,9 @@ def test_no_variant_above_threshold_yet() -> None:
     result = compute_insights(arms, draws=DRAWS)
     assert result.action is RecommendedAction.KEEP_RUNNING
     assert result.recommendation.startswith(
-        "Keep running: no variant above threshold yet: 'B' leads with P(best)="
+        "Keep running: no difference decided yet: 'B' leads with P(best)="
     )
-    assert result.recommendation.endswith("< 95.0%.")
+    assert result.recommendation.endswith("< 60 (error rate 5.0%).")
     assert result.failing_variant_ids == ()
 
 

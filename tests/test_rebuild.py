@@ -28,7 +28,8 @@ from sira_server.store.rebuild import rebuild_experiment
 async def random_traffic(
     hot: HotState, experiment_id: str, variants: list[str], seed: int, subjects: int = 60
 ) -> None:
-    """Assignments and a realistic mess of events: repeats, retries, refunds first, rejects."""
+    """Assignments and a realistic mess of events: repeats, retries, refunds first, rejects,
+    occurrence times in any order (and ties), which decide which refunds retract."""
     rng = random.Random(seed)
     assigned: dict[str, str] = {}
     for i in range(subjects):
@@ -57,6 +58,7 @@ async def random_traffic(
                 event_id,
                 value=round(rng.uniform(0.5, 500), 2) if with_value else 0.0,
                 currency=rng.choice(["XOF", "EUR"]) if with_value else None,
+                occurred_ms=1_700_000_000_000 + 1000 * rng.randrange(20),
             ),
         )
 
@@ -69,8 +71,9 @@ def _event(
     *,
     value: float = 0.0,
     currency: str | None = None,
+    occurred_ms: int = 1_700_000_000_000,
 ) -> TrackEvent:
-    return TrackEvent(subject, variant, event_type, event_id, 1_700_000_000_000, value, currency)
+    return TrackEvent(subject, variant, event_type, event_id, occurred_ms, value, currency)
 
 
 async def postgres_counters(
@@ -94,9 +97,13 @@ async def postgres_counters(
             " AND currency IS NOT NULL AND value > 0 GROUP BY 1, 2, 3",
             experiment_id,
         )
+        # Not a success: a refund at or after the subject's latest conversion.
         refunded_excluded = "AND NOT EXISTS (SELECT 1 FROM experiment_metrics r"
         refunded_excluded += " WHERE r.experiment_id = m.experiment_id"
-        refunded_excluded += " AND r.molam_id = m.molam_id AND r.event_type = 'refund')"
+        refunded_excluded += " AND r.molam_id = m.molam_id AND r.event_type = 'refund'"
+        refunded_excluded += " AND r.occurred_at >= (SELECT max(c.occurred_at)"
+        refunded_excluded += " FROM experiment_metrics c WHERE c.experiment_id = m.experiment_id"
+        refunded_excluded += " AND c.molam_id = m.molam_id AND c.event_type = 'conversion'))"
         successes = await conn.fetch(
             "SELECT variant_id::text, count(DISTINCT molam_id) FROM experiment_metrics m"
             " WHERE experiment_id = $1 AND event_type = 'conversion' "
@@ -155,6 +162,8 @@ async def test_rebuilt_state_equals_postgres(
         for name in ("conv", "refunded", "churned", "events")
     }
     before_asg = await redis.hgetall(keys.asg)
+    before_outcome = await redis.hgetall(keys.outcome)
+    assert bool(before_outcome) == (reward == "conversion_not_refunded")
     await WriteBehindFlusher(redis, migrated_pool, "f").drain(timeout=60)
     assert await redis.xlen(keys.wb) == 0
 
@@ -170,6 +179,7 @@ async def test_rebuilt_state_equals_postgres(
         assert rebuilt == hot_before
     assert await hot.posteriors([experiment_id]) == before_posteriors
     assert await redis.hgetall(keys.asg) == before_asg
+    assert await redis.hgetall(keys.outcome) == before_outcome
     for name, members in before_sets.items():
         assert await redis.smembers(getattr(keys, name)) == members
     assert await redis.hgetall(keys.meta) == {b"ready": b"1", b"reward": reward.encode()}

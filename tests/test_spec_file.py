@@ -102,7 +102,7 @@ def test_every_optional_key_and_spelling() -> None:
             },
             "allocation": "Fixed-Weights",
             "exposure_percent": "25%",
-            "fail_fast": {"auto_stop": True},
+            "fail_fast": {"auto_stop": True, "error_rate": 0.01, "min_effect": 0.005},
             "reward": "conversion_not_refunded",
             "variants": [{"name": "a", "weight": "70%"}, {"name": "b", "weight": 30}],
         }
@@ -118,6 +118,8 @@ def test_every_optional_key_and_spelling() -> None:
     assert exp.exposure_percent == 25
     assert exp.fail_fast.auto_stop
     assert not exp.fail_fast.HasField("threshold")
+    assert exp.fail_fast.error_rate == 0.01
+    assert exp.fail_fast.min_effect == 0.005
     assert exp.reward == experiment_pb2.REWARD_DEFINITION_CONVERSION_NOT_REFUNDED
     assert [v.weight for v in exp.variants] == [70, 30]
     assert parse_experiment({"allocation": "bandit"}).allocation == (

@@ -161,7 +161,8 @@ def experiment_view(exp: experiment_pb2.Experiment) -> RenderableType:
         (
             "fail-fast",
             f"threshold {fail_fast.threshold:g}, min samples {fail_fast.min_samples}, "
-            f"auto-stop {'on' if fail_fast.auto_stop else 'off'}"
+            f"auto-stop {'on' if fail_fast.auto_stop else 'off'}, error rate "
+            f"{fail_fast.error_rate:g}, min effect {fail_fast.min_effect:g}"
             if exp.HasField("fail_fast")
             else "",
         ),
@@ -290,8 +291,10 @@ def insights_view(response: insights_service_pb2.GetInsightsResponse) -> Rendera
             " ".join(flags),
         )
     legend = (
-        f"P(WORSE): probability of trailing the best; fail-fast above {response.threshold:g} "
-        f"with at least {response.min_samples} samples. LOSS: expected shortfall if chosen."
+        f"P(WORSE): probability of trailing the best. Fail-fast: a variant decided worse "
+        f"by an always-valid test (e-value >= {response.e_value_threshold:.0f}, error rate "
+        f"{response.error_rate:g}) with at least {response.min_samples} samples. "
+        "LOSS: expected shortfall if chosen."
     )
     parts: list[RenderableType] = [table, Text(legend, style="dim"), Text()]
     parts.append(conversion_chart(response))

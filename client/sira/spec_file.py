@@ -46,7 +46,7 @@ _EXPERIMENT_KEYS = (
     "variants",
 )
 _VARIANT_KEYS = ("key", "name", "config", "is_control", "weight")
-_FAIL_FAST_KEYS = ("threshold", "min_samples", "auto_stop")
+_FAIL_FAST_KEYS = ("threshold", "min_samples", "auto_stop", "error_rate", "min_effect")
 # Targeting field -> every spelling accepted in a file.
 _TARGETING_LISTS = {
     "countries": ("country", "countries"),
@@ -234,6 +234,10 @@ class _Translator:
             settings.min_samples = self.integer(spec["min_samples"], "fail_fast.min_samples")
         if "auto_stop" in spec:
             settings.auto_stop = self.boolean(spec["auto_stop"], "fail_fast.auto_stop")
+        if "error_rate" in spec:
+            settings.error_rate = self.number(spec["error_rate"], "fail_fast.error_rate")
+        if "min_effect" in spec:
+            settings.min_effect = self.number(spec["min_effect"], "fail_fast.min_effect")
         return settings
 
     def variant(self, data: object, where: str) -> experiment_pb2.Variant:

@@ -303,7 +303,18 @@ def markdown(
             for o in outcomes
         ]
         lines.append(f"| {scenario.title} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines += [
+        "",
+        "## With auto-stop on",
+        "",
+        *_para(
+            "The policies above are the server's with auto-stop off. With auto-stop on, "
+            "the server also spreads 80 % of new subjects evenly over the active arms until "
+            "the always-valid stopping rule concludes: without that evidence on the losing "
+            "arm no valid test can conclude within a few thousand subjects. Its regret, "
+            "subjects needed and error rate against the seed's rule: `stopping.md`."
+        ),
+    ]
     return "\n".join(lines)
 
 

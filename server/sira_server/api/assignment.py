@@ -31,7 +31,7 @@ from sira_server.domain.sticky_cache import StickyCache
 from sira_server.domain.targeting import SubjectProfile
 from sira_server.domain.validation import require_reference
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
-from sira_server.engine.decider import choose_new_arm, concluded_index
+from sira_server.engine.decider import choose_new_arm, concluded_index, explore_share
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.errors import FieldViolation, InvalidArgument, Unavailable
 from sira_server.metrics import Metrics
@@ -209,6 +209,7 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
             self._rng_state,
             self._rng,
             experiment.fail_fast.min_samples,
+            explore_share(experiment),
         )
         try:
             outcome = await self._hot.assign(

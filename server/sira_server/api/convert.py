@@ -94,6 +94,8 @@ def experiment_input_from_proto(msg: experiment_pb2.Experiment) -> ExperimentInp
             fail_fast.min_samples if fail_fast.HasField("min_samples") else None
         ),
         auto_stop=fail_fast.auto_stop,
+        fail_fast_error_rate=(fail_fast.error_rate if fail_fast.HasField("error_rate") else None),
+        fail_fast_min_effect=(fail_fast.min_effect if fail_fast.HasField("min_effect") else None),
         reward=_enum_input(msg.reward, _REWARD_FROM_PROTO),
         variants=[
             VariantInput(
@@ -217,6 +219,8 @@ def experiment_to_proto(experiment: Experiment) -> experiment_pb2.Experiment:
             threshold=e.fail_fast.threshold,
             min_samples=e.fail_fast.min_samples,
             auto_stop=e.fail_fast.auto_stop,
+            error_rate=e.fail_fast.error_rate,
+            min_effect=e.fail_fast.min_effect,
         ),
         reward=_REWARD_TO_PROTO[e.reward],
         variants=[_variant_to_proto(v) for v in e.variants],

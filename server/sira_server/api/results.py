@@ -97,6 +97,7 @@ def variant_insight(v: VariantInsight) -> pb.VariantInsight:
             for g in v.guardrails
         ],
         fails_fast=v.fails_fast,
+        e_value=v.e_value,
     )
     if v.lift is not None:
         msg.lift = v.lift
@@ -133,4 +134,6 @@ def insights_response(
         ),
         draws=insights.draws,
         compute_time=computed,
+        error_rate=insights.error_rate,
+        e_value_threshold=insights.e_value_threshold,
     )

@@ -1,12 +1,13 @@
 """What fail-fast does on its own (auto-stop on): pure planning from the insights.
 
 - A variant failing fail-fast or a guardrail stops receiving new subjects (dropped);
-  its subjects keep it (sticky).
-- When one active variant remains, or the insights recommend stopping with a winner
-  (the leader's P(best) reached the threshold with every active variant past
-  min_samples), the experiment concludes with that winner.
+  its subjects keep it (sticky). Fail-fast is the always-valid stopping rule
+  (`domain.stopping`): the variant was decided worse than another active one, with the
+  chance of ever deciding so wrongly bounded by the experiment's error rate.
+- When one active variant remains, the experiment concludes with it.
 
-The evidence (every number that justified the step) goes to the audit log.
+The evidence (every number that justified the step, the rule's e-values, threshold and
+error rate among them) goes to the audit log; the reason quotes the recommendation.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Plan:
 def evidence(insights: ExperimentInsights) -> dict[str, Any]:
     """The numbers behind a verdict, as they go into the audit log."""
     return {
+        "rule": "pairwise mixture SPRT (always valid), see docs/statistics.md",
+        "error_rate": insights.error_rate,
+        "e_value_threshold": insights.e_value_threshold,
         "threshold": insights.threshold,
         "min_samples": insights.min_samples,
         "draws": insights.draws,
@@ -54,6 +58,7 @@ def evidence(insights: ExperimentInsights) -> dict[str, Any]:
                 "prob_best": v.prob_best,
                 "prob_worse_than_best": v.prob_worse_than_best,
                 "expected_loss": v.expected_loss,
+                "e_value": v.e_value,
                 "fails_fast": v.fails_fast,
                 "guardrails_flagged": [g.metric for g in v.guardrails if g.flagged],
             }
@@ -70,10 +75,6 @@ def plan(experiment: Experiment, insights: ExperimentInsights) -> Plan:
     failing = tuple(v for v in insights.failing_variant_ids if v in active)
     remaining = [v for v in active if v not in failing]
     proof = evidence(insights)
-    if insights.action is RecommendedAction.STOP_WITH_WINNER and insights.leading_variant_id:
-        return Plan(
-            winner=insights.leading_variant_id, reason=insights.recommendation, evidence=proof
-        )
     if failing and len(remaining) == 1:
         winner = remaining[0]
         name = next(v.name for v in experiment.variants if v.id == winner)
@@ -83,6 +84,14 @@ def plan(experiment: Experiment, insights: ExperimentInsights) -> Plan:
             reason=f"auto-stop: every other variant failed; '{name}' wins. "
             + insights.recommendation,
             evidence=proof,
+        )
+    if (
+        insights.action is RecommendedAction.STOP_WITH_WINNER
+        and len(active) == 1
+        and insights.leading_variant_id in active
+    ):
+        return Plan(
+            winner=insights.leading_variant_id, reason=insights.recommendation, evidence=proof
         )
     if failing and remaining:
         return Plan(drop=failing, reason=insights.recommendation, evidence=proof)

@@ -17,13 +17,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from sira_server.domain.stopping import DEFAULT_ERROR_RATE as DEFAULT_STOP_ERROR_RATE
+from sira_server.domain.stopping import DEFAULT_MIN_EFFECT as DEFAULT_STOP_MIN_EFFECT
 from sira_server.domain.targeting import TargetingRule, targeting_to_json
 from sira_server.errors import FailedPrecondition
 
 __all__ = [
+    "DEFAULT_ERROR_RATE",
     "DEFAULT_EXPOSURE_PERCENT",
     "DEFAULT_FAIL_FAST_MIN_SAMPLES",
     "DEFAULT_FAIL_FAST_THRESHOLD",
+    "DEFAULT_MIN_EFFECT",
     "DEFAULT_PRIMARY_METRIC",
     "DEFAULT_VARIANT_WEIGHT",
     "Allocation",
@@ -49,6 +53,8 @@ DEFAULT_PRIMARY_METRIC = "conversion"
 DEFAULT_FAIL_FAST_THRESHOLD = 0.95
 DEFAULT_FAIL_FAST_MIN_SAMPLES = 100
 DEFAULT_VARIANT_WEIGHT = 1.0
+DEFAULT_ERROR_RATE = DEFAULT_STOP_ERROR_RATE
+DEFAULT_MIN_EFFECT = DEFAULT_STOP_MIN_EFFECT
 
 
 class ExperimentStatus(StrEnum):
@@ -95,8 +101,9 @@ class AuditAction(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class FailFast:
-    """Fail-fast rule: a variant with at least ``min_samples`` samples whose probability
-    of being worse than the best exceeds ``threshold`` fails."""
+    """Fail-fast settings. Auto-stop acts on the always-valid stopping rule
+    (`domain.stopping`): a variant decided worse than another at ``error_rate`` fails.
+    ``threshold`` applies to the posterior probabilities reported next to it (guardrails)."""
 
     threshold: float = DEFAULT_FAIL_FAST_THRESHOLD
     """In (0.5, 1)."""
@@ -104,6 +111,10 @@ class FailFast:
     """At least 1."""
     auto_stop: bool = False
     """Drop failing variants and conclude automatically (else only report)."""
+    error_rate: float = DEFAULT_ERROR_RATE
+    """In (0, 0.5]: bound on the probability of ever dropping or crowning a variant wrongly."""
+    min_effect: float = DEFAULT_MIN_EFFECT
+    """In (0, 1): the absolute difference in conversion rate the test detects fastest."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,8 @@ class ExperimentSpec:
                 "threshold": self.fail_fast.threshold,
                 "min_samples": self.fail_fast.min_samples,
                 "auto_stop": self.fail_fast.auto_stop,
+                "error_rate": self.fail_fast.error_rate,
+                "min_effect": self.fail_fast.min_effect,
             },
             "reward": self.reward.value,
             "variants": [

@@ -8,7 +8,8 @@ Formulas and where they differ from the seed: ``docs/statistics.md``.
         --> Beta(1 + successes, 1 + samples - successes) per variant
         --> exact credible intervals, one Monte Carlo pass (P(best), P(worse than the
             leader), expected loss, lift vs control), exact pairwise guardrail comparisons
-        --> fail-fast verdicts, guardrail flags, SRM check
+        --> the always-valid stopping rule (domain.stopping): fail-fast verdicts and
+            the winner; guardrail flags, SRM check
         --> one recommended action in plain words
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special, stats
 
-from sira_server.domain import bayes
+from sira_server.domain import bayes, stopping
 from sira_server.domain.experiment import (
     Allocation,
     ExperimentStatus,
@@ -227,7 +228,11 @@ class VariantInsight:
     lift_interval: Interval | None
     guardrails: tuple[GuardrailInsight, ...]
     fails_fast: bool
-    """samples >= min_samples and prob_worse_than_best > threshold."""
+    """The stopping rule decided this variant (active or dropped) worse than an active
+    one; only active ones are dropped."""
+    e_value: float = 0.0
+    """The stopping rule's statistic (`StoppingVerdict.log_e_value`, exponentiated):
+    evidence this variant is worse than another (for the leader: that it beats all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +257,10 @@ class ExperimentInsights:
     min_samples: int
     srm: SrmCheck
     draws: int
+    error_rate: float = stopping.DEFAULT_ERROR_RATE
+    """The stopping rule's bound on ever concluding wrongly."""
+    e_value_threshold: float = 0.0
+    """A pair of variants is decided when its e-value reaches this (pairs / error_rate)."""
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -412,7 +421,16 @@ def compute_insights(
             if flagged and active[i]:
                 guardrail_flags.setdefault(i, []).append(metric)
 
-    fails = (samples >= rule.min_samples) & (prob_worse > rule.threshold)
+    decision = stopping.verdict(
+        successes,
+        samples,
+        active,
+        error_rate=rule.error_rate,
+        min_effect=rule.min_effect,
+        min_samples=rule.min_samples,
+    )
+    fails = np.array(decision.worse, dtype=np.bool_)  # dropped ones too, for the record
+    e_values = decision.e_values
     insights = tuple(
         VariantInsight(
             variant_id=arm.variant_id,
@@ -435,6 +453,7 @@ def compute_insights(
             ),
             guardrails=tuple(guardrails[i]),
             fails_fast=bool(fails[i]),
+            e_value=e_values[i],
         )
         for i, arm in enumerate(arms)
     )
@@ -443,7 +462,15 @@ def compute_insights(
     has_data = bool(samples[active].sum() > 0)
     failing = [i for i in range(len(arms)) if active[i] and (fails[i] or i in guardrail_flags)]
     action, text = _recommend(
-        arms, insights, active, leader if has_data else -1, failing, guardrail_flags, rule, status
+        arms,
+        insights,
+        active,
+        leader if has_data else -1,
+        failing,
+        guardrail_flags,
+        rule,
+        status,
+        decision,
     )
     srm = SrmCheck(applicable=False)
     if allocation is Allocation.FIXED_WEIGHTS:
@@ -461,6 +488,8 @@ def compute_insights(
         min_samples=rule.min_samples,
         srm=srm,
         draws=draws,
+        error_rate=rule.error_rate,
+        e_value_threshold=decision.threshold,
     )
 
 
@@ -473,6 +502,7 @@ def _recommend(
     guardrail_flags: dict[int, list[str]],
     rule: FailFast,
     status: ExperimentStatus,
+    decision: stopping.StoppingVerdict,
 ) -> tuple[RecommendedAction, str]:
     """The first rule that applies: concluded, not started, nothing active, a winner,
     variants to drop, else keep running and say what is missing."""
@@ -493,15 +523,20 @@ def _recommend(
             f"Stop: '{only}' is the only active variant left; ship it.",
         )
     short = [i for i in live if insights[i].samples < rule.min_samples]
-    if leader >= 0 and not short and leader not in guardrail_flags:
-        p_best = insights[leader].prob_best
-        if p_best >= rule.threshold:
-            return (
-                RecommendedAction.STOP_WITH_WINNER,
-                f"Stop: '{arms[leader].label}' wins with P(best)={_percent(p_best)} "
-                f"(threshold {_percent(rule.threshold)}), every active variant has at least "
-                f"{rule.min_samples} samples.",
-            )
+    guarantee = (
+        f"e-value threshold {decision.threshold:.0f}: under continuous monitoring the "
+        f"chance of ever concluding wrongly is at most {_percent(rule.error_rate)}"
+    )
+    winner = decision.winner
+    if winner >= 0 and winner not in guardrail_flags:
+        beaten = ", ".join(
+            f"'{arms[i].label}' (e-value {insights[i].e_value:.3g})" for i in decision.failing
+        )
+        return (
+            RecommendedAction.STOP_WITH_WINNER,
+            f"Stop: '{arms[winner].label}' wins; it beats {beaten} ({guarantee}). "
+            f"P(best)={_percent(insights[winner].prob_best)}.",
+        )
     leader_label = arms[leader].label if leader >= 0 else ""
     if failing and len(failing) < len(live):
         reasons = []
@@ -509,7 +544,10 @@ def _recommend(
             why = []
             if insights[i].fails_fast:
                 p = insights[i].prob_worse_than_best
-                why.append(f"P(worse than '{leader_label}')={_percent(p)}")
+                why.append(
+                    f"worse than another variant, e-value {insights[i].e_value:.3g}; "
+                    f"P(worse than '{leader_label}')={_percent(p)}"
+                )
             for g in insights[i].guardrails:
                 if g.flagged:
                     why.append(
@@ -518,8 +556,8 @@ def _recommend(
             reasons.append(f"'{arms[i].label}' ({', '.join(why)})")
         return (
             RecommendedAction.DROP_VARIANTS,
-            f"Drop {', '.join(reasons)} (threshold {_percent(rule.threshold)}); "
-            "keep running the others.",
+            f"Drop {', '.join(reasons)} ({guarantee}; guardrail threshold "
+            f"{_percent(rule.threshold)}); keep running the others.",
         )
     if failing:
         return (
@@ -542,6 +580,8 @@ def _recommend(
         )
     return (
         RecommendedAction.KEEP_RUNNING,
-        f"Keep running: no variant above threshold yet: '{leader_label}' leads with "
-        f"P(best)={_percent(insights[leader].prob_best)} < {_percent(rule.threshold)}.",
+        f"Keep running: no difference decided yet: '{leader_label}' leads with "
+        f"P(best)={_percent(insights[leader].prob_best)}, e-value "
+        f"{insights[leader].e_value:.3g} < {decision.threshold:.0f} "
+        f"(error rate {_percent(rule.error_rate)}).",
     )

@@ -6,8 +6,9 @@ mistakes at once. Unset values get their documented defaults here, in one place:
 
 - key (experiment and variant): derived from the name by `slugify` when empty;
 - weight: unset (``None``; the API's ``0``, proto3's "not set") means 1;
-- exposure_percent 100, primary_metric "conversion", fail_fast threshold 0.95 and
-  min_samples 100, allocation Thompson sampling, reward conversion.
+- exposure_percent 100, primary_metric "conversion", fail_fast threshold 0.95,
+  min_samples 100, error_rate 0.05 and min_effect 0.02, allocation Thompson sampling,
+  reward conversion.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import TypeVar
 
 from sira_server.domain import limits
 from sira_server.domain.experiment import (
+    DEFAULT_ERROR_RATE,
     DEFAULT_EXPOSURE_PERCENT,
     DEFAULT_FAIL_FAST_MIN_SAMPLES,
     DEFAULT_FAIL_FAST_THRESHOLD,
+    DEFAULT_MIN_EFFECT,
     DEFAULT_PRIMARY_METRIC,
     DEFAULT_VARIANT_WEIGHT,
     Allocation,
@@ -129,6 +132,8 @@ class ExperimentInput:
     fail_fast_threshold: float | None = None
     fail_fast_min_samples: int | None = None
     auto_stop: bool = False
+    fail_fast_error_rate: float | None = None
+    fail_fast_min_effect: float | None = None
     reward: str | None = None
     """A `Reward` value; anything else is reported."""
     variants: list[VariantInput] = field(default_factory=list)
@@ -214,6 +219,23 @@ def validate_experiment(data: ExperimentInput, *, prefix: str = "experiment") ->
     )
     if not (1 <= min_samples <= _MAX_INT64):
         bad("fail_fast.min_samples", f"must be at least 1, got {min_samples}")
+    error_rate = (
+        DEFAULT_ERROR_RATE if data.fail_fast_error_rate is None else data.fail_fast_error_rate
+    )
+    if not (0 < error_rate <= 0.5):  # NaN fails too
+        bad(
+            "fail_fast.error_rate",
+            f"must be in (0, 0.5] (the chance of a wrong conclusion, e.g. 0.05), got {error_rate}",
+        )
+    min_effect = (
+        DEFAULT_MIN_EFFECT if data.fail_fast_min_effect is None else data.fail_fast_min_effect
+    )
+    if not (0 < min_effect < 1):
+        bad(
+            "fail_fast.min_effect",
+            "must be in (0, 1) (a difference in conversion rate, e.g. 0.02 for 2 points), "
+            f"got {min_effect}",
+        )
 
     variants = _check_variants(data.variants, bad)
 
@@ -231,7 +253,13 @@ def validate_experiment(data: ExperimentInput, *, prefix: str = "experiment") ->
         allocation=allocation,
         exposure_percent=float(exposure),
         primary_metric=metric,
-        fail_fast=FailFast(float(threshold), int(min_samples), data.auto_stop),
+        fail_fast=FailFast(
+            float(threshold),
+            int(min_samples),
+            data.auto_stop,
+            float(error_rate),
+            float(min_effect),
+        ),
         reward=reward,
     )
 
@@ -373,6 +401,8 @@ def input_from_spec(spec: ExperimentSpec) -> ExperimentInput:
         fail_fast_threshold=spec.fail_fast.threshold,
         fail_fast_min_samples=spec.fail_fast.min_samples,
         auto_stop=spec.fail_fast.auto_stop,
+        fail_fast_error_rate=spec.fail_fast.error_rate,
+        fail_fast_min_effect=spec.fail_fast.min_effect,
         reward=spec.reward.value,
         variants=[
             VariantInput(v.key, v.name, v.config, v.is_control, v.weight) for v in spec.variants
@@ -389,7 +419,7 @@ def merge_update(
 ) -> ExperimentSpec:
     """``current`` with ``fields`` replaced by the values in ``patch``, validated whole.
 
-    Replacement is per top-level field: a masked ``fail_fast`` replaces all three of its
+    Replacement is per top-level field: a masked ``fail_fast`` replaces all of its
     settings (unset ones fall back to their defaults), as AIP-134 prescribes.
     """
     merged = input_from_spec(current)
@@ -398,6 +428,8 @@ def merge_update(
             merged.fail_fast_threshold = patch.fail_fast_threshold
             merged.fail_fast_min_samples = patch.fail_fast_min_samples
             merged.auto_stop = patch.auto_stop
+            merged.fail_fast_error_rate = patch.fail_fast_error_rate
+            merged.fail_fast_min_effect = patch.fail_fast_min_effect
         else:
             setattr(merged, name, getattr(patch, name))
     merged.key = current.key

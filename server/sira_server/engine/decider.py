@@ -20,13 +20,24 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 StateArray = npt.NDArray[np.uint64]
 
-MIN_PROPENSITY = 1e-6
-"""Floor of a logged Thompson propensity: a Monte Carlo estimate of P(best) can be 0 for an
-arm that was nonetheless drawn; the true probability is positive."""
+MIN_PROPENSITY = 1e-300
+"""Floor of a logged propensity: the exact probability of an arm far behind can underflow
+to 0 in double precision (below ~1e-300) although the arm is drawable; no realistic arm
+gets there, and the floor keeps 1/p finite if one does."""
 
 
 WARM_UP_SHARE = 0.1
 """Share of new subjects given uniformly to active arms still short of min_samples."""
+
+EXPLORE_SHARE = 0.8
+"""With auto-stop on: share of the other new subjects spread uniformly over the active
+arms, so that the stopping rule gets evidence on every arm (docs/stopping.md: without it,
+Thompson sampling starves the losing arm and the rule cannot conclude in 3,000 subjects)."""
+
+
+def explore_share(experiment: Experiment) -> float:
+    """`EXPLORE_SHARE` while auto-stop may still act, else 0 (plain Thompson sampling)."""
+    return EXPLORE_SHARE if experiment.fail_fast.auto_stop else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +47,8 @@ class Posterior:
     alpha: FloatArray
     beta: FloatArray
     prob_best: FloatArray
-    """Monte Carlo estimate among active arms: the propensity of a Thompson choice."""
+    """Exact probability that a Thompson draw picks each arm among the active ones
+    (`domain.propensity`): the propensity of a Thompson choice."""
 
     @classmethod
     def uniform(cls, active: BoolArray) -> Posterior:
@@ -60,6 +72,7 @@ def choose_new_arm(
     rng_state: StateArray,
     rng: random.Random,
     min_samples: int,
+    explore: float = 0.0,
 ) -> Choice:
     """The arm a new subject gets, with the probability it had of being picked.
 
@@ -67,6 +80,9 @@ def choose_new_arm(
     an arm with `min_samples` subjects: without help such an arm may never get there,
     and auto-stop would wait forever. So while some active arms are short of
     `min_samples`, a `WARM_UP_SHARE` of new subjects goes uniformly to those arms.
+    Auto-stop's tests also need evidence on every arm, which pure Thompson sampling
+    starves: with ``explore`` > 0 (auto-stop on, `explore_share`), that share of the
+    remaining subjects goes uniformly to all active arms.
     The logged propensity is that of the whole mixture.
     """
     if allocation is Allocation.FIXED_WEIGHTS:
@@ -76,11 +92,17 @@ def choose_new_arm(
     short = active & (trials < min_samples)
     n_short = int(short.sum())
     share = WARM_UP_SHARE if n_short else 0.0
+    n_active = int(active.sum())
     if n_short and rng.random() < WARM_UP_SHARE:
         index = int(np.flatnonzero(short)[rng.randrange(n_short)])
+    elif explore > 0.0 and rng.random() < explore:
+        index = int(np.flatnonzero(active)[rng.randrange(n_active)])
     else:
         index = int(thompson_choose(posterior.alpha, posterior.beta, active, rng_state))
-    propensity = (1.0 - share) * float(posterior.prob_best[index])
+    thompson = (1.0 - explore) * float(posterior.prob_best[index])
+    if explore > 0.0:
+        thompson += explore / n_active
+    propensity = (1.0 - share) * thompson
     if short[index]:
         propensity += share / n_short
     return Choice(index, max(propensity, MIN_PROPENSITY))

@@ -2,8 +2,10 @@
 
 Thompson sampling on a posterior that is ~200 ms old is batched Thompson sampling: the
 regret cost is negligible at any realistic traffic, and Assign never waits for the
-counters. Each refresh also estimates P(best) per arm, the propensity logged with a
-new assignment.
+counters. Each refresh whose counts changed also computes, by exact quadrature
+(`domain.propensity`), the probability that Thompson sampling picks each arm: the
+propensity logged with a new assignment (with the warm-up and exploration shares mixed
+in by `engine.decider`). Never on the Assign path.
 """
 
 from __future__ import annotations
@@ -11,33 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 
 import numpy as np
 
-from sira_server.domain.bayes import monte_carlo_core
 from sira_server.domain.experiment import Allocation
+from sira_server.domain.propensity import thompson_propensities
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.engine.decider import Posterior
 from sira_server.store.hot_state import HotState
 
 log = logging.getLogger(__name__)
 
-PROPENSITY_DRAWS = 20_000
-"""Monte Carlo draws behind a propensity estimate (standard error below 0.004)."""
 
-
-def posterior_from_counts(
-    live: LiveExperiment, counts: dict[str, tuple[int, int]], draws: int, seed: int
-) -> Posterior:
-    """alpha = 1 + successes, beta = 1 + trials - successes, in the catalog's arm order."""
+def posterior_from_counts(live: LiveExperiment, counts: dict[str, tuple[int, int]]) -> Posterior:
+    """alpha = 1 + successes, beta = 1 + trials - successes, in the catalog's arm order,
+    with the exact probability that a Thompson draw picks each active arm."""
     trials = np.array([counts.get(v, (0, 0))[0] for v in live.variant_ids], dtype=np.float64)
     successes = np.array([counts.get(v, (0, 0))[1] for v in live.variant_ids], dtype=np.float64)
     successes = np.minimum(successes, trials)
     alpha = 1.0 + successes
     beta = 1.0 + trials - successes
-    prob_best, _, _, _ = monte_carlo_core(alpha, beta, live.active, -1, draws, seed)
-    return Posterior(alpha, beta, prob_best)
+    return Posterior(alpha, beta, thompson_propensities(alpha, beta, live.active))
 
 
 def _fingerprint(counts: dict[str, tuple[int, int]]) -> tuple[tuple[str, int, int], ...]:
@@ -51,12 +47,10 @@ class PosteriorBook:
         hot: HotState,
         *,
         interval_seconds: float = 0.2,
-        draws: int = PROPENSITY_DRAWS,
     ) -> None:
         self._catalog = catalog
         self._hot = hot
         self._interval = interval_seconds
-        self._draws = draws
         self._snapshot: dict[str, tuple[int, Posterior]] = {}
         self._keys: dict[str, tuple[int, tuple[tuple[str, int, int], ...]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -91,7 +85,7 @@ class PosteriorBook:
                 stale.append((live, counts[live.id]))
                 self._keys[live.id] = key
         if stale:
-            # Monte Carlo passes release the GIL: off the event loop, in one hop.
+            # Quadrature (scipy, GIL released in its kernels): off the event loop, in one hop.
             computed = await asyncio.to_thread(self._compute, stale)
             fresh.update(computed)
         self._snapshot = fresh
@@ -101,10 +95,7 @@ class PosteriorBook:
         self, stale: list[tuple[LiveExperiment, dict[str, tuple[int, int]]]]
     ) -> dict[str, tuple[int, Posterior]]:
         return {
-            live.id: (
-                live.experiment.version,
-                posterior_from_counts(live, counts, self._draws, secrets.randbits(62)),
-            )
+            live.id: (live.experiment.version, posterior_from_counts(live, counts))
             for live, counts in stale
         }
 

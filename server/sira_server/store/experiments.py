@@ -66,7 +66,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _EXPERIMENT_COLUMNS = """
     id, key, name, description, status, targeting, allocation, exposure_percent,
     primary_metric, fail_fast_threshold, fail_fast_min_samples, auto_stop, reward,
-    created_by, created_at, updated_at, started_at, stopped_at, archived_at,
+    fail_fast_error_rate, fail_fast_min_effect, created_by, created_at, updated_at,
+    started_at, stopped_at, archived_at,
     winner_variant_id, stop_reason, version
 """
 _SELECT_EXPERIMENT = f"SELECT {_EXPERIMENT_COLUMNS} FROM experiments"
@@ -219,8 +220,8 @@ class ExperimentRepository:
                     """INSERT INTO experiments (
                         id, key, name, description, targeting, allocation, exposure_percent,
                         primary_metric, fail_fast_threshold, fail_fast_min_samples, auto_stop,
-                        reward, created_by)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)""",
+                        reward, fail_fast_error_rate, fail_fast_min_effect, created_by)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
                     experiment_id,
                     *_spec_columns(spec),
                     actor,
@@ -272,8 +273,9 @@ class ExperimentRepository:
                     key = $2, name = $3, description = $4, targeting = $5, allocation = $6,
                     exposure_percent = $7, primary_metric = $8, fail_fast_threshold = $9,
                     fail_fast_min_samples = $10, auto_stop = $11, reward = $12,
+                    fail_fast_error_rate = $13, fail_fast_min_effect = $14,
                     updated_at = now(), version = version + 1
-                WHERE id = $1 AND status = ANY($13::text[])
+                WHERE id = $1 AND status = ANY($15::text[])
                 RETURNING version""",
                 row["id"],
                 *_spec_columns(spec),
@@ -721,7 +723,11 @@ def _experiment(row: asyncpg.Record, variants: list[Variant]) -> Experiment:
         exposure_percent=row["exposure_percent"],
         primary_metric=row["primary_metric"],
         fail_fast=FailFast(
-            row["fail_fast_threshold"], row["fail_fast_min_samples"], row["auto_stop"]
+            row["fail_fast_threshold"],
+            row["fail_fast_min_samples"],
+            row["auto_stop"],
+            row["fail_fast_error_rate"],
+            row["fail_fast_min_effect"],
         ),
         reward=Reward(row["reward"]),
         variants=tuple(variants),
@@ -738,7 +744,8 @@ def _experiment(row: asyncpg.Record, variants: list[Variant]) -> Experiment:
 
 
 def _spec_columns(spec: ExperimentSpec) -> tuple[Any, ...]:
-    """Values of key .. reward, in the order of the INSERT and UPDATE statements."""
+    """Values of key .. fail_fast_min_effect, in the order of the INSERT and UPDATE
+    statements."""
     return (
         spec.key,
         spec.name,
@@ -751,6 +758,8 @@ def _spec_columns(spec: ExperimentSpec) -> tuple[Any, ...]:
         spec.fail_fast.min_samples,
         spec.fail_fast.auto_stop,
         spec.reward.value,
+        spec.fail_fast.error_rate,
+        spec.fail_fast.min_effect,
     )
 
 

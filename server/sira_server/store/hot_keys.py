@@ -10,6 +10,8 @@ script touches a single slot (Redis Cluster safe)::
     sira:{exp:<id>}:conv      SET   subjects with a conversion
     sira:{exp:<id>}:refunded  SET   subjects with a refund
     sira:{exp:<id>}:churned   SET   subjects with a churn
+    sira:{exp:<id>}:outcome   HASH  subject -> "latest conversion ms|latest refund ms"
+                                    (reward conversion_not_refunded only)
     sira:{exp:<id>}:events    SET   event ids seen (dedupe)
     sira:{exp:<id>}:cnt       HASH  "variant|counter[|currency or name]" -> number
     sira:{exp:<id>}:wb        STREAM write-behind records for the flusher
@@ -52,6 +54,7 @@ class ExperimentKeys:
     conv: str
     refunded: str
     churned: str
+    outcome: str
     events: str
     cnt: str
     wb: str
@@ -69,6 +72,7 @@ class ExperimentKeys:
             self.conv,
             self.refunded,
             self.churned,
+            self.outcome,
             self.events,
             self.cnt,
         )
@@ -90,6 +94,7 @@ def experiment_keys(experiment_id: str) -> ExperimentKeys:
         conv=base + "conv",
         refunded=base + "refunded",
         churned=base + "churned",
+        outcome=base + "outcome",
         events=base + "events",
         cnt=base + "cnt",
         wb=base + "wb",

@@ -444,6 +444,7 @@ class HotState:
             keys.events,
             keys.cnt,
             keys.wb,
+            keys.outcome,
         )
         received_ms = _now_ms()
         outcomes: list[TrackOutcome | None] = [None] * len(events)

@@ -72,6 +72,9 @@ class HotImage:
     converted: set[str] = field(default_factory=set)
     refunded: set[str] = field(default_factory=set)
     churned: set[str] = field(default_factory=set)
+    outcome: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """subject -> (latest conversion ms, latest refund ms), 0 for none (track.lua's
+    ``outcome`` hash, kept under reward conversion_not_refunded only)."""
     events: set[str] = field(default_factory=set)
     counters: dict[str, float] = field(default_factory=dict)
     """``cnt`` hash fields; float only for amounts."""
@@ -92,6 +95,7 @@ class HotImage:
         value: float,
         currency: str | None,
         event_id: str,
+        occurred_ms: int,
     ) -> None:
         held = self.assignments.get(subject_id)
         if held is None or parse_assignment(held).variant_id != variant_id:
@@ -108,6 +112,7 @@ class HotImage:
             if subject_id not in self.converted:
                 self.converted.add(subject_id)
                 self._bump(prefix + "converted_subjects")
+            self._settle(subject_id, occurred_ms, conversion=True)
         elif event_type == REFUND:
             self._bump(prefix + "refunds")
             if has_amount:
@@ -115,6 +120,7 @@ class HotImage:
             if subject_id not in self.refunded:
                 self.refunded.add(subject_id)
                 self._bump(prefix + "refunded_subjects")
+            self._settle(subject_id, occurred_ms, conversion=False)
         elif event_type == CHURN:
             self._bump(prefix + "churns")
             if subject_id not in self.churned:
@@ -136,14 +142,29 @@ class HotImage:
                 record.value,
                 record.currency,
                 record.event_id,
+                record.occurred_ms,
             )
 
+    def _settle(self, subject_id: str, occurred_ms: int, *, conversion: bool) -> None:
+        if self.reward != REWARD_CONVERSION_NOT_REFUNDED:
+            return
+        conv_ms, refund_ms = self.outcome.get(subject_id, (0, 0))
+        if conversion:
+            conv_ms = max(conv_ms, occurred_ms)
+        else:
+            refund_ms = max(refund_ms, occurred_ms)
+        self.outcome[subject_id] = (conv_ms, refund_ms)
+
     def successes(self) -> Counter[str]:
-        """Converted subjects per variant; minus the refunded ones when the reward says so."""
+        """Converted subjects per variant. Under reward conversion_not_refunded, minus those
+        with a refund at or after their latest conversion (by occurrence time, as track.lua:
+        a refund before any conversion blocks nothing, a later conversion counts again)."""
         result: Counter[str] = Counter()
         for subject_id in self.converted:
-            if self.reward == REWARD_CONVERSION_NOT_REFUNDED and subject_id in self.refunded:
-                continue
+            if self.reward == REWARD_CONVERSION_NOT_REFUNDED:
+                conv_ms, refund_ms = self.outcome[subject_id]
+                if refund_ms >= conv_ms:
+                    continue
             result[parse_assignment(self.assignments[subject_id]).variant_id] += 1
         return result
 
@@ -286,12 +307,13 @@ async def _load_postgres(pool: asyncpg.Pool, experiment_id: str, image: HotImage
         ):
             image.add_assignment(row[0], row[1], row[2], row[3])
         async for row in conn.cursor(
-            "SELECT molam_id, variant_id::text, event_type, value, currency, event_id"
+            "SELECT molam_id, variant_id::text, event_type, value, currency, event_id,"
+            " (extract(epoch FROM occurred_at) * 1000)::bigint"
             " FROM experiment_metrics WHERE experiment_id = $1",
             experiment_id,
             prefetch=WRITE_CHUNK * 5,
         ):
-            image.add_metric(row[0], row[1], row[2], row[3], row[4], row[5])
+            image.add_metric(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
 
 
 def _image_commands(keys: ExperimentKeys, image: HotImage) -> Iterator[tuple[str, str, list[str]]]:
@@ -303,6 +325,7 @@ def _image_commands(keys: ExperimentKeys, image: HotImage) -> Iterator[tuple[str
         (keys.succ, ((v, str(successes.get(v, 0))) for v in variants)),
         (keys.asg, image.assignments.items()),
         (keys.cnt, ((name, _number(value)) for name, value in image.counters.items())),
+        (keys.outcome, ((s, f"{c}|{r}") for s, (c, r) in image.outcome.items())),
     ]
     for key, pairs in hashes:
         flat: list[str] = []

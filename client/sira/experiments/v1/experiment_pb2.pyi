@@ -82,8 +82,11 @@ class _RewardDefinitionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rewa
     REWARD_DEFINITION_CONVERSION: _RewardDefinition.ValueType  # 1
     """A subject with at least one conversion is a success."""
     REWARD_DEFINITION_CONVERSION_NOT_REFUNDED: _RewardDefinition.ValueType  # 2
-    """A subject with at least one conversion and no later refund is a success:
-    a refund of a converted subject retracts its success.
+    """A subject with at least one conversion and no refund at or after its
+    latest conversion is a success, by occurrence time (occur_time, default
+    the time the server received the event): a refund retracts the success of
+    the conversion before it; a refund before any conversion blocks nothing;
+    conversion, refund, conversion is a success; more refunds change nothing.
     """
 
 class RewardDefinition(_RewardDefinition, metaclass=_RewardDefinitionEnumTypeWrapper):
@@ -94,8 +97,11 @@ REWARD_DEFINITION_UNSPECIFIED: RewardDefinition.ValueType  # 0
 REWARD_DEFINITION_CONVERSION: RewardDefinition.ValueType  # 1
 """A subject with at least one conversion is a success."""
 REWARD_DEFINITION_CONVERSION_NOT_REFUNDED: RewardDefinition.ValueType  # 2
-"""A subject with at least one conversion and no later refund is a success:
-a refund of a converted subject retracts its success.
+"""A subject with at least one conversion and no refund at or after its
+latest conversion is a success, by occurrence time (occur_time, default
+the time the server received the event): a refund retracts the success of
+the conversion before it; a refund before any conversion blocks nothing;
+conversion, refund, conversion is a success; more refunds change nothing.
 """
 Global___RewardDefinition: _TypeAlias = RewardDefinition  # noqa: Y015
 
@@ -231,8 +237,10 @@ Global___AttributeValues: _TypeAlias = AttributeValues  # noqa: Y015
 
 @_typing.final
 class FailFastSettings(_message.Message):
-    """Fail-fast rule: a variant with at least `min_samples` samples whose
-    probability of being worse than the best variant exceeds `threshold` fails.
+    """Fail-fast rule: an always-valid test (pairwise mixture SPRT on the conversion
+    counts, docs/statistics.md) decides a variant with at least `min_samples`
+    samples worse than another; the chance of ever deciding so wrongly, however
+    often the server looks, is at most `error_rate`. Such a variant fails.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -240,13 +248,26 @@ class FailFastSettings(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     MIN_SAMPLES_FIELD_NUMBER: _builtins.int
     AUTO_STOP_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MIN_EFFECT_FIELD_NUMBER: _builtins.int
     threshold: _builtins.float
-    """In (0.5, 1). Default 0.95."""
+    """In (0.5, 1). Default 0.95. Flags guardrails (posterior probability that a
+    variant's refund or churn rate is worse than the best's).
+    """
     min_samples: _builtins.int
     """At least 1. Default 100."""
     auto_stop: _builtins.bool
     """When true the server drops failing variants and concludes the experiment
-    on its own; when false the verdict is only reported.
+    on its own; when false the verdict is only reported. While on, 80 % of new
+    subjects are spread evenly over the active variants (evidence for the test).
+    """
+    error_rate: _builtins.float
+    """In (0, 0.5]. Default 0.05. Bound on the probability that fail-fast ever
+    drops or crowns a variant wrongly (shared by all pairs of variants).
+    """
+    min_effect: _builtins.float
+    """In (0, 1). Default 0.02. Absolute difference in conversion rate the test
+    detects fastest (its mixing scale); smaller differences take longer.
     """
     def __init__(
         self,
@@ -254,15 +275,25 @@ class FailFastSettings(_message.Message):
         threshold: _builtins.float | None = ...,
         min_samples: _builtins.int | None = ...,
         auto_stop: _builtins.bool = ...,
+        error_rate: _builtins.float | None = ...,
+        min_effect: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_samples", b"_min_samples", "_threshold", b"_threshold", "min_samples", b"min_samples", "threshold", b"threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate", "_min_effect", b"_min_effect", "_min_samples", b"_min_samples", "_threshold", b"_threshold", "error_rate", b"error_rate", "min_effect", b"min_effect", "min_samples", b"min_samples", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_samples", b"_min_samples", "_threshold", b"_threshold", "auto_stop", b"auto_stop", "min_samples", b"min_samples", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate", "_min_effect", b"_min_effect", "_min_samples", b"_min_samples", "_threshold", b"_threshold", "auto_stop", b"auto_stop", "error_rate", b"error_rate", "min_effect", b"min_effect", "min_samples", b"min_samples", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error_rate: _TypeAlias = _typing.Literal["error_rate"]  # noqa: Y015
+    _WhichOneofArgType__error_rate: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__min_effect: _TypeAlias = _typing.Literal["min_effect"]  # noqa: Y015
+    _WhichOneofArgType__min_effect: _TypeAlias = _typing.Literal["_min_effect", b"_min_effect"]  # noqa: Y015
     _WhichOneofReturnType__min_samples: _TypeAlias = _typing.Literal["min_samples"]  # noqa: Y015
     _WhichOneofArgType__min_samples: _TypeAlias = _typing.Literal["_min_samples", b"_min_samples"]  # noqa: Y015
     _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
     _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_rate) -> _WhichOneofReturnType__error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_effect) -> _WhichOneofReturnType__min_effect | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_samples) -> _WhichOneofReturnType__min_samples | None: ...
     @_typing.overload

@@ -299,6 +299,7 @@ class VariantInsight(_message.Message):
     LIFT_INTERVAL_FIELD_NUMBER: _builtins.int
     GUARDRAILS_FIELD_NUMBER: _builtins.int
     FAILS_FAST_FIELD_NUMBER: _builtins.int
+    E_VALUE_FIELD_NUMBER: _builtins.int
     variant_id: _builtins.str
     variant_key: _builtins.str
     variant: _builtins.str
@@ -327,7 +328,12 @@ class VariantInsight(_message.Message):
     interval; absent for the control or without a control.
     """
     fails_fast: _builtins.bool
-    """Fails the fail-fast rule."""
+    """Fails the fail-fast rule: decided worse than another active variant."""
+    e_value: _builtins.float
+    """The stopping rule's statistic (an e-value): for a variant below the
+    leader, the evidence that it is worse than another active variant; for the
+    leader, that it beats every other. Decided at e_value_threshold.
+    """
     @_builtins.property
     def confidence_interval(self) -> Global___Interval:
         """95 % equal-tailed credible interval from the exact Beta quantiles."""
@@ -355,10 +361,11 @@ class VariantInsight(_message.Message):
         lift_interval: Global___Interval | None = ...,
         guardrails: _abc.Iterable[Global___GuardrailInsight] | None = ...,
         fails_fast: _builtins.bool = ...,
+        e_value: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_lift", b"_lift", "confidence_interval", b"confidence_interval", "lift", b"lift", "lift_interval", b"lift_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lift", b"_lift", "confidence_interval", b"confidence_interval", "conversion_rate", b"conversion_rate", "conversions", b"conversions", "expected_loss", b"expected_loss", "fails_fast", b"fails_fast", "guardrails", b"guardrails", "is_control", b"is_control", "lift", b"lift", "lift_interval", b"lift_interval", "prob_best", b"prob_best", "prob_worse_than_best", b"prob_worse_than_best", "samples", b"samples", "state", b"state", "variant", b"variant", "variant_id", b"variant_id", "variant_key", b"variant_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lift", b"_lift", "confidence_interval", b"confidence_interval", "conversion_rate", b"conversion_rate", "conversions", b"conversions", "e_value", b"e_value", "expected_loss", b"expected_loss", "fails_fast", b"fails_fast", "guardrails", b"guardrails", "is_control", b"is_control", "lift", b"lift", "lift_interval", b"lift_interval", "prob_best", b"prob_best", "prob_worse_than_best", b"prob_worse_than_best", "samples", b"samples", "state", b"state", "variant", b"variant", "variant_id", b"variant_id", "variant_key", b"variant_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__lift: _TypeAlias = _typing.Literal["lift"]  # noqa: Y015
     _WhichOneofArgType__lift: _TypeAlias = _typing.Literal["_lift", b"_lift"]  # noqa: Y015
@@ -416,6 +423,8 @@ class GetInsightsResponse(_message.Message):
     SRM_FIELD_NUMBER: _builtins.int
     DRAWS_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    E_VALUE_THRESHOLD_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     status: _experiment_pb2.ExperimentStatus.ValueType
     leading_variant_id: _builtins.str
@@ -423,10 +432,15 @@ class GetInsightsResponse(_message.Message):
     recommendation: _builtins.str
     """Plain words for operators."""
     threshold: _builtins.float
-    """The fail-fast settings the verdict used."""
+    """The fail-fast settings the verdict used (threshold: guardrails)."""
     min_samples: _builtins.int
     draws: _builtins.int
     """Monte Carlo draws behind prob_best, prob_worse_than_best, expected_loss."""
+    error_rate: _builtins.float
+    """The stopping rule's error rate (fail_fast.error_rate) and the e-value a
+    pair of variants must reach to be decided (pairs / error_rate).
+    """
+    e_value_threshold: _builtins.float
     @_builtins.property
     def insights(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantInsight]: ...
     @_builtins.property
@@ -452,10 +466,12 @@ class GetInsightsResponse(_message.Message):
         srm: Global___SrmCheck | None = ...,
         draws: _builtins.int = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        error_rate: _builtins.float = ...,
+        e_value_threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "srm", b"srm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compute_time", b"compute_time", "draws", b"draws", "experiment_id", b"experiment_id", "failing_variant_ids", b"failing_variant_ids", "insights", b"insights", "leading_variant_id", b"leading_variant_id", "min_samples", b"min_samples", "recommendation", b"recommendation", "srm", b"srm", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "compute_time", b"compute_time", "draws", b"draws", "e_value_threshold", b"e_value_threshold", "error_rate", b"error_rate", "experiment_id", b"experiment_id", "failing_variant_ids", b"failing_variant_ids", "insights", b"insights", "leading_variant_id", b"leading_variant_id", "min_samples", b"min_samples", "recommendation", b"recommendation", "srm", b"srm", "status", b"status", "threshold", b"threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
