@@ -40,7 +40,7 @@ from sira_server.api.interceptors import GuardedRegistrar
 from sira_server.api.lifecycle import LifecycleServicer
 from sira_server.api.tracking import TrackingServicer
 from sira_server.auth import TokenVerifier, ensure_dev_secret
-from sira_server.config import ConfigError, Settings
+from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.domain import bayes
 from sira_server.engine.autopilot import FailFastAutopilot
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
@@ -48,6 +48,7 @@ from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.experiments import ExperimentRepository
+from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
@@ -60,7 +61,6 @@ ASSIGNMENT = assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentServi
 TRACKING = tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
 INSIGHTS = insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name
 SERVICE_NAMES: tuple[str, ...] = (LIFECYCLE, ASSIGNMENT, TRACKING, INSIGHTS)
-HEALTH_PROBE_SECONDS = 2.0
 # Health service name that stays SERVING while the process runs, even when a
 # store is down: Kubernetes liveness must not restart pods during a Postgres
 # outage (decisions go on from Redis), readiness uses the overall status "".
@@ -71,10 +71,11 @@ CLOSE_SECONDS = 5.0
 FLUSHER_RESTART_SECONDS = 1.0
 
 
-async def _answers(store: str, probe: Awaitable[object]) -> bool:
+async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool:
     try:
-        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-            await probe
+        # `bounded`: a stalled store's clean-up (a query's cancellation) cannot hold
+        # the probe, so health follows within `seconds`.
+        await bounded(probe, seconds, store)
     except Exception as exc:  # any failure means "not serving"; the reason is logged
         log.warning("health probe: %s does not answer: %s", store, exc)
         return False
@@ -85,12 +86,13 @@ async def _answers(store: str, probe: Awaitable[object]) -> bool:
 class Stores:
     pool: asyncpg.Pool
     redis: aioredis.Redis
+    probe_seconds: float = StoreTimeouts.health_probe_seconds
 
     async def postgres_ok(self) -> bool:
-        return await _answers("Postgres", self.pool.fetchval("SELECT 1"))
+        return await _answers("Postgres", self.pool.fetchval("SELECT 1"), self.probe_seconds)
 
     async def redis_ok(self) -> bool:
-        return await _answers("Redis", self.redis.ping())
+        return await _answers("Redis", self.redis.ping(), self.probe_seconds)
 
     async def ping(self) -> bool:
         """True when both Postgres and Redis answer right now."""
@@ -124,9 +126,12 @@ class SiraServer:
             options=[("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
-        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True)
+        timeouts = settings.timeouts
+        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, timeouts=timeouts)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
-        self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
+        self.catalog = ExperimentCatalog(
+            self.repository, stores.pool, stores.redis, lookup_seconds=timeouts.postgres_seconds
+        )
         self.catalog.add_listener(self._prepare_hot_state)
         self.posteriors = PosteriorBook(self.catalog, self.hot)
         self.insights = InsightsBook(self.hot)
@@ -164,8 +169,10 @@ class SiraServer:
         self._serving: dict[str, bool] = {}
 
     async def _changed(self, experiment_id: str) -> None:
-        """After a lifecycle commit: refresh every process's catalog."""
-        await self.catalog.changed(experiment_id)
+        """After a lifecycle commit: refresh every process's catalog. Bounded: a store
+        that stalls now cannot hold the committed call (the version check catches up)."""
+        async with asyncio.timeout(self.settings.timeouts.command_seconds):
+            await self.catalog.changed(experiment_id)
 
     async def _prepare_hot_state(self, live: LiveExperiment | None, experiment_id: str) -> None:
         """A running experiment needs its Redis state (counters, stream) before traffic;
@@ -209,7 +216,7 @@ class SiraServer:
         tracking and insights need Redis (Postgres may be down: the write-behind
         catches up). The overall status, which load balancers read, follows Redis."""
         while True:
-            await asyncio.sleep(HEALTH_PROBE_SECONDS)
+            await asyncio.sleep(self.settings.timeouts.health_probe_seconds)
             postgres, redis = await asyncio.gather(
                 self.stores.postgres_ok(), self.stores.redis_ok()
             )
@@ -321,12 +328,16 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
             await task
 
 
-async def open_stores(database_url: str, redis_url: str) -> Stores:
+async def open_stores(
+    database_url: str, redis_url: str, timeouts: StoreTimeouts | None = None
+) -> Stores:
+    timeouts = timeouts or StoreTimeouts()
     try:
-        pool = await create_pool(database_url)
+        pool = await create_pool(database_url, command_timeout=timeouts.command_seconds)
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    return Stores(pool=pool, redis=create_redis(redis_url))
+    redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
+    return Stores(pool=pool, redis=redis, probe_seconds=timeouts.health_probe_seconds)
 
 
 def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
@@ -364,7 +375,7 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stores = await open_stores(settings.database_url, settings.redis_url)
+    stores = await open_stores(settings.database_url, settings.redis_url, settings.timeouts)
     try:
         metrics = Metrics()
         if settings.metrics_port:

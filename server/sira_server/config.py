@@ -36,6 +36,31 @@ class JwtSettings:
 
 
 @dataclass(frozen=True)
+class StoreTimeouts:
+    """How long the server waits on Redis and Postgres before answering UNAVAILABLE.
+
+    A store that is frozen, stalled or restarting is answered, never waited out: the
+    caller gets UNAVAILABLE (and retries: Assign is sticky, Track idempotent)."""
+
+    redis_seconds: float = 1.0
+    """SIRA_REDIS_TIMEOUT_SECONDS: one Redis round trip of a request (Assign, Track,
+    results, the posterior refresh), connect included."""
+    postgres_seconds: float = 1.0
+    """SIRA_POSTGRES_TIMEOUT_SECONDS: Postgres on the decision path (Assign's sticky
+    fallback while Redis is down, the first lookup of an experiment not cached)."""
+    rebuild_wait_seconds: float = 5.0
+    """SIRA_REBUILD_WAIT_SECONDS: a request whose experiment's hot state is being
+    rebuilt from Postgres waits this long; the rebuild itself goes on."""
+    command_seconds: float = 10.0
+    """SIRA_STORE_COMMAND_TIMEOUT_SECONDS: any other Redis or Postgres command
+    (lifecycle, audit, reports, write-behind, rebuild): asyncpg's command_timeout and
+    redis-py's socket timeout, so no store wait anywhere is unbounded."""
+    health_probe_seconds: float = 2.0
+    """SIRA_HEALTH_PROBE_SECONDS: interval and deadline of the health probes of each
+    store; a store that does not answer turns its services NOT_SERVING."""
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
     """SIRA_DATABASE_URL: Postgres DSN. Unset: start the embedded Postgres."""
@@ -61,6 +86,7 @@ class Settings:
     """SIRA_TLS_CLIENT_CA_FILE: require client certificates signed by this CA (mTLS)."""
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
+    timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
 
     @property
     def embedded(self) -> bool:
@@ -94,6 +120,12 @@ class Settings:
                 return float(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        def seconds(name: str, default: float) -> float:
+            value = number(name, default)
+            if not 0 < value < 3600:  # NaN fails too
+                raise ConfigError(f"{name} must be between 0 and 3600 seconds, got {value}")
+            return value
 
         public_key = text("SIRA_JWT_PUBLIC_KEY")
         key_file = text("SIRA_JWT_PUBLIC_KEY_FILE")
@@ -140,4 +172,11 @@ class Settings:
             tls_key_file=Path(key) if key else None,
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
+            timeouts=StoreTimeouts(
+                redis_seconds=seconds("SIRA_REDIS_TIMEOUT_SECONDS", 1.0),
+                postgres_seconds=seconds("SIRA_POSTGRES_TIMEOUT_SECONDS", 1.0),
+                rebuild_wait_seconds=seconds("SIRA_REBUILD_WAIT_SECONDS", 5.0),
+                command_seconds=seconds("SIRA_STORE_COMMAND_TIMEOUT_SECONDS", 10.0),
+                health_probe_seconds=seconds("SIRA_HEALTH_PROBE_SECONDS", 2.0),
+            ),
         )

@@ -51,10 +51,20 @@ async def connect(dsn: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
     return conn
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections decode json/jsonb to Python objects and back."""
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
+) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb to Python objects and back.
+
+    `command_timeout`: the default deadline of every query (asyncpg raises TimeoutError,
+    an OSError, which callers map to Unavailable); it also bounds the cancellation of a
+    query on a stalled server."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        command_timeout=command_timeout,
     )
     return pool
 
