@@ -128,7 +128,9 @@ class SiraServer:
         guarded = GuardedRegistrar(self.server, verifier, self.metrics.count_rpc)
         timeouts = settings.timeouts
         self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, timeouts=timeouts)
-        self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
+        self.repository = ExperimentRepository(
+            stores.pool, on_change=self._changed, acquire_timeout=timeouts.command_seconds
+        )
         self.catalog = ExperimentCatalog(
             self.repository, stores.pool, stores.redis, lookup_seconds=timeouts.postgres_seconds
         )

@@ -51,7 +51,7 @@ class StoreTimeouts:
     rebuild_wait_seconds: float = 5.0
     """SIRA_REBUILD_WAIT_SECONDS: a request whose experiment's hot state is being
     rebuilt from Postgres waits this long; the rebuild itself goes on."""
-    command_seconds: float = 10.0
+    command_seconds: float = 5.0
     """SIRA_STORE_COMMAND_TIMEOUT_SECONDS: any other Redis or Postgres command
     (lifecycle, audit, reports, write-behind, rebuild): asyncpg's command_timeout and
     redis-py's socket timeout, so no store wait anywhere is unbounded."""
@@ -176,7 +176,7 @@ class Settings:
                 redis_seconds=seconds("SIRA_REDIS_TIMEOUT_SECONDS", 1.0),
                 postgres_seconds=seconds("SIRA_POSTGRES_TIMEOUT_SECONDS", 1.0),
                 rebuild_wait_seconds=seconds("SIRA_REBUILD_WAIT_SECONDS", 5.0),
-                command_seconds=seconds("SIRA_STORE_COMMAND_TIMEOUT_SECONDS", 10.0),
+                command_seconds=seconds("SIRA_STORE_COMMAND_TIMEOUT_SECONDS", 5.0),
                 health_probe_seconds=seconds("SIRA_HEALTH_PROBE_SECONDS", 2.0),
             ),
         )

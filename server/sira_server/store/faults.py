@@ -56,9 +56,22 @@ def parse_redis_error(message: str) -> redis_errors.RedisError:
 def is_redis_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, REDIS_UNAVAILABLE_ERRORS):
         return True
-    return isinstance(exc, redis_errors.ResponseError) and (
-        str(exc).split(" ", 1)[0] in REDIS_UNAVAILABLE_CODES
+    return isinstance(exc, redis_errors.ResponseError) and _reply_code(exc) in (
+        REDIS_UNAVAILABLE_CODES
     )
+
+
+_PIPELINE_PREFIX = "of pipeline caused error: "
+
+
+def _reply_code(exc: redis_errors.ResponseError) -> str:
+    """The reply's first word, also once redis-py prefixed it with the failed command
+    of a pipeline ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
+    text = str(exc)
+    _, found, rest = text.partition(_PIPELINE_PREFIX)
+    if found:
+        text = rest.lstrip("('\"")
+    return text.split(" ", 1)[0]
 
 
 def redis_unavailable(exc: BaseException) -> Unavailable:

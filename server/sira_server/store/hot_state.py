@@ -238,13 +238,19 @@ class HotState:
             return await script.call_many(self.redis, calls)
         keys, args = calls[0]
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        try:
-            return [await self._channel.call(*command)]
-        except redis_errors.NoScriptError:
-            await script.load(self.redis)
-        except ChannelBroken:
-            pass  # a connection gone stale (Redis restarted): once more on a new one
-        return [await self._channel.call(*command)]
+        reloaded = retried = False
+        while True:
+            try:
+                return [await self._channel.call(*command)]
+            except redis_errors.NoScriptError:
+                if reloaded:
+                    raise
+                reloaded = True
+                await script.load(self.redis)
+            except ChannelBroken:
+                if retried:
+                    raise
+                retried = True  # a connection gone stale (Redis restarted): once more
 
     # --- lifecycle ---
 
