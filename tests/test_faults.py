@@ -42,6 +42,7 @@ from sira import AsyncClient, RetryPolicy, UnavailableError, tracked_event
 from sira.experiments.v1 import assignment_service_pb2 as apb
 from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
+from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.errors import Unavailable
 from sira_server.store.faults import is_redis_unavailable, parse_redis_error
 from sira_server.store.hot_state import HotState
@@ -97,6 +98,23 @@ def test_a_reply_annotated_by_a_pipeline_keeps_its_class() -> None:
 )
 def test_other_replies_are_bugs_not_unavailable(reply: str) -> None:
     assert not is_redis_unavailable(parse_redis_error(reply))
+
+
+def test_store_timeouts_come_from_the_environment() -> None:
+    assert Settings.from_env({}).timeouts == StoreTimeouts()
+    settings = Settings.from_env(
+        {
+            "SIRA_REDIS_TIMEOUT_SECONDS": "0.5",
+            "SIRA_POSTGRES_TIMEOUT_SECONDS": "2",
+            "SIRA_REBUILD_WAIT_SECONDS": "7",
+            "SIRA_STORE_COMMAND_TIMEOUT_SECONDS": "30",
+            "SIRA_HEALTH_PROBE_SECONDS": "1",
+        }
+    )
+    assert settings.timeouts == StoreTimeouts(0.5, 2.0, 7.0, 30.0, 1.0)
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(ConfigError, match="SIRA_REDIS_TIMEOUT_SECONDS"):
+            Settings.from_env({"SIRA_REDIS_TIMEOUT_SECONDS": bad})
 
 
 # --- stores of one test ----------------------------------------------------------------
