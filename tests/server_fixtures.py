@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -23,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import jwt
 import pytest
+from fault_stores import RedisServer
 
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.roles import as_role
@@ -153,13 +156,28 @@ async def sira_server_database_url(postgres_server_dsn: str) -> AsyncIterator[st
 
 
 @pytest.fixture(scope="session")
+def server_redis_url() -> Iterator[str]:
+    """A redis-server of this session's own for the `sira-server` subprocesses: the
+    databases they use by number (the session server's, durability's...) are then
+    never flushed by another test session sharing the machine's Redis."""
+    data_dir = Path(tempfile.mkdtemp(prefix="sira-srv-redis-"))
+    server = RedisServer(data_dir)
+    server.start("--appendonly", "no")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def sira_server(
     sira_server_database_url: str,
-    redis_server_url: str,
+    server_redis_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningServer]:
     """One real server for the whole session (tests use unique experiment keys)."""
-    redis_url = redis_url_with_db(redis_server_url, SERVER_REDIS_DB)
+    redis_url = redis_url_with_db(server_redis_url, SERVER_REDIS_DB)
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()

@@ -482,7 +482,7 @@ async def test_a_thousand_concurrent_assigns_of_one_subject_from_four_processes(
     admin: AsyncClient,
     sira_server: RunningServer,
     token_for: TokenFor,
-    redis_server_url: str,
+    server_redis_url: str,
     sira_server_database_url: str,
     unique_key: str,
 ) -> None:
@@ -517,7 +517,7 @@ async def test_a_thousand_concurrent_assigns_of_one_subject_from_four_processes(
     assert answers[0][0] in {v.id for v in exp.variants}
     assert Counter(reason for _, reason in answers) == {NEW: 1, STICKY: 999}
 
-    redis = aioredis.Redis.from_url(redis_url_with_db(redis_server_url, SERVER_REDIS_DB))
+    redis = aioredis.Redis.from_url(redis_url_with_db(server_redis_url, SERVER_REDIS_DB))
     try:
         trials = await redis.hgetall(f"sira:{{exp:{exp.id}}}:trials")
     finally:
@@ -564,11 +564,11 @@ class PausedRepository(ExperimentRepository):
 
 @pytest.fixture
 async def catalog_parts(
-    sira_server_database_url: str, redis_server_url: str
+    sira_server_database_url: str, server_redis_url: str
 ) -> AsyncIterator[tuple[ExperimentCatalog, PausedRepository]]:
     """A second, in-process catalog on the session server's stores (never started)."""
     pool = await create_pool(sira_server_database_url, min_size=1, max_size=4)
-    redis = aioredis.Redis.from_url(redis_url_with_db(redis_server_url, SERVER_REDIS_DB))
+    redis = aioredis.Redis.from_url(redis_url_with_db(server_redis_url, SERVER_REDIS_DB))
     repository = PausedRepository(pool)
     try:
         yield ExperimentCatalog(repository, pool, redis), repository

@@ -546,7 +546,8 @@ async def test_server_drops_a_failing_arm_new_subjects_never_get_it(
     details = audit[0][1]
     assert details["variant_id"] == ids[1]
     rows = {row["variant_id"]: row for row in details["variants"]}
-    # The always-valid rule may act mid-drive, on insights cached up to a second earlier.
+    # The always-valid rule may act mid-drive, on insights cached up to a second earlier
+    # (its drop reaches Assign a moment later): never more than were assigned.
     assert 100 <= rows[ids[1]]["samples"] <= len(by_variant[ids[1]])
     assert rows[ids[1]]["fails_fast"] is True
     assert rows[ids[1]]["e_value"] >= details["e_value_threshold"] == pytest.approx(3 / 0.05)

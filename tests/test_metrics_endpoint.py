@@ -50,9 +50,9 @@ async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
+async def redis_url(server_redis_url: str) -> AsyncIterator[str]:
     """A Redis database index of this file's own, emptied before and after."""
-    url = redis_url_with_db(redis_server_url, REDIS_DB)
+    url = redis_url_with_db(server_redis_url, REDIS_DB)
     client = aioredis.Redis.from_url(url)
     try:
         await client.flushdb()

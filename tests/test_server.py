@@ -54,13 +54,13 @@ def test_reflection_lists_the_four_services_without_a_token(sira_server: Running
 
 
 @pytest.fixture
-def own_server(sira_server_database_url: str, redis_server_url: str) -> Iterator[RunningServer]:
+def own_server(sira_server_database_url: str, server_redis_url: str) -> Iterator[RunningServer]:
     from server_fixtures import redis_url_with_db
 
     data_dir = Path(tempfile.mkdtemp(prefix="sira-own-"))
     try:
         with run_sira_server(
-            sira_server_database_url, redis_url_with_db(redis_server_url, 12), data_dir
+            sira_server_database_url, redis_url_with_db(server_redis_url, 12), data_dir
         ) as server:
             yield server
     finally:
@@ -125,7 +125,7 @@ def test_embedded_default_end_to_end_through_the_cli() -> None:
 
 
 def test_workers_share_the_port_and_stop_together(
-    sira_server_database_url: str, redis_server_url: str
+    sira_server_database_url: str, server_redis_url: str
 ) -> None:
     from server_fixtures import redis_url_with_db
 
@@ -133,7 +133,7 @@ def test_workers_share_the_port_and_stop_together(
     try:
         with run_sira_server(
             sira_server_database_url,
-            redis_url_with_db(redis_server_url, 12),
+            redis_url_with_db(server_redis_url, 12),
             data_dir,
             extra_env={"SIRA_WORKERS": "2"},
         ) as server:

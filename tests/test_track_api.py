@@ -94,9 +94,9 @@ async def anonymous(sira_server: RunningServer) -> AsyncIterator[AsyncClient]:
 
 
 @pytest.fixture
-async def server_redis(redis_server_url: str) -> AsyncIterator[aioredis.Redis]:
+async def server_redis(server_redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """The session server's own Redis database (read only here)."""
-    url = redis_url_with_db(redis_server_url, SERVER_REDIS_DB)
+    url = redis_url_with_db(server_redis_url, SERVER_REDIS_DB)
     client = aioredis.Redis.from_url(url, decode_responses=True)
     try:
         yield client

@@ -42,7 +42,7 @@ from sira_server.api.lifecycle import LifecycleServicer
 from sira_server.api.reflection import enable_reflection
 from sira_server.api.tracking import TrackingServicer
 from sira_server.auth import TokenVerifier, ensure_dev_secret
-from sira_server.config import ConfigError, Settings
+from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.domain import bayes
 from sira_server.engine.autopilot import FailFastAutopilot
 from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
@@ -52,6 +52,7 @@ from sira_server.limit_settings import LimitSettings
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
+from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
@@ -65,7 +66,6 @@ ASSIGNMENT = assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentServi
 TRACKING = tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
 INSIGHTS = insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name
 SERVICE_NAMES: tuple[str, ...] = (LIFECYCLE, ASSIGNMENT, TRACKING, INSIGHTS)
-HEALTH_PROBE_SECONDS = 2.0
 # Health service name that stays SERVING while the process runs, even when a
 # store is down: Kubernetes liveness must not restart pods during a Postgres
 # outage (decisions go on from Redis), readiness uses the overall status "".
@@ -79,10 +79,11 @@ CLOSE_SECONDS = 5.0
 FLUSHER_RESTART_SECONDS = 1.0
 
 
-async def _answers(store: str, probe: Awaitable[object]) -> bool:
+async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool:
     try:
-        async with asyncio.timeout(HEALTH_PROBE_SECONDS):
-            await probe
+        # `bounded`: a stalled store's clean-up (a query's cancellation) cannot hold
+        # the probe, so health follows within `seconds`.
+        await bounded(probe, seconds, store)
     except Exception as exc:  # any failure means "not serving"; the reason is logged
         log.warning("health probe: %s does not answer: %s", store, exc)
         return False
@@ -96,12 +97,13 @@ class Stores:
     admin_pool: asyncpg.Pool | None = None
     """Lifecycle and reports, with a statement timeout: admin traffic cannot take the
     decision path's connections (None: share `pool`)."""
+    probe_seconds: float = StoreTimeouts.health_probe_seconds
 
     async def postgres_ok(self) -> bool:
-        return await _answers("Postgres", self.pool.fetchval("SELECT 1"))
+        return await _answers("Postgres", self.pool.fetchval("SELECT 1"), self.probe_seconds)
 
     async def redis_ok(self) -> bool:
-        return await _answers("Redis", self.redis.ping())
+        return await _answers("Redis", self.redis.ping(), self.probe_seconds)
 
     async def ping(self) -> bool:
         """True when both Postgres and Redis answer right now."""
@@ -149,9 +151,20 @@ class SiraServer:
         tokens = TrackingTokens(
             tracking_key(settings), settings.limits.tracking_token_max_age_seconds
         )
-        self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, applied=self.metrics)
-        self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
-        self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
+        timeouts = settings.timeouts
+        self.hot = HotState(
+            stores.redis,
+            stores.pool,
+            pipelined_scripts=True,
+            applied=self.metrics,
+            timeouts=timeouts,
+        )
+        self.repository = ExperimentRepository(
+            stores.pool, on_change=self._changed, acquire_timeout=timeouts.command_seconds
+        )
+        self.catalog = ExperimentCatalog(
+            self.repository, stores.pool, stores.redis, lookup_seconds=timeouts.postgres_seconds
+        )
         self.catalog.add_listener(self._prepare_hot_state)
         self.posteriors = PosteriorBook(self.catalog, self.hot)
         self.insights = InsightsBook(self.hot)
@@ -165,7 +178,11 @@ class SiraServer:
             on_flush=self.metrics.record_flush,
         )
         # Lifecycle and reports on their own pool (same change notifications).
-        admin = ExperimentRepository(stores.admin_pool or stores.pool, on_change=self._changed)
+        admin = ExperimentRepository(
+            stores.admin_pool or stores.pool,
+            on_change=self._changed,
+            acquire_timeout=timeouts.command_seconds,
+        )
         lifecycle_service_pb2_grpc.add_LifecycleServiceServicer_to_server(
             LifecycleServicer(admin), guarded
         )
@@ -200,8 +217,10 @@ class SiraServer:
         self._dead_letters = 0
 
     async def _changed(self, experiment_id: str) -> None:
-        """After a lifecycle commit: refresh every process's catalog."""
-        await self.catalog.changed(experiment_id)
+        """After a lifecycle commit: refresh every process's catalog. Bounded: a store
+        that stalls now cannot hold the committed call (the version check catches up)."""
+        async with asyncio.timeout(self.settings.timeouts.command_seconds):
+            await self.catalog.changed(experiment_id)
 
     async def _prepare_hot_state(self, live: LiveExperiment | None, experiment_id: str) -> None:
         """A running experiment needs its Redis state (counters, stream) before traffic;
@@ -245,7 +264,7 @@ class SiraServer:
         tracking and insights need Redis (Postgres may be down: the write-behind
         catches up). The overall status, which load balancers read, follows Redis."""
         while True:
-            await asyncio.sleep(HEALTH_PROBE_SECONDS)
+            await asyncio.sleep(self.settings.timeouts.health_probe_seconds)
             postgres, redis = await asyncio.gather(
                 self.stores.postgres_ok(), self.stores.redis_ok()
             )
@@ -377,19 +396,30 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
 
 
 async def open_stores(
-    database_url: str, redis_url: str, limits: LimitSettings | None = None
+    database_url: str,
+    redis_url: str,
+    limits: LimitSettings | None = None,
+    timeouts: StoreTimeouts | None = None,
 ) -> Stores:
     limits = limits or LimitSettings()
+    timeouts = timeouts or StoreTimeouts()
     try:
-        pool = await create_pool(database_url)
+        pool = await create_pool(database_url, command_timeout=timeouts.command_seconds)
         admin_pool = await create_pool(
             database_url,
             max_size=limits.admin_pool_size,
             server_settings={"statement_timeout": str(limits.admin_statement_timeout_ms)},
+            command_timeout=timeouts.command_seconds,
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    return Stores(pool=pool, redis=create_redis(redis_url), admin_pool=admin_pool)
+    redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
+    return Stores(
+        pool=pool,
+        redis=redis,
+        admin_pool=admin_pool,
+        probe_seconds=timeouts.health_probe_seconds,
+    )
 
 
 def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
@@ -450,7 +480,9 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stores = await open_stores(settings.database_url, settings.redis_url, settings.limits)
+    stores = await open_stores(
+        settings.database_url, settings.redis_url, settings.limits, settings.timeouts
+    )
     try:
         metrics = Metrics()
         if settings.metrics_port:

@@ -48,6 +48,31 @@ class ListenSettings:
 
 
 @dataclass(frozen=True)
+class StoreTimeouts:
+    """How long the server waits on Redis and Postgres before answering UNAVAILABLE.
+
+    A store that is frozen, stalled or restarting is answered, never waited out: the
+    caller gets UNAVAILABLE (and retries: Assign is sticky, Track idempotent)."""
+
+    redis_seconds: float = 1.0
+    """SIRA_REDIS_TIMEOUT_SECONDS: one Redis round trip of a request (Assign, Track,
+    results, the posterior refresh), connect included."""
+    postgres_seconds: float = 1.0
+    """SIRA_POSTGRES_TIMEOUT_SECONDS: Postgres on the decision path (Assign's sticky
+    fallback while Redis is down, the first lookup of an experiment not cached)."""
+    rebuild_wait_seconds: float = 5.0
+    """SIRA_REBUILD_WAIT_SECONDS: a request whose experiment's hot state is being
+    rebuilt from Postgres waits this long; the rebuild itself goes on."""
+    command_seconds: float = 5.0
+    """SIRA_STORE_COMMAND_TIMEOUT_SECONDS: any other Redis or Postgres command
+    (lifecycle, audit, reports, write-behind, rebuild): asyncpg's command_timeout and
+    redis-py's socket timeout, so no store wait anywhere is unbounded."""
+    health_probe_seconds: float = 2.0
+    """SIRA_HEALTH_PROBE_SECONDS: interval and deadline of the health probes of each
+    store; a store that does not answer turns its services NOT_SERVING."""
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
     """SIRA_DATABASE_URL: Postgres DSN. Unset: start the embedded Postgres."""
@@ -77,6 +102,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
+    timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
 
     @property
     def embedded(self) -> bool:
@@ -110,6 +136,12 @@ class Settings:
                 return float(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        def seconds(name: str, default: float) -> float:
+            value = number(name, default)
+            if not 0 < value < 3600:  # NaN fails too
+                raise ConfigError(f"{name} must be between 0 and 3600 seconds, got {value}")
+            return value
 
         public_key = text("SIRA_JWT_PUBLIC_KEY")
         key_file = text("SIRA_JWT_PUBLIC_KEY_FILE")
@@ -166,4 +198,11 @@ class Settings:
                 max_event_value=max_event_value,
             ),
             listen=ListenSettings(metrics_host=text("SIRA_METRICS_HOST") or "127.0.0.1"),
+            timeouts=StoreTimeouts(
+                redis_seconds=seconds("SIRA_REDIS_TIMEOUT_SECONDS", 1.0),
+                postgres_seconds=seconds("SIRA_POSTGRES_TIMEOUT_SECONDS", 1.0),
+                rebuild_wait_seconds=seconds("SIRA_REBUILD_WAIT_SECONDS", 5.0),
+                command_seconds=seconds("SIRA_STORE_COMMAND_TIMEOUT_SECONDS", 5.0),
+                health_probe_seconds=seconds("SIRA_HEALTH_PROBE_SECONDS", 2.0),
+            ),
         )

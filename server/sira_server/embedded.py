@@ -67,8 +67,11 @@ class EmbeddedPostgres:
         self.database = database
         self.owner_pid = 0
         self._server: _PgServerHandle | None = None
+        self._pid: int | None = None
         self._lock_fd: int | None = None
         self._url: str | None = None
+        self._guard = threading.Lock()
+        """Held by stop() and revive(): a supervisor never restarts a stopping server."""
 
     @property
     def url(self) -> str:
@@ -97,6 +100,7 @@ class EmbeddedPostgres:
                     f" see {self.pgdata / 'log'}"
                 ) from exc
             self._server = server
+            self._pid = server.get_pid()
             # pgserver widens the parents of PGDATA for its system user; narrow ours again.
             _secure_dir(self.data_dir)
             if self.database != "postgres":
@@ -115,7 +119,39 @@ class EmbeddedPostgres:
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the parent owns the server
         _unregister(self)
-        self._shutdown()
+        with self._guard:
+            self._shutdown()
+
+    @property
+    def name(self) -> str:
+        return "Postgres"
+
+    def running(self) -> bool:
+        """False when this process started the server and it has died since."""
+        if self._server is None or os.getpid() != self.owner_pid:
+            return True  # not ours to watch
+        return _matching_process(self._pid, "postgres", str(self.pgdata)) is not None
+
+    def revive(self) -> None:
+        """Start again, in the same PGDATA and at the same URL, a server that died."""
+        with self._guard:
+            if self.running() or self._server is None:
+                return  # alive, or stopped on purpose
+            dead, self._server = self._server, None
+            with contextlib.suppress(Exception):  # it is gone: only pgserver's bookkeeping
+                dead.cleanup()
+            _clear_leftover_postmaster(self.pgdata)
+            (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
+            pgserver = _import_pgserver(self.data_dir)
+            try:
+                server: _PgServerHandle = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+            except (subprocess.SubprocessError, OSError, RuntimeError, AssertionError) as exc:
+                raise EmbeddedServerError(
+                    f"embedded Postgres failed to restart: {exc}; see {self.pgdata / 'log'}"
+                ) from exc
+            self._server = server
+            self._pid = server.get_pid()
+            _secure_dir(self.data_dir)
 
     def _shutdown(self) -> None:
         server, self._server, self._url = self._server, None, None
@@ -141,6 +177,8 @@ class EmbeddedRedis:
         self.owner_pid = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
+        self._guard = threading.Lock()
+        """Held by stop() and revive(): a supervisor never restarts a stopping server."""
 
     @property
     def url(self) -> str:
@@ -178,7 +216,31 @@ class EmbeddedRedis:
         if os.getpid() != self.owner_pid:
             return
         _unregister(self)
-        self._shutdown()
+        with self._guard:
+            self._shutdown()
+
+    @property
+    def name(self) -> str:
+        return "Redis"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def running(self) -> bool:
+        """False when this process started the server and it has died since."""
+        if self._process is None or os.getpid() != self.owner_pid:
+            return True  # not ours to watch
+        return self._process.poll() is None
+
+    def revive(self) -> None:
+        """Start again a server that died: it replays its append-only file, at the same
+        socket (clients reconnect)."""
+        with self._guard:
+            if self.running() or self._process is None:
+                return  # alive, or stopped on purpose
+            self._process = self._spawn()
+            self._wait_ready(self._process)
 
     def _config(self) -> str:
         settings = {

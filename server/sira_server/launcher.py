@@ -25,6 +25,7 @@ from sira_server.config import Settings
 from sira_server.embedded import EmbeddedServers
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.roles import as_role
+from sira_server.supervisor import Supervisor
 
 log = logging.getLogger("sira_server")
 
@@ -34,6 +35,7 @@ WORKER_READY_TIMEOUT_SECONDS = 300.0
 def run(settings: Settings) -> None:
     """Run the server (single process or workers) until SIGTERM/SIGINT."""
     embedded: EmbeddedServers | None = None
+    supervisor: Supervisor | None = None
     try:
         if settings.embedded:
             embedded = EmbeddedServers(settings.data_dir)
@@ -46,11 +48,18 @@ def run(settings: Settings) -> None:
             settings = replace(settings, database_url=as_role(database_url))
         settings = resolve_jwt_secret(settings, embedded=embedded is not None)
         settings = resolve_tracking_key(settings, embedded=embedded is not None)
+        if embedded is not None:
+            # Started after the workers are forked: a thread does not survive a fork.
+            supervisor = Supervisor((embedded.postgres, embedded.redis))
         if settings.workers == 1:
+            if supervisor is not None:
+                supervisor.start()
             asyncio.run(serve(settings, lambda port: announce(settings, port, embedded)))
         else:
-            run_workers(settings, embedded)
+            run_workers(settings, embedded, supervisor)
     finally:
+        if supervisor is not None:
+            supervisor.stop()  # first: a store stopped on purpose is not restarted
         if embedded is not None:
             embedded.stop()
 
@@ -74,7 +83,9 @@ def _worker(settings: Settings, ready: Connection) -> None:
     asyncio.run(serve(settings, ready.send))
 
 
-def run_workers(settings: Settings, embedded: EmbeddedServers | None) -> None:
+def run_workers(
+    settings: Settings, embedded: EmbeddedServers | None, supervisor: Supervisor | None = None
+) -> None:
     port = settings.grpc_port or free_port(settings.grpc_host)
     context = multiprocessing.get_context("fork")
     workers = []
@@ -93,6 +104,8 @@ def run_workers(settings: Settings, embedded: EmbeddedServers | None) -> None:
         process.start()
         workers.append(process)
         pipes.append(receive)
+    if supervisor is not None:
+        supervisor.start()
 
     def forward(signum: int, _frame: object) -> None:
         for process in workers:

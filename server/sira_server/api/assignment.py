@@ -220,7 +220,9 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
                 context_json(ctx),
             )
         except Unavailable:
-            held = await find_assignment(self._pool, live.id, subject_id)
+            held = await find_assignment(
+                self._pool, live.id, subject_id, seconds=self._hot.timeouts.postgres_seconds
+            )
             if held is None:
                 raise
             self._sticky.put(live.id, subject_id, held)

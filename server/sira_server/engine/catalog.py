@@ -31,6 +31,7 @@ from sira_server.domain.experiment import Experiment, ExperimentStatus
 from sira_server.domain.targeting import TargetingPredicate, compile_targeting
 from sira_server.errors import FailedPrecondition, NotFound, SiraError, Unavailable
 from sira_server.store.experiments import ExperimentRepository
+from sira_server.store.faults import bounded
 from sira_server.store.live import live_versions, status_counts
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,16 @@ class ExperimentCatalog:
         *,
         version_check_seconds: float = 3.0,
         negative_ttl_seconds: float = 1.0,
+        lookup_seconds: float | None = None,
     ) -> None:
+        """`lookup_seconds`: how long `get` waits on Postgres for an experiment not
+        cached (then Unavailable); None: the repository's own deadlines."""
         self._repository = repository
         self._pool = pool
         self._redis = redis
         self._version_check_seconds = version_check_seconds
         self._negative_ttl = negative_ttl_seconds
+        self._lookup_seconds = lookup_seconds
         self._by_id: dict[str, LiveExperiment] = {}
         self._by_ref: dict[str, LiveExperiment] = {}
         self._misses: dict[str, tuple[float, SiraError]] = {}
@@ -132,7 +137,7 @@ class ExperimentCatalog:
         if miss is not None and miss[0] > time.monotonic():
             raise miss[1]
         try:
-            experiment = await self._repository.get(ref)
+            experiment = await bounded(self._repository.get(ref), self._lookup_seconds, "Postgres")
             if experiment.status is ExperimentStatus.DRAFT:
                 raise FailedPrecondition(
                     f"experiment '{experiment.key}' is a draft; start it before assigning",

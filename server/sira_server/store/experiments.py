@@ -518,7 +518,14 @@ class ExperimentRepository:
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                yield conn
+                try:
+                    yield conn
+                except UNAVAILABLE_ERRORS:
+                    # A query past its deadline (TimeoutError) or a broken connection:
+                    # close it now rather than wait on its clean-up (a stalled server
+                    # would hold the caller for the cancellation too).
+                    conn.terminate()
+                    raise
         except UNAVAILABLE_ERRORS as exc:
             raise Unavailable(
                 f"PostgreSQL is unavailable ({type(exc).__name__}); nothing was changed, retry",

@@ -12,26 +12,27 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
-import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+
+from sira_server.config import StoreTimeouts
 
 # The ``X as X`` imports are re-exports: tests import those names from this module.
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.coalesce import Coalescer
+from sira_server.store.faults import redis_call
 from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
 from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
 from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
 from sira_server.store.lua_scripts import LuaScript as LuaScript
-from sira_server.store.script_channel import ScriptChannel, endpoint_of
+from sira_server.store.script_channel import ChannelBroken, ScriptChannel, endpoint_of
 
 REWARD_CONVERSION = "conversion"
 REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
@@ -42,15 +43,6 @@ REFUND = "refund"
 CHURN = "churn"
 
 MAX_REBUILD_ATTEMPTS = 3
-
-REDIS_UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
-    redis_errors.ConnectionError,  # includes BusyLoadingError (Redis still loading its AOF)
-    redis_errors.TimeoutError,
-    redis_errors.ReadOnlyError,  # failover in progress
-    redis_errors.ClusterDownError,
-    redis_errors.TryAgainError,
-    OSError,
-)
 
 
 # --- values -------------------------------------------------------------------------
@@ -135,21 +127,6 @@ Posteriors = dict[str, dict[str, tuple[int, int]]]
 """experiment_id -> variant_id -> (trials, successes)."""
 
 
-# --- errors --------------------------------------------------------------------------
-
-
-@contextmanager
-def redis_errors_as_unavailable() -> Iterator[None]:
-    """Connection-level Redis failures become Unavailable (the caller retries)."""
-    try:
-        yield
-    except REDIS_UNAVAILABLE_ERRORS as exc:
-        raise Unavailable(
-            f"the hot state store (Redis) is unavailable: {exc or type(exc).__name__}",
-            metadata={"store": "redis"},
-        ) from exc
-
-
 # --- reads shared with the flusher ---------------------------------------------------
 
 
@@ -222,8 +199,10 @@ class HotState:
     """The only interface to the hot Redis state; one per process.
 
     Every method is one pipelined round trip in the normal case (a rebuild,
-    when Redis lost the state, adds its own). Redis connection failures raise
-    ``Unavailable`` with metadata ``store=redis``. The client must return
+    when Redis lost the state, adds its own). Redis failures the store may recover
+    from (`store.faults`) raise ``Unavailable`` with metadata ``store=redis``, and so
+    does a round trip of a request past ``timeouts.redis_seconds`` or a wait for a
+    rebuild past ``timeouts.rebuild_wait_seconds``. The client must return
     bytes (``decode_responses=False``, as `store.redis_conn.create_redis`).
     """
 
@@ -236,6 +215,7 @@ class HotState:
         rebuild_wait_seconds: float = 60.0,
         pipelined_scripts: bool = False,
         applied: AppliedWork | None = None,
+        timeouts: StoreTimeouts | None = None,
     ) -> None:
         """`pipelined_scripts`: single Assign/Track scripts go through a `ScriptChannel`
         (the server's hot path; call `close()` when done) instead of redis-py.
@@ -245,9 +225,20 @@ class HotState:
         self.pool = pool
         self.rebuild_lock_ms = rebuild_lock_ms
         self.rebuild_wait_seconds = rebuild_wait_seconds
+        self.timeouts = timeouts or StoreTimeouts()
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
         endpoint = endpoint_of(redis) if pipelined_scripts else None
-        self._channel = ScriptChannel(endpoint) if endpoint is not None else None
+        self._channel = (
+            None
+            if endpoint is None
+            else ScriptChannel(
+                endpoint,
+                connect_timeout=self.timeouts.redis_seconds,
+                # Half the deadline: a call leaving at its deadline with nothing read
+                # meanwhile drops a frozen connection instead of queueing behind it.
+                stall_seconds=self.timeouts.redis_seconds / 2,
+            )
+        )
         self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
         self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self._track_batch)
 
@@ -263,13 +254,20 @@ class HotState:
         if len(calls) != 1 or self._channel is None:
             return await script.call_many(self.redis, calls)
         keys, args = calls[0]
-        try:
-            return [await self._channel.call("EVALSHA", script.sha, len(keys), *keys, *args)]
-        except hiredis.ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise redis_errors.ResponseError(str(exc)) from exc
-        await script.load(self.redis)
-        return [await self._channel.call("EVALSHA", script.sha, len(keys), *keys, *args)]
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        reloaded = retried = False
+        while True:
+            try:
+                return [await self._channel.call(*command)]
+            except redis_errors.NoScriptError:
+                if reloaded:
+                    raise
+                reloaded = True
+                await script.load(self.redis)
+            except ChannelBroken:
+                if retried:
+                    raise
+                retried = True  # a connection gone stale (Redis restarted): once more
 
     # --- lifecycle ---
 
@@ -288,7 +286,7 @@ class HotState:
         from sira_server.store.rebuild import rebuild_experiment  # imports this module
 
         keys = experiment_keys(experiment_id)
-        with redis_errors_as_unavailable():
+        async with redis_call():
             if not await self.redis.hexists(keys.meta, "ready"):
                 await rebuild_experiment(
                     self.redis,
@@ -310,7 +308,7 @@ class HotState:
     async def drop_experiment(self, experiment_id: str) -> None:
         """On Delete: every key of the experiment, unflushed records included."""
         keys = experiment_keys(experiment_id)
-        with redis_errors_as_unavailable():
+        async with redis_call():
             await self.redis.srem(STREAM_REGISTRY, keys.wb)
             await self.redis.delete(*keys.all)
 
@@ -329,7 +327,15 @@ class HotState:
             self._rebuilds[experiment_id] = task
             task.add_done_callback(lambda done: self._rebuild_done(experiment_id, done))
         # Shielded: a cancelled request must not cancel the rebuild others wait for.
-        return await asyncio.shield(task)
+        try:
+            async with asyncio.timeout(self.timeouts.rebuild_wait_seconds):
+                return await asyncio.shield(task)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"the hot state of experiment {experiment_id} is being rebuilt from"
+                f" Postgres (over {self.timeouts.rebuild_wait_seconds:g}s); retry",
+                metadata={"store": "redis", "experiment_id": experiment_id},
+            ) from exc
 
     def _rebuild_done(self, experiment_id: str, task: asyncio.Future[bool]) -> None:
         self._rebuilds.pop(experiment_id, None)
@@ -339,7 +345,7 @@ class HotState:
     async def _rebuild(self, experiment_id: str, *, force: bool) -> bool:
         from sira_server.store.rebuild import rebuild_from_postgres  # imports this module
 
-        with redis_errors_as_unavailable():
+        async with redis_call():
             return await rebuild_from_postgres(
                 self.redis,
                 self.pool,
@@ -379,7 +385,7 @@ class HotState:
         todo = list(range(len(requests)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
             calls = [(script_keys, _assign_args(requests[i], now_ms)) for i in todo]
-            with redis_errors_as_unavailable():
+            async with redis_call(self.timeouts.redis_seconds):
                 replies = await self._eval(ASSIGN_SCRIPT, calls)
             retry = []
             for index, reply in zip(todo, replies, strict=True):
@@ -404,7 +410,7 @@ class HotState:
     async def get_assignment(self, experiment_id: str, subject_id: str) -> Assignment | None:
         keys = experiment_keys(experiment_id)
         for _ in range(MAX_REBUILD_ATTEMPTS):
-            with redis_errors_as_unavailable():
+            async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.hexists(keys.meta, "ready")
                 pipe.hget(keys.asg, subject_id)
@@ -457,7 +463,7 @@ class HotState:
                 )
                 for i in todo
             ]
-            with redis_errors_as_unavailable():
+            async with redis_call(self.timeouts.redis_seconds):
                 replies = await self._eval(TRACK_SCRIPT, calls)
             retry = []
             for index, reply in zip(todo, replies, strict=True):
@@ -481,7 +487,7 @@ class HotState:
         Experiments whose hot state is missing are rebuilt first; those
         Postgres does not know are left out.
         """
-        with redis_errors_as_unavailable():
+        async with redis_call(self.timeouts.redis_seconds):
             result, missing = await read_posteriors(self.redis, experiment_ids)
         if missing:
             rebuilt = []
@@ -491,7 +497,7 @@ class HotState:
                 except NotFound:
                     continue
                 rebuilt.append(experiment_id)
-            with redis_errors_as_unavailable():
+            async with redis_call(self.timeouts.redis_seconds):
                 again, _ = await read_posteriors(self.redis, rebuilt)
             result.update(again)
         return result
@@ -500,7 +506,7 @@ class HotState:
         """Results counters per variant (for GetResults)."""
         keys = experiment_keys(experiment_id)
         for _ in range(MAX_REBUILD_ATTEMPTS):
-            with redis_errors_as_unavailable():
+            async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
                 pipe.hexists(keys.meta, "ready")
                 pipe.hgetall(keys.trials)

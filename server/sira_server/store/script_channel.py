@@ -7,15 +7,19 @@ writes each command as soon as it is made (RESP over one socket) and a single re
 task hands the replies, which Redis sends in order, to the callers in order (hiredis
 parses them). Many calls in flight share every socket read and write.
 
-Failure model: if the connection breaks, every call waiting on it fails with
-ConnectionError (the caller maps it to UNAVAILABLE; Assign is sticky and Track is
-idempotent, so a retry is safe) and the next call reconnects.
+Failure model: error replies are raised as the exceptions redis-py raises for them
+(`store.faults.parse_redis_error`). If the connection breaks, every call waiting on it
+fails with `ChannelBroken` (the caller may retry: Assign is sticky and Track
+idempotent) and the next call reconnects. A connection that sends nothing back for
+`stall_seconds` while a call waits is dropped the same way (a frozen Redis), so a
+wedged socket is never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,9 +27,17 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from sira_server.store.faults import parse_redis_error
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 READ_CHUNK = 1 << 16
+
+
+class ChannelBroken(redis_errors.ConnectionError):
+    """The connection broke (or stalled) under this call: its command may or may not
+    have run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,25 +84,50 @@ def encode(args: Sequence[Any]) -> bytes:
 
 
 class ScriptChannel:
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        stall_seconds: float | None = None,
+    ) -> None:
+        """`stall_seconds`: a call that leaves (deadline, cancellation) after waiting
+        this long with nothing read from the connection meanwhile drops it."""
         self._endpoint = endpoint
+        self._connect_timeout = connect_timeout
+        self._stall_seconds = stall_seconds
         self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._connecting = asyncio.Lock()
+        self._last_read = 0.0
 
     async def call(self, *args: Any) -> Any:
-        """Send one command; its reply (a hiredis.ReplyError is raised)."""
+        """Send one command; its reply. An error reply is raised as redis-py's exception
+        for it (NoScriptError, BusyLoadingError, ResponseError...)."""
+        started = time.monotonic()
         writer = self._writer
         if writer is None or writer.is_closing():
             writer = await self._connect()
+        waiting = self._waiting
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
+        waiting.append(future)
         writer.write(encode(args))
-        reply = await future
-        if isinstance(reply, hiredis.ReplyError):
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            self._drop_if_stalled(writer, started)
+            raise
+        if isinstance(reply, redis_errors.RedisError):
             raise reply
         return reply
+
+    def _drop_if_stalled(self, writer: asyncio.StreamWriter, started: float) -> None:
+        stall = self._stall_seconds
+        if stall is None or writer is not self._writer or self._last_read >= started:
+            return
+        if time.monotonic() - started >= stall:
+            self._fail_waiting(writer, ChannelBroken(f"redis sent nothing for {stall:g}s"))
 
     async def _connect(self) -> asyncio.StreamWriter:
         async with self._connecting:
@@ -98,12 +135,12 @@ class ScriptChannel:
                 return self._writer
             e = self._endpoint
             try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                async with asyncio.timeout(self._connect_timeout):
                     if e.path is not None:
                         reader, writer = await asyncio.open_unix_connection(e.path)
                     else:
                         reader, writer = await asyncio.open_connection(e.host, e.port)
-                    parser = hiredis.Reader()
+                    parser = hiredis.Reader(replyError=parse_redis_error)
                     setup: list[tuple[Any, ...]] = []
                     if e.password:
                         setup.append(
@@ -114,49 +151,71 @@ class ScriptChannel:
                     for command in setup:
                         writer.write(encode(command))
                         reply = await _read_one(reader, parser)
-                        if isinstance(reply, hiredis.ReplyError):
+                        if isinstance(reply, redis_errors.RedisError):
                             writer.close()
-                            raise ConnectionError(f"redis {command[0]} failed: {reply}")
+                            raise redis_errors.ConnectionError(
+                                f"redis {command[0]} failed: {reply}"
+                            )
             except TimeoutError as exc:
-                raise ConnectionError("redis connect timed out") from exc
+                raise redis_errors.ConnectionError("redis connect timed out") from exc
+            except OSError as exc:
+                raise redis_errors.ConnectionError(f"cannot connect to redis: {exc}") from exc
             self._writer = writer
-            self._reader_task = asyncio.create_task(
-                self._read(reader, parser), name="redis-scripts"
+            self._waiting = deque()  # replies of this connection only
+            self._last_read = time.monotonic()
+            task = asyncio.create_task(
+                self._read(reader, writer, parser, self._waiting), name="redis-scripts"
             )
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
             return writer
 
-    async def _read(self, reader: asyncio.StreamReader, parser: hiredis.Reader) -> None:
-        error: BaseException = ConnectionError("redis closed the connection")
+    async def _read(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        parser: hiredis.Reader,
+        waiting: deque[asyncio.Future[Any]],
+    ) -> None:
+        error: BaseException = ChannelBroken("redis closed the connection")
         try:
             while True:
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
+                self._last_read = time.monotonic()
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    future = self._waiting.popleft()
+                    if not waiting:  # dropped (stalled) meanwhile: nobody to answer
+                        raise hiredis.ProtocolError("a reply that no call waits for")
+                    future = waiting.popleft()
                     if not future.done():
                         future.set_result(reply)
         except (OSError, hiredis.ProtocolError) as exc:
-            error = ConnectionError(f"redis connection lost: {exc}")
+            error = ChannelBroken(f"redis connection lost: {exc}")
         finally:
-            self._fail_waiting(error)
+            self._fail_waiting(writer, error)
 
-    def _fail_waiting(self, error: BaseException) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        while self._waiting:
-            future = self._waiting.popleft()
+    def _fail_waiting(self, writer: asyncio.StreamWriter, error: BaseException) -> None:
+        """Close `writer`'s connection and fail the calls waiting on it (not those of a
+        newer connection)."""
+        writer.close()
+        if self._writer is not writer:
+            return
+        self._writer = None
+        waiting, self._waiting = self._waiting, deque()
+        while waiting:
+            future = waiting.popleft()
             if not future.done():
                 future.set_exception(error)
 
     async def close(self) -> None:
-        task, self._reader_task = self._reader_task, None
         if self._writer is not None:
             self._writer.close()
-        if task is not None:
+        tasks = list(self._readers)
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -165,6 +224,6 @@ async def _read_one(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any
     while (reply := parser.gets()) is False:
         data = await reader.read(READ_CHUNK)
         if not data:
-            raise ConnectionError("redis closed the connection")
+            raise redis_errors.ConnectionError("redis closed the connection")
         parser.feed(data)
     return reply

@@ -1,0 +1,132 @@
+"""Store faults as domain errors, and deadlines on store waits: one map for every path.
+
+Every Redis reply error and connection failure, whichever path it took (the pipelined
+script channel, redis-py pipelines, `LuaScript.call`), is classified here with
+redis-py's own error classes (`parse_redis_error` is the parser redis-py itself uses):
+
+- the store cannot serve now (connection lost or refused, a wait past its deadline,
+  ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
+  ``MISCONF``, ``OOM``, ``NOREPLICAS``): `Unavailable` with metadata ``store=redis``,
+  the caller retries (Assign is sticky and Track idempotent, so a retry is safe);
+- anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
+  reported as INTERNAL with the real cause logged.
+
+`bounded` puts a deadline on a wait whose clean-up may itself hang on a stalled store
+(asyncpg cancels a query with a request to the server, and returning the connection
+to the pool waits for it): the caller gets its answer at the deadline, the clean-up
+finishes in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from redis import exceptions as redis_errors
+from redis._parsers.base import BaseParser  # redis-py's reply-error parser (stable since 4.x)
+
+from sira_server.errors import Unavailable
+
+T = TypeVar("T")
+
+REDIS_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # also LOADING (BusyLoadingError), pool exhausted, auth
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # READONLY: a replica, failover in progress
+    redis_errors.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN
+    redis_errors.TryAgainError,  # TRYAGAIN: slot migration
+    redis_errors.OutOfMemoryError,  # OOM: maxmemory reached, writes refused
+    OSError,  # refused, reset, unreachable; TimeoutError (a deadline here) is one too
+)
+"""Failures that mean "this store cannot answer now", whatever their path."""
+
+REDIS_UNAVAILABLE_CODES = frozenset({"BUSY", "MISCONF", "NOREPLICAS"})
+"""Reply codes redis-py's parser leaves as a plain ResponseError that still mean "not
+now": a long script is running, persistence failing, too few replicas."""
+
+
+def parse_redis_error(message: str) -> redis_errors.RedisError:
+    """A Redis error reply as the exception redis-py itself raises for it."""
+    error: redis_errors.RedisError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    return error
+
+
+def is_redis_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, REDIS_UNAVAILABLE_ERRORS):
+        return True
+    return isinstance(exc, redis_errors.ResponseError) and _reply_code(exc) in (
+        REDIS_UNAVAILABLE_CODES
+    )
+
+
+_PIPELINE_PREFIX = "of pipeline caused error: "
+
+
+def _reply_code(exc: redis_errors.ResponseError) -> str:
+    """The reply's first word, also once redis-py prefixed it with the failed command
+    of a pipeline ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
+    text = str(exc)
+    _, found, rest = text.partition(_PIPELINE_PREFIX)
+    if found:
+        text = rest.lstrip("('\"")
+    return text.split(" ", 1)[0]
+
+
+def redis_unavailable(exc: BaseException) -> Unavailable:
+    detail = str(exc) or type(exc).__name__
+    return Unavailable(
+        f"the hot state store (Redis) is unavailable: {detail[:200]}",
+        metadata={"store": "redis"},
+    )
+
+
+@asynccontextmanager
+async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
+    """The Redis waits inside take at most `seconds` (None: no deadline here); a
+    failure the store may recover from becomes Unavailable (`is_redis_unavailable`)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise redis_unavailable(
+            redis_errors.TimeoutError(f"no answer within {seconds:g}s")
+        ) from exc
+    except redis_errors.RedisError as exc:
+        if is_redis_unavailable(exc):
+            raise redis_unavailable(exc) from exc
+        raise
+    except OSError as exc:
+        raise redis_unavailable(exc) from exc
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+async def bounded(work: Awaitable[T], seconds: float | None, store: str) -> T:
+    """`await work`, but the caller waits at most `seconds`: past that it gets
+    Unavailable (metadata ``store``) while `work` is cancelled and cleans up on its own."""
+    if seconds is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), seconds)
+    except TimeoutError as exc:
+        if task.done() and not task.cancelled() and task.exception() is exc:
+            raise  # the work itself timed out (its own deadline): not ours to rename
+        raise Unavailable(
+            f"{store} did not answer within {seconds:g}s; retry",
+            metadata={"store": store.lower()},
+        ) from exc
+    finally:
+        if not task.done():
+            task.cancel()
+            _background.add(task)  # a strong reference until its clean-up is over
+            task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller was answered already

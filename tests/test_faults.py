@@ -1,0 +1,493 @@
+"""Store faults are answered, never waited out: each test breaks a store of its own.
+
+A Redis that is loading its append-only file, busy, frozen (SIGSTOP), restarted behind
+a connection that went stale, a stalled Postgres (a paused proxy), a killed embedded
+Redis. Every call is made with a generous client deadline and must come back
+UNAVAILABLE (or succeed), never DEADLINE_EXCEEDED, INTERNAL or UNKNOWN. No timing is
+asserted beyond "answered before that deadline".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from fault_stores import PausableProxy, RedisServer, fill, kill, pid_alive
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis import exceptions as redis_errors
+from server_fixtures import (
+    RunningServer,
+    create_migrated_database,
+    drop_database,
+    mint_test_token,
+    run_sira_server,
+)
+from store_helpers import create_experiment, event
+
+from sira import AsyncClient, RetryPolicy, UnavailableError, tracked_event
+from sira.experiments.v1 import assignment_service_pb2 as apb
+from sira.experiments.v1 import experiment_pb2 as epb
+from sira.experiments.v1 import tracking_service_pb2 as tpb
+from sira_server.config import ConfigError, Settings, StoreTimeouts
+from sira_server.errors import Unavailable
+from sira_server.store.faults import is_redis_unavailable, parse_redis_error
+from sira_server.store.hot_state import HotState
+from sira_server.store.lua_scripts import LOCK_SCRIPT
+from sira_server.store.redis_conn import create_redis
+
+pytestmark = pytest.mark.slow
+
+CLIENT_DEADLINE_SECONDS = 10.0
+"""Generous: the server must answer well before it (its own deadlines are ~1-2 s)."""
+RECOVERY_DEADLINE_SECONDS = 60.0
+NO_RETRY = RetryPolicy(attempts=1)
+NEW = apb.ASSIGNMENT_REASON_NEW
+STICKY = apb.ASSIGNMENT_REASON_STICKY
+ACCEPTED = tpb.TRACK_OUTCOME_ACCEPTED
+LOADING_KEYS = 50_000
+LOAD_DELAY_MICROSECONDS = "20"
+"""Per key while loading (Redis's own `key-load-delay`): LOADING lasts seconds."""
+
+
+# --- the one error map ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "LOADING Redis is loading the dataset in memory",
+        "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+        "READONLY You can't write against a read only replica.",
+        "MISCONF Redis is configured to save RDB snapshots, but it's unable to persist",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+    ],
+)
+def test_store_replies_that_mean_not_now_are_unavailable(reply: str) -> None:
+    error = parse_redis_error(reply)
+    assert is_redis_unavailable(error)
+
+
+def test_a_reply_annotated_by_a_pipeline_keeps_its_class() -> None:
+    """redis-py prefixes an error of a pipeline with the command that failed."""
+    error = redis_errors.ResponseError(
+        "Command # 1 (HEXISTS k ready) of pipeline caused error: ('BUSY Redis is busy',)"
+    )
+    assert is_redis_unavailable(error)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["ERR Error running script (call to f_x): @user_script:1: boom", "WRONGTYPE Operation"],
+)
+def test_other_replies_are_bugs_not_unavailable(reply: str) -> None:
+    assert not is_redis_unavailable(parse_redis_error(reply))
+
+
+def test_store_timeouts_come_from_the_environment() -> None:
+    assert Settings.from_env({}).timeouts == StoreTimeouts()
+    settings = Settings.from_env(
+        {
+            "SIRA_REDIS_TIMEOUT_SECONDS": "0.5",
+            "SIRA_POSTGRES_TIMEOUT_SECONDS": "2",
+            "SIRA_REBUILD_WAIT_SECONDS": "7",
+            "SIRA_STORE_COMMAND_TIMEOUT_SECONDS": "30",
+            "SIRA_HEALTH_PROBE_SECONDS": "1",
+        }
+    )
+    assert settings.timeouts == StoreTimeouts(0.5, 2.0, 7.0, 30.0, 1.0)
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(ConfigError, match="SIRA_REDIS_TIMEOUT_SECONDS"):
+            Settings.from_env({"SIRA_REDIS_TIMEOUT_SECONDS": bad})
+
+
+# --- stores of one test ----------------------------------------------------------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """Outside pytest's 0700 basetemp (embedded Postgres runs as another user as root),
+    and short enough for a unix socket path."""
+    path = Path(tempfile.mkdtemp(prefix="sira-flt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def own_redis(short_tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(short_tmp / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
+    url = await create_migrated_database(postgres_server_dsn, "sira_flt")
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_server_dsn, url)
+
+
+def hot_states(redis: aioredis.Redis, pool: asyncpg.Pool) -> tuple[HotState, HotState]:
+    """The server's path (single scripts over the pipelined channel) and redis-py's."""
+    return HotState(redis, pool, pipelined_scripts=True), HotState(redis, pool)
+
+
+async def every_path_is_unavailable(
+    channel: HotState, pipelined: HotState, experiment_id: str, variant: str
+) -> None:
+    """Single call over the channel, batch over a redis-py pipeline, LuaScript.call."""
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: channel.assign(experiment_id, f"new-{uuid.uuid4().hex}", variant, 0.5),
+        lambda: channel.track(experiment_id, event("s1", variant)),
+        lambda: pipelined.track_many(experiment_id, [event("s1", variant)] * 2),
+        lambda: channel.get_assignment(experiment_id, "s1"),
+        lambda: channel.counters(experiment_id),
+    ]
+    for call in calls:
+        with pytest.raises(Unavailable) as caught:
+            await asyncio.wait_for(call(), CLIENT_DEADLINE_SECONDS)
+        assert caught.value.metadata["store"] == "redis"
+    with pytest.raises(redis_errors.RedisError) as raw:  # the lock's path, before mapping
+        await LOCK_SCRIPT.call(channel.redis, ("{t}:lock",), ("token", "extend", 1000))
+    assert is_redis_unavailable(raw.value)
+
+
+async def test_loading_after_a_restart_is_unavailable_on_every_path(
+    own_redis: RedisServer, migrated_pool: asyncpg.Pool
+) -> None:
+    redis = create_redis(own_redis.url)
+    channel, pipelined = hot_states(redis, migrated_pool)
+    try:
+        experiment_id, (a, _) = await create_experiment(migrated_pool)
+        await channel.init_experiment(experiment_id, [a, _], "conversion")
+        assert (await channel.assign(experiment_id, "s1", a, 0.5)).created
+        fill(own_redis.client(), LOADING_KEYS)  # a long append-only file to replay
+        own_redis.stop()
+        own_redis.start("--key-load-delay", LOAD_DELAY_MICROSECONDS, wait=False)
+        await _until_loading(own_redis)
+        await every_path_is_unavailable(channel, pipelined, experiment_id, a)
+        # Loaded: the same calls work again, and nothing acknowledged was lost.
+        outcome = await _eventually(lambda: channel.assign(experiment_id, "s1", a, 0.5))
+        assert not outcome.created
+        assert (await pipelined.track_many(experiment_id, [event("s1", a)]))[0].first_conversion
+    finally:
+        await channel.close()
+        await redis.aclose()
+
+
+async def test_busy_redis_is_unavailable_on_every_path(
+    short_tmp: Path, migrated_pool: asyncpg.Pool
+) -> None:
+    server = RedisServer(short_tmp / "busy")
+    server.start("--lua-time-limit", "50")  # busy-reply-threshold's old name
+    redis = create_redis(server.url)
+    channel, pipelined = hot_states(redis, migrated_pool)
+    spinner: threading.Thread | None = None
+    try:
+        experiment_id, (a, b) = await create_experiment(migrated_pool)
+        await channel.init_experiment(experiment_id, [a, b], "conversion")
+        await channel.assign(experiment_id, "s1", a, 0.5)
+        spin = (  # read-only, so SCRIPT KILL can end it
+            "local t0 = redis.call('TIME')[1] while redis.call('TIME')[1] - t0 < 30 do end"
+        )
+        busy = server.client()
+        spinner = threading.Thread(target=lambda: _quietly(busy.eval, spin, 0), daemon=True)
+        spinner.start()
+        await _until(server, lambda c: _replies(c, "BUSY"), "BUSY")
+        await every_path_is_unavailable(channel, pipelined, experiment_id, a)
+    finally:
+        _quietly(server.client().script_kill)
+        if spinner is not None:
+            spinner.join(30)
+        await channel.close()
+        await redis.aclose()
+        server.stop()
+
+
+# --- a sira-server on stores of its own -------------------------------------------------
+
+
+def clients(server: RunningServer) -> tuple[AsyncClient, AsyncClient]:
+    """(admin, pay), one attempt each and a generous deadline."""
+    return (
+        AsyncClient(
+            server.address,
+            token=mint_test_token("ops_admin"),
+            retry=NO_RETRY,
+            timeout=CLIENT_DEADLINE_SECONDS,
+        ),
+        AsyncClient(
+            server.address,
+            token=mint_test_token("pay_module"),
+            retry=NO_RETRY,
+            timeout=CLIENT_DEADLINE_SECONDS,
+        ),
+    )
+
+
+async def launch(admin: AsyncClient) -> epb.Experiment:
+    key = f"flt-{uuid.uuid4().hex[:8]}"
+    spec = epb.Experiment(
+        key=key, name=key, variants=[epb.Variant(name="A", is_control=True), epb.Variant(name="B")]
+    )
+    return await admin.start_experiment((await admin.create_experiment(spec)).id)
+
+
+def conversion(experiment: epb.Experiment, subject: str, variant: str) -> tpb.TrackedEvent:
+    return tracked_event(
+        experiment=experiment.key,
+        subject_id=subject,
+        variant_id=variant,
+        client_event_id=f"{subject}-{uuid.uuid4().hex[:8]}",
+    )
+
+
+async def health(address: str, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=CLIENT_DEADLINE_SECONDS
+        )
+    return int(reply.status)
+
+
+async def until_health(address: str, service: str, wanted: int) -> None:
+    deadline = time.monotonic() + RECOVERY_DEADLINE_SECONDS
+    while (status := await health(address, service)) != wanted:
+        assert time.monotonic() < deadline, f"health {service!r} stays {status}"
+        await asyncio.sleep(0.2)
+
+
+async def test_frozen_redis_is_answered_unavailable_then_recovers(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    with run_sira_server(database, own_redis.url, short_tmp / "server") as server:
+        admin, pay = clients(server)
+        experiment = await launch(admin)
+        held = await pay.assign(experiment.key, "s1")
+        assert held.reason == NEW
+        own_redis.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(UnavailableError) as caught:
+                await pay.track(conversion(experiment, "s1", held.variant.id))
+            assert caught.value.metadata["store"] == "redis"
+            with pytest.raises(UnavailableError):
+                await pay.assign(experiment.key, "new-while-frozen")
+            with pytest.raises(UnavailableError):
+                await pay.track_batch(
+                    [conversion(experiment, "s1", held.variant.id) for _ in range(2)]
+                )
+            with pytest.raises(UnavailableError):
+                await admin.get_results(experiment.key)
+            sticky = await pay.assign(experiment.key, "s1")  # the in-process LRU
+            assert (sticky.reason, sticky.variant.id) == (STICKY, held.variant.id)
+            await until_health(server.address, "", health_pb2.HealthCheckResponse.NOT_SERVING)
+        finally:
+            own_redis.signal(signal.SIGCONT)
+        answer = await _eventually(lambda: pay.track(conversion(experiment, "s1", held.variant.id)))
+        assert answer.outcome == ACCEPTED
+        assert (await pay.assign(experiment.key, "after-thaw")).reason == NEW
+        await until_health(server.address, "", health_pb2.HealthCheckResponse.SERVING)
+        await admin.close()
+        await pay.close()
+
+
+async def test_loading_redis_is_answered_unavailable_by_the_server(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    with run_sira_server(database, own_redis.url, short_tmp / "server") as server:
+        admin, pay = clients(server)
+        experiment = await launch(admin)
+        held = await pay.assign(experiment.key, "s1")
+        fill(own_redis.client(), LOADING_KEYS)
+        own_redis.stop()
+        own_redis.start("--key-load-delay", LOAD_DELAY_MICROSECONDS, wait=False)
+        await _until_loading(own_redis)
+        for call in (
+            lambda: pay.track(conversion(experiment, "s1", held.variant.id)),
+            lambda: pay.track_batch([conversion(experiment, "s1", held.variant.id)] * 2),
+            lambda: pay.assign(experiment.key, "new-while-loading"),
+            lambda: admin.get_results(experiment.key),
+        ):
+            with pytest.raises(UnavailableError) as caught:
+                await call()
+            assert caught.value.reason == "ERROR_REASON_STORE_UNAVAILABLE"
+        answer = await _eventually(lambda: pay.track(conversion(experiment, "s1", held.variant.id)))
+        assert answer.outcome == ACCEPTED
+        await admin.close()
+        await pay.close()
+
+
+async def test_stale_redis_connections_after_a_restart_cost_no_call(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    """Every pooled connection (and the script channel's) goes stale at once, as behind a
+    NAT or load balancer when Redis restarts: no call fails, even without a retry."""
+    proxy = PausableProxy("127.0.0.1", own_redis.port)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    try:
+        with run_sira_server(database, url, short_tmp / "server") as server:
+            admin, pay = clients(server)
+            experiment = await launch(admin)
+            subjects = [f"s{i}" for i in range(20)]
+            decisions = await asyncio.gather(*(pay.assign(experiment.key, s) for s in subjects))
+            await admin.get_results(experiment.key)
+            for restart in (False, True):
+                proxy.cut()
+                if restart:
+                    own_redis.stop()
+                    own_redis.start()
+                results = await asyncio.gather(
+                    *(
+                        pay.track(conversion(experiment, s, d.variant.id))
+                        for s, d in zip(subjects, decisions, strict=True)
+                    ),
+                    pay.track_batch([conversion(experiment, "s0", decisions[0].variant.id)] * 2),
+                    pay.assign(experiment.key, f"fresh-{restart}"),
+                    admin.get_results(experiment.key),
+                )
+                assert all(r.outcome == ACCEPTED for r in results[: len(subjects)])
+            await admin.close()
+            await pay.close()
+    finally:
+        proxy.close()
+
+
+def _dsn_via(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+async def test_stalled_postgres_turns_lifecycle_not_serving_and_calls_unavailable(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    parts = urlsplit(database)
+    proxy = PausableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    try:
+        with run_sira_server(
+            _dsn_via(database, proxy.port),
+            own_redis.url,
+            short_tmp / "server",
+            extra_env={"SIRA_STORE_COMMAND_TIMEOUT_SECONDS": "2"},
+        ) as server:
+            admin, pay = clients(server)
+            experiment = await launch(admin)
+            held = await pay.assign(experiment.key, "s1")
+            proxy.pause()
+            try:
+                await until_health(
+                    server.address,
+                    "sira.experiments.v1.LifecycleService",
+                    health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+                with pytest.raises(UnavailableError) as caught:
+                    await admin.create_experiment(
+                        epb.Experiment(
+                            key=f"{experiment.key}-x",
+                            name="x",
+                            variants=[epb.Variant(name="A"), epb.Variant(name="B")],
+                        )
+                    )
+                assert caught.value.metadata["store"] == "postgres"
+                with pytest.raises(UnavailableError):  # not cached: looked up in Postgres
+                    await pay.assign(f"unknown-{uuid.uuid4().hex[:8]}", "s1")
+                # Decisions and tracking go on from Redis; so does the overall status.
+                assert (await pay.assign(experiment.key, "s2")).reason == NEW
+                answer = await pay.track(conversion(experiment, "s1", held.variant.id))
+                assert answer.outcome == ACCEPTED
+                assert await health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            finally:
+                proxy.resume()
+            await until_health(
+                server.address,
+                "sira.experiments.v1.LifecycleService",
+                health_pb2.HealthCheckResponse.SERVING,
+            )
+            await _eventually(lambda: admin.get_experiment(experiment.key))
+            await admin.close()
+            await pay.close()
+    finally:
+        proxy.close()
+
+
+async def test_killed_embedded_redis_is_restarted(short_tmp: Path) -> None:
+    data_dir = short_tmp / "embedded"
+    with run_sira_server(
+        "", "", data_dir, extra_env={"SIRA_DATABASE_URL": "", "SIRA_REDIS_URL": ""}, timeout=300
+    ) as server:
+        admin, pay = clients(server)
+        experiment = await launch(admin)
+        held = await pay.assign(experiment.key, "s1")
+        pid = int((data_dir / "redis" / "redis.pid").read_text().split()[0])
+        kill(pid)
+        deadline = time.monotonic() + RECOVERY_DEADLINE_SECONDS
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "redis-server survived SIGKILL"
+            await asyncio.sleep(0.05)
+        answer = await _eventually(lambda: pay.track(conversion(experiment, "s1", held.variant.id)))
+        assert answer.outcome == ACCEPTED  # the append-only file kept the assignment
+        assert (await pay.assign(experiment.key, "after-restart")).reason == NEW
+        log = server.log()
+        assert "embedded Redis died; restarting it" in log
+        assert "embedded Redis restarted" in log
+        await admin.close()
+        await pay.close()
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+async def _eventually(call: Callable[[], Awaitable[Any]]) -> Any:
+    """The first answer of `call` that is not UNAVAILABLE, within the recovery deadline."""
+    deadline = time.monotonic() + RECOVERY_DEADLINE_SECONDS
+    while True:
+        try:
+            return await call()
+        except (UnavailableError, Unavailable):
+            assert time.monotonic() < deadline, "still UNAVAILABLE"
+        await asyncio.sleep(0.2)
+
+
+def _replies(client: Any, code: str) -> bool:
+    try:
+        client.ping()
+    except redis_errors.RedisError as exc:
+        return str(exc).startswith(code) or (
+            code == "LOADING" and isinstance(exc, redis_errors.BusyLoadingError)
+        )
+    return False
+
+
+async def _until(server: RedisServer, probe: Callable[[Any], bool], what: str) -> None:
+    await asyncio.to_thread(server.wait_until, probe, what)
+
+
+async def _until_loading(server: RedisServer) -> None:
+    await _until(server, lambda c: _replies(c, "LOADING"), "LOADING")
+
+
+def _quietly(call: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(redis_errors.RedisError, OSError):
+        call(*args)
