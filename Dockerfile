@@ -25,6 +25,6 @@ USER sira
 WORKDIR /home/sira
 EXPOSE 50051 9464
 # Production sets SIRA_DATABASE_URL (the sira_app role), SIRA_REDIS_URL and the JWT
-# settings; the migration Job runs `sira migrate` with SIRA_MIGRATE_DATABASE_URL (the
+# settings; the migration Job runs `sira-server migrate` with SIRA_MIGRATE_DATABASE_URL (the
 # schema owner) before the Deployment rolls out. A container listens on every interface.
 ENTRYPOINT ["sira-server"]

@@ -81,7 +81,9 @@ async def test_migrate_applies_then_reports_up_to_date(
     fresh_database_dsn: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # main() runs its own event loop (asyncio.run): call it from a worker thread.
-    code = await asyncio.to_thread(server_cli.main, ["migrate", "--database-url", fresh_database_dsn])
+    code = await asyncio.to_thread(
+        server_cli.main, ["migrate", "--database-url", fresh_database_dsn]
+    )
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     assert out.startswith("applied ")
@@ -90,7 +92,9 @@ async def test_migrate_applies_then_reports_up_to_date(
     )
     assert code == 0
     assert json.loads(capsys.readouterr().out) == {"applied": []}
-    code = await asyncio.to_thread(server_cli.main, ["migrate", "--database-url", fresh_database_dsn])
+    code = await asyncio.to_thread(
+        server_cli.main, ["migrate", "--database-url", fresh_database_dsn]
+    )
     assert (code, capsys.readouterr().out.strip()) == (0, "up to date")
 
 

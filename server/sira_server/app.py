@@ -339,7 +339,7 @@ class SiraServer:
             if total:
                 log.warning(
                     "%d write-behind record(s) parked as dead letters (Postgres rejected"
-                    " them); `sira deadletter list` shows why, `sira deadletter replay`"
+                    " them); `sira-server deadletter list` shows why, `replay`"
                     " writes them once fixed",
                     total,
                 )
@@ -429,7 +429,7 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
     if embedded:
         lines.append(f"  data directory: {Path(settings.data_dir).resolve()}")
         lines.append(
-            "  dev token:      sira token --role ops_admin --subject alice"
+            "  dev token:      sira-server token --role ops_admin --subject alice"
             f" --data-dir {settings.data_dir}"
         )
     if settings.metrics_port:
