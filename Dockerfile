@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY client client
 COPY server server
 COPY loadtest loadtest
-RUN pip install --no-cache-dir --prefix=/install .
+# Both distributions: sira-server depends on sira-client, which comes from ./client.
+RUN pip install --no-cache-dir --prefix=/install ./client .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 sira

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -55,6 +56,12 @@ class ClientVenv:
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> ClientVenv:
     work = tmp_path_factory.mktemp("client-dist")
     env = _clean_env()
+    # Built from a copy: setuptools leaves build/ and egg-info next to the sources.
+    source = shutil.copytree(
+        REPO / "client",
+        work / "client",
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     _run(
         [
             sys.executable,
@@ -65,7 +72,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> ClientVenv:
             "--no-deps",
             "-w",
             "dist",
-            str(REPO / "client"),
+            str(source),
         ],
         env=env,
         cwd=work,

@@ -35,9 +35,9 @@ from sira.experiments.v1 import (
 )
 from sira_server.api.assignment import AssignmentServicer
 from sira_server.api.call_limits import CallLimits
+from sira_server.api.guards import GuardedRegistrar
 from sira_server.api.health import HealthServicer
 from sira_server.api.insights import InsightsServicer
-from sira_server.api.interceptors import GuardedRegistrar
 from sira_server.api.lifecycle import LifecycleServicer
 from sira_server.api.reflection import enable_reflection
 from sira_server.api.tracking import TrackingServicer
