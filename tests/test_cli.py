@@ -279,6 +279,12 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "insights" in capsys.readouterr().out
 
 
+def test_server_tasks_point_to_sira_server(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("migrate", "token", "rebuild", "deadletter"):
+        assert cli.main([command]) == 2
+        assert f"run `sira-server {command}`" in capsys.readouterr().err
+
+
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["list", "--address", "127.0.0.1:1", "--timeout", "2"])
     assert code == 1

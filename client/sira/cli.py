@@ -39,6 +39,9 @@ EXIT_INTERRUPTED = 130
 
 STATUSES = ("draft", "running", "stopped", "archived")
 
+# Commands that need the server's internals: `sira-server` has them (`sira_server.cli`).
+SERVER_COMMANDS = ("migrate", "rebuild", "deadletter", "token")
+
 EXAMPLES = """examples:
   export SIRA_TOKEN=$(sira-server token --role ops_admin)   # development, on the server
   sira create docs/examples/checkout-button-color.json
@@ -394,6 +397,9 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        moved = next((a for a in argv if a in SERVER_COMMANDS), None)
+        if exc.code == EXIT_USAGE and moved is not None:
+            sys.stderr.write(f"`{moved}` is a server task: run `sira-server {moved}`\n")
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     out = Output(args.json, sys.stdout)
     try:
