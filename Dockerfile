@@ -5,7 +5,8 @@ COPY pyproject.toml README.md ./
 COPY client client
 COPY server server
 COPY loadtest loadtest
-RUN pip install --no-cache-dir --prefix=/install .
+# Both distributions: sira-server depends on sira-client, which comes from ./client.
+RUN pip install --no-cache-dir --prefix=/install ./client .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 sira
@@ -25,6 +26,6 @@ USER sira
 WORKDIR /home/sira
 EXPOSE 50051 9464
 # Production sets SIRA_DATABASE_URL (the sira_app role), SIRA_REDIS_URL and the JWT
-# settings; the migration Job runs `sira migrate` with SIRA_MIGRATE_DATABASE_URL (the
+# settings; the migration Job runs `sira-server migrate` with SIRA_MIGRATE_DATABASE_URL (the
 # schema owner) before the Deployment rolls out. A container listens on every interface.
 ENTRYPOINT ["sira-server"]

@@ -9,8 +9,10 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# Two distributions: the client (./client, `sira`) and the server (`sira-server`, which
+# depends on the client by name; pip takes it from ./client in the same call).
 install: $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./client -e '.[dev]'
 
 run: install
 	$(VENV)/bin/sira-server
@@ -25,7 +27,7 @@ fuzz: install
 		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 migrate:
-	$(VENV)/bin/sira migrate
+	$(VENV)/bin/sira-server migrate
 
 # Regenerate the committed stubs from protos/ (tests fail when they drift).
 protos:

@@ -173,7 +173,7 @@ def test_as_role_keeps_the_server_and_drops_the_password() -> None:
 
 
 def test_migrate_runs_as_the_owner_the_server_as_the_app_role() -> None:
-    from sira.cli import build_parser
+    from sira_server.cli import build_parser
 
     env = {"SIRA_DATABASE_URL": "postgresql://sira_app@db/sira"}
     assert build_parser(env).parse_args(["migrate"]).database_url == env["SIRA_DATABASE_URL"]

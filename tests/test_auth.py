@@ -314,7 +314,7 @@ def test_principal_and_anonymous() -> None:
 
 
 def test_current_principal_requires_a_caller() -> None:
-    with pytest.raises(RuntimeError, match="AuthInterceptor"):
+    with pytest.raises(RuntimeError, match="GuardedRegistrar"):
         current_principal()
     alice = Principal("alice", frozenset({"marketing"}))
     with acting_as(alice):

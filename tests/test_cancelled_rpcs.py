@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sira_server.api.interceptors import ErrorInterceptor
+from sira_server.api.guards import ErrorGuard
 
 METHOD = "/test.Slow/Wait"
 
@@ -39,13 +39,11 @@ async def slow() -> AsyncIterator[tuple[str, Slow, Counter[tuple[str, str]], asy
         changed.set()
 
     handler = Slow()
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(count)])
+    # The error guard as registration applies it (GuardedRegistrar's outermost guard).
+    wait = ErrorGuard(count).handler(grpc.unary_unary_rpc_method_handler(handler.wait), METHOD)
+    server = grpc.aio.server()
     server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(handler.wait)}
-            ),
-        )
+        (grpc.method_handlers_generic_handler("test.Slow", {"Wait": wait}),)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

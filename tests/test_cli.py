@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 from rich.console import Console
 
@@ -23,7 +22,6 @@ from sira.experiments.v1 import experiment_pb2, insights_service_pb2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 SIRA_SCRIPT = Path(sys.executable).parent / "sira"
-TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32  # the secret server_fixtures starts with
 
 
 @pytest.fixture(autouse=True)
@@ -281,6 +279,12 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "insights" in capsys.readouterr().out
 
 
+def test_server_tasks_point_to_sira_server(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("migrate", "token", "rebuild", "deadletter"):
+        assert cli.main([command]) == 2
+        assert f"run `sira-server {command}`" in capsys.readouterr().err
+
+
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main(["list", "--address", "127.0.0.1:1", "--timeout", "2"])
     assert code == 1
@@ -321,73 +325,6 @@ def test_console_script_prints_one_line_and_no_traceback(
         assert done.stderr.startswith(starts), (argv, done.stderr)
         if expected_code == 1:
             assert len(done.stderr.splitlines()) == 1, done.stderr
-
-
-# -- token and migrate ------------------------------------------------------------
-
-
-def test_token_from_env_secret_is_accepted_by_the_server(
-    sira_server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SIRA_JWT_SECRET", TEST_JWT_SECRET)
-    assert (
-        cli.main(["token", "--role", "ops_admin", "--role", "marketing", "--subject", "bob"]) == 0
-    )
-    token = capsys.readouterr().out.strip()
-    claims = jwt.decode(token, TEST_JWT_SECRET, algorithms=["HS256"])
-    assert claims["sub"] == "bob"
-    assert claims["roles"] == ["ops_admin", "marketing"]
-    assert claims["exp"] - claims["iat"] == 3600
-    code, _, err = Sira(capsys, sira_server.address, token)("list", "--page-size", "1")
-    assert (code, err) == (0, "")
-
-
-def test_token_from_the_dev_secret_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SIRA_JWT_AUDIENCE", "sira-api")
-    monkeypatch.setenv("SIRA_JWT_ISSUER", "molam-id")
-    (tmp_path / "dev-jwt-secret").write_text("s" * 48 + "\n")
-    argv = ["token", "--role", "pay_module", "--ttl", "60", "--data-dir", str(tmp_path), "--json"]
-    assert cli.main(argv) == 0
-    token = json.loads(capsys.readouterr().out)["token"]
-    claims = jwt.decode(
-        token, "s" * 48, algorithms=["HS256"], audience="sira-api", issuer="molam-id"
-    )
-    assert claims["roles"] == ["pay_module"]
-    assert claims["exp"] - claims["iat"] == 60
-
-
-def test_token_without_a_secret_says_how_to_get_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SIRA_DATA_DIR", str(tmp_path / "empty"))
-    assert cli.main(["token", "--role", "ops_admin"]) == 2
-    _one_error_line(capsys.readouterr().err, "error: no JWT secret")
-
-
-async def test_migrate_applies_then_reports_up_to_date(
-    fresh_database_dsn: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # main() runs its own event loop (asyncio.run): call it from a worker thread.
-    code = await asyncio.to_thread(cli.main, ["migrate", "--database-url", fresh_database_dsn])
-    out, err = capsys.readouterr()
-    assert (code, err) == (0, "")
-    assert out.startswith("applied ")
-    code = await asyncio.to_thread(
-        cli.main, ["migrate", "--database-url", fresh_database_dsn, "--json"]
-    )
-    assert code == 0
-    assert json.loads(capsys.readouterr().out) == {"applied": []}
-    code = await asyncio.to_thread(cli.main, ["migrate", "--database-url", fresh_database_dsn])
-    assert (code, capsys.readouterr().out.strip()) == (0, "up to date")
-
-
-def test_migrate_failures_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["migrate"]) == 2
-    _one_error_line(capsys.readouterr().err, "error: no database")
-    assert cli.main(["migrate", "--database-url", "postgresql://postgres@127.0.0.1:1/x"]) == 1
-    _one_error_line(capsys.readouterr().err, "error: migration failed")
 
 
 # -- results and insights ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`sira rebuild <experiment>`: the hot state recomputed from Postgres by an operator."""
+"""`sira-server rebuild <experiment>`: the hot state recomputed from Postgres by an operator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from store_helpers import create_experiment
 
-from sira.cli import main
+from sira_server.cli import main
 from sira_server.store.flusher import WriteBehindFlusher
 from sira_server.store.hot_state import HotState, TrackEvent, experiment_keys
 
@@ -41,8 +41,8 @@ async def test_rebuild_restores_the_counters_postgres_holds(
         code = await asyncio.to_thread(
             main,
             [
-                "--json",
                 "rebuild",
+                "--json",
                 experiment_id,
                 "--database-url",
                 database_url,

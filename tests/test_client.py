@@ -558,7 +558,7 @@ def test_real_server_errors_are_typed(
 
 def _shed(retry_after: float) -> grpc.Status:
     """What the server's limits answer (built by the server's own error mapping)."""
-    from sira_server.api.interceptors import error_status
+    from sira_server.api.guards import error_status
     from sira_server.errors import ResourceExhausted
 
     return error_status(

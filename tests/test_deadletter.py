@@ -1,6 +1,7 @@
 """Dead letters are visible and recoverable: a real schema drift makes Postgres reject an
 acknowledged event; it is counted, logged once, shown by health, the gauge and
-`sira deadletter list`, and written by `sira deadletter replay` once the drift is fixed."""
+`sira-server deadletter list`, and written by `sira-server deadletter replay` once the
+drift is fixed."""
 
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from server_fixtures import (
 )
 from store_helpers import create_experiment, event
 
-from sira.cli import main
 from sira.experiments.v1 import (
     assignment_service_pb2,
     assignment_service_pb2_grpc,
@@ -40,6 +40,7 @@ from sira.experiments.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
+from sira_server.cli import main
 from sira_server.metrics import Metrics
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.flusher import WriteBehindFlusher
@@ -90,7 +91,7 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
         assert await migrated_pool.fetchval("SELECT count(*) FROM experiment_metrics") == 1
 
         urls = ("--database-url", database_url, "--redis-url", redis_url)
-        assert await _cli("--json", "deadletter", "list", *urls) == 0
+        assert await _cli("deadletter", "list", "--json", *urls) == 0
         (letter,) = json.loads(capsys.readouterr().out)["dead_letters"]
         assert (letter["experiment_id"], letter["kind"], letter["subject_id"]) == (
             experiment_id,
@@ -100,7 +101,7 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
         assert "drift_small_values" in letter["reason"]
 
         # Still drifted: the replay says why and keeps the record.
-        assert await _cli("--json", "deadletter", "replay", *urls) == 1
+        assert await _cli("deadletter", "replay", "--json", *urls) == 1
         report = json.loads(capsys.readouterr().out)
         assert list(report["still_rejected"]) == [letter["id"]]
         assert "drift_small_values" in report["still_rejected"][letter["id"]]
@@ -201,7 +202,7 @@ def test_the_server_reports_dead_letters_until_they_are_replayed(
 
             _sql(drift_database_url, UNDRIFT)
             replay = subprocess.run(
-                [sys.executable, "-m", "sira.cli", "deadletter", "replay"],
+                [sys.executable, "-m", "sira_server", "deadletter", "replay"],
                 # The app role may replay: it only inserts rows.
                 env={**server.env, "SIRA_DATABASE_URL": app_url, "SIRA_REDIS_URL": redis_url},
                 capture_output=True,

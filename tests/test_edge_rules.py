@@ -23,7 +23,7 @@ from sira.experiments.v1 import (
     tracking_service_pb2,
 )
 from sira_server.api import edge
-from sira_server.api.interceptors import error_status
+from sira_server.api.guards import error_status
 from sira_server.config import ConfigError, Settings
 from sira_server.domain import limits
 from sira_server.errors import FieldViolation, InvalidArgument, NotFound, excerpt

@@ -87,7 +87,7 @@ def server(database: str) -> Iterator[RunningServer]:
 
 def shell_env() -> dict[str, str]:
     """A user's shell after `. .venv/bin/activate`: sira, grpcurl and python3 on PATH,
-    and the server's JWT secret so `sira token` mints tokens it accepts."""
+    and the server's JWT secret so `sira-server token` mints tokens it accepts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIRA_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["SIRA_JWT_SECRET"] = TEST_JWT_SECRET

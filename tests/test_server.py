@@ -102,10 +102,11 @@ def test_embedded_default_end_to_end_through_the_cli() -> None:
     }
     env.update({"SIRA_DATA_DIR": str(data_dir), "SIRA_METRICS_PORT": "0"})
     sira = [sys.executable, "-m", "sira.cli"]
+    operator = [sys.executable, "-m", "sira_server"]
     try:
         with embedded_server(data_dir, env) as server:
             env["SIRA_ADDRESS"] = server.address
-            token = run([*sira, "token", "--role", "ops_admin", "--subject", "alice"], env)
+            token = run([*operator, "token", "--role", "ops_admin", "--subject", "alice"], env)
             assert token.returncode == 0, token.stderr
             env["SIRA_TOKEN"] = token.stdout.strip()
             created = run(

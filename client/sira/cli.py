@@ -1,5 +1,8 @@
 """`sira`: the admin command line (create, start, stop, results, insights, audit, ...).
 
+Everything here goes over gRPC; the tasks that need the server's internals (migrate,
+rebuild, dead letters, dev tokens) are `sira-server` commands (`sira_server.cli`).
+
 Human tables by default; `--json` prints the API messages as JSON (proto field
 names) for scripts. Every failure is one line on stderr, never a traceback:
 exit 2 for usage and local problems (bad file, missing secret), 1 for errors
@@ -9,7 +12,6 @@ reported by the server or the database, 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -37,8 +39,11 @@ EXIT_INTERRUPTED = 130
 
 STATUSES = ("draft", "running", "stopped", "archived")
 
+# Commands that need the server's internals: `sira-server` has them (`sira_server.cli`).
+SERVER_COMMANDS = ("migrate", "rebuild", "deadletter", "token")
+
 EXAMPLES = """examples:
-  export SIRA_TOKEN=$(sira token --role ops_admin)
+  export SIRA_TOKEN=$(sira-server token --role ops_admin)   # development, on the server
   sira create docs/examples/checkout-button-color.json
   sira start checkout-button-color
   sira insights checkout-button-color
@@ -73,7 +78,7 @@ def _add_global_options(parser: argparse.ArgumentParser, env: Mapping[str, str],
     group.add_argument(
         "--token",
         default=default(env.get("SIRA_TOKEN") or None),
-        help="bearer token (env SIRA_TOKEN; `sira token` makes one for development)",
+        help="bearer token (env SIRA_TOKEN; `sira-server token` makes one for development)",
     )
     group.add_argument(
         "--timeout",
@@ -170,71 +175,6 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     on_experiment("results", "observed counts, conversion rates and revenue per variant")
     on_experiment("insights", "Bayesian statistics, fail-fast verdict and recommendation")
 
-    migrate = command("migrate", "apply pending database migrations (as the schema owner)")
-    migrate.add_argument(
-        "--database-url",
-        default=env.get("SIRA_MIGRATE_DATABASE_URL") or env.get("SIRA_DATABASE_URL") or None,
-        help="Postgres DSN of the schema owner (env SIRA_MIGRATE_DATABASE_URL, else "
-        "SIRA_DATABASE_URL)",
-    )
-
-    rebuild = command(
-        "rebuild", "recompute an experiment's hot Redis state from Postgres (operators)"
-    )
-    rebuild.add_argument("experiment", help="experiment id or key")
-    rebuild.add_argument(
-        "--database-url",
-        default=env.get("SIRA_DATABASE_URL") or None,
-        help="Postgres DSN (env SIRA_DATABASE_URL)",
-    )
-    rebuild.add_argument(
-        "--redis-url",
-        default=env.get("SIRA_REDIS_URL") or None,
-        help="Redis URL (env SIRA_REDIS_URL)",
-    )
-
-    dead = command(
-        "deadletter", "write-behind records Postgres rejected: list them, replay them (operators)"
-    )
-    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, help_text in (
-        ("list", "show the parked records and why Postgres rejected them"),
-        ("replay", "write the parked records again, once the cause is fixed"),
-    ):
-        action = actions.add_parser(name, help=help_text, description=help_text)
-        _add_global_options(action, env, sub=True)
-        action.add_argument("experiment", nargs="?", default="", help="only this experiment")
-        action.add_argument(
-            "--database-url",
-            default=env.get("SIRA_DATABASE_URL") or None,
-            help="Postgres DSN (env SIRA_DATABASE_URL)",
-        )
-        action.add_argument(
-            "--redis-url",
-            default=env.get("SIRA_REDIS_URL") or None,
-            help="Redis URL (env SIRA_REDIS_URL)",
-        )
-        if name == "list":
-            action.add_argument(
-                "--limit", type=_positive_int, default=100, help="at most this many"
-            )
-        else:
-            action.add_argument(
-                "--id", action="append", default=[], dest="ids", help="only this entry (repeatable)"
-            )
-
-    token = command("token", "mint a development JWT (HS256)")
-    token.add_argument(
-        "--role", action="append", required=True, dest="roles", help="role claim (repeatable)"
-    )
-    token.add_argument("--subject", default="alice", help="sub claim (default alice)")
-    token.add_argument("--ttl", type=_positive_int, default=3600, help="lifetime in seconds")
-    token.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(env.get("SIRA_DATA_DIR") or ".sira"),
-        help="where the server keeps dev-jwt-secret (env SIRA_DATA_DIR, default .sira)",
-    )
     return parser
 
 
@@ -405,179 +345,6 @@ _SERVER_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], int]]
 }
 
 
-def _cmd_migrate(args: argparse.Namespace, out: Output) -> int:
-    if not args.database_url:
-        raise UsageError(
-            "no database: pass --database-url or set SIRA_MIGRATE_DATABASE_URL "
-            "(the embedded server migrates its own database on start)"
-        )
-    from sira_server.store.migrate import apply_migrations  # server side, only needed here
-
-    try:
-        applied = asyncio.run(apply_migrations(args.database_url))
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # a DB or file problem, reported as one line
-        sys.stderr.write(f"error: migration failed: {_one_line(str(exc)) or type(exc).__name__}\n")
-        return EXIT_SERVER
-    if out.as_json:
-        out.json({"applied": list(applied)})
-    elif applied:
-        for version in applied:
-            out.console.print(f"applied {version}")
-    else:
-        out.console.print("up to date")
-    return EXIT_OK
-
-
-def _cmd_rebuild(args: argparse.Namespace, out: Output) -> int:
-    if not args.database_url or not args.redis_url:
-        raise UsageError(
-            "rebuild talks to the stores directly: pass --database-url and --redis-url "
-            "(or set SIRA_DATABASE_URL and SIRA_REDIS_URL)"
-        )
-    from sira_server.errors import SiraError as StoreError  # server side, only needed here
-    from sira_server.store.admin import rebuild_hot_state
-
-    try:
-        report = asyncio.run(rebuild_hot_state(args.database_url, args.redis_url, args.experiment))
-    except StoreError as exc:
-        sys.stderr.write(f"error: {exc.status_name}: {_one_line(exc.message)}\n")
-        return EXIT_SERVER
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot reach the stores: {_one_line(str(exc))}\n")
-        return EXIT_SERVER
-    if out.as_json:
-        out.json(
-            {
-                "experiment_id": report.experiment_id,
-                "experiment_key": report.experiment_key,
-                "assigned_subjects": report.assigned_subjects,
-                "successes": report.successes,
-            }
-        )
-    else:
-        out.console.print(
-            f"rebuilt {report.experiment_key}: {report.assigned_subjects} assigned subjects, "
-            f"{report.successes} successes"
-        )
-    return EXIT_OK
-
-
-def _cmd_deadletter(args: argparse.Namespace, out: Output) -> int:
-    if not args.database_url or not args.redis_url:
-        raise UsageError(
-            "deadletter talks to the stores directly: pass --database-url and --redis-url "
-            "(or set SIRA_DATABASE_URL and SIRA_REDIS_URL)"
-        )
-    from sira_server.errors import SiraError as StoreError  # server side, only needed here
-    from sira_server.store import admin
-
-    try:
-        if args.action == "list":
-            views = asyncio.run(
-                admin.list_dead(
-                    args.database_url, args.redis_url, args.experiment, limit=args.limit
-                )
-            )
-            return _show_dead(views, out)
-        report = asyncio.run(
-            admin.replay_dead(
-                args.database_url, args.redis_url, args.experiment, entry_ids=args.ids
-            )
-        )
-    except StoreError as exc:
-        sys.stderr.write(f"error: {exc.status_name}: {_one_line(exc.message)}\n")
-        return EXIT_SERVER
-    except OSError as exc:
-        sys.stderr.write(f"error: cannot reach the stores: {_one_line(str(exc))}\n")
-        return EXIT_SERVER
-    if out.as_json:
-        out.json(
-            {
-                "written": report.written,
-                "discarded": report.discarded,
-                "still_rejected": report.still_dead,
-            }
-        )
-    else:
-        out.console.print(
-            f"replayed: {len(report.written)} written, {len(report.discarded)} discarded"
-            f" (experiment deleted), {len(report.still_dead)} still rejected"
-        )
-        for entry_id, reason in report.still_dead.items():
-            out.console.print(f"  {entry_id}: {_one_line(reason)[:200]}")
-    return EXIT_SERVER if report.still_dead else EXIT_OK
-
-
-def _show_dead(views: Sequence[Any], out: Output) -> int:
-    if out.as_json:
-        out.json(
-            {
-                "dead_letters": [
-                    {
-                        "experiment_key": v.experiment_key,
-                        "experiment_id": v.letter.experiment_id,
-                        "id": v.letter.entry_id,
-                        "kind": v.letter.kind,
-                        "subject_id": v.letter.subject_id,
-                        "reason": v.letter.reason,
-                    }
-                    for v in views
-                ]
-            }
-        )
-        return EXIT_OK
-    if not views:
-        out.console.print("no dead letters")
-        return EXIT_OK
-    from rich.table import Table
-
-    table = Table(title=f"{len(views)} dead letter(s)")
-    for column in ("experiment", "id", "kind", "subject", "reason"):
-        table.add_column(column)
-    for v in views:
-        table.add_row(
-            v.experiment_key,
-            v.letter.entry_id,
-            v.letter.kind,
-            v.letter.subject_id[:40],
-            _one_line(v.letter.reason)[:120],
-        )
-    out.console.print(table)
-    return EXIT_OK
-
-
-def _cmd_token(args: argparse.Namespace, out: Output, env: Mapping[str, str]) -> int:
-    from sira_server.auth import mint_token, read_dev_secret  # server side, only needed here
-    from sira_server.config import ConfigError
-
-    secret = env.get("SIRA_JWT_SECRET", "").strip() or None
-    if secret is None:
-        try:
-            secret = read_dev_secret(args.data_dir)
-        except (ConfigError, OSError) as exc:
-            raise UsageError(str(exc)) from None
-    if secret is None:
-        raise UsageError(
-            f"no JWT secret: set SIRA_JWT_SECRET, or start the server once (`sira-server`) "
-            f"so it creates {args.data_dir / 'dev-jwt-secret'} (or pass --data-dir)"
-        )
-    token = mint_token(
-        secret,
-        subject=args.subject,
-        roles=list(args.roles),
-        ttl_seconds=args.ttl,
-        audience=env.get("SIRA_JWT_AUDIENCE") or None,
-        issuer=env.get("SIRA_JWT_ISSUER") or None,
-    )
-    if out.as_json:
-        out.json({"token": token})
-    else:
-        out.stream.write(token + "\n")
-    return EXIT_OK
-
-
 # -- errors -------------------------------------------------------------------
 
 
@@ -597,7 +364,7 @@ def describe(error: SiraError, address: str) -> list[str]:
     elif error.code == grpc.StatusCode.UNIMPLEMENTED:
         message = f"the server at {address} does not implement this call yet: {message}"
     elif error.reason == "ERROR_REASON_TOKEN_MISSING":
-        message += " (pass --token or set SIRA_TOKEN; `sira token --role ROLE` mints one)"
+        message += " (pass --token or set SIRA_TOKEN; `sira-server token --role ROLE` mints one)"
     lines = [f"error: {code}{reason}: {message}"]
     lines += [f"  {field}: {_one_line(description)}" for field, description in error.violations]
     return lines
@@ -630,17 +397,12 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        moved = next((a for a in argv if a in SERVER_COMMANDS), None)
+        if exc.code == EXIT_USAGE and moved is not None:
+            sys.stderr.write(f"`{moved}` is a server task: run `sira-server {moved}`\n")
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     out = Output(args.json, sys.stdout)
     try:
-        if args.command == "migrate":
-            return _cmd_migrate(args, out)
-        if args.command == "token":
-            return _cmd_token(args, out, env)
-        if args.command == "rebuild":
-            return _cmd_rebuild(args, out)
-        if args.command == "deadletter":
-            return _cmd_deadletter(args, out)
         with _connect(args) as client:
             return _SERVER_COMMANDS[args.command](client, args, out)
     except SiraError as exc:

@@ -1,4 +1,5 @@
-"""`sira-server`: run the SIRA gRPC decision server."""
+"""`sira-server`: run the SIRA gRPC decision server, or one operator task
+(`sira-server migrate|rebuild|deadletter|token`, see `sira_server.cli`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from sira_server import cli
 from sira_server.config import ConfigError, Settings
 
 
@@ -18,6 +20,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="SIRA gRPC decision server. Settings come from SIRA_* environment "
         "variables (see README); with no SIRA_DATABASE_URL/SIRA_REDIS_URL it starts "
         "embedded Postgres and Redis in SIRA_DATA_DIR (default ./.sira).",
+        epilog="operator tasks (each has --help): sira-server migrate | rebuild EXPERIMENT | "
+        "deadletter list|replay | token --role ROLE",
     )
     parser.add_argument("--port", type=int, help="override SIRA_GRPC_PORT")
     parser.add_argument("--data-dir", help="override SIRA_DATA_DIR")
@@ -28,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in cli.COMMANDS:
+        sys.exit(cli.main(argv))
     args = parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -35,9 +35,9 @@ from sira.experiments.v1 import (
 )
 from sira_server.api.assignment import AssignmentServicer
 from sira_server.api.call_limits import CallLimits
+from sira_server.api.guards import GuardedRegistrar
 from sira_server.api.health import HealthServicer
 from sira_server.api.insights import InsightsServicer
-from sira_server.api.interceptors import GuardedRegistrar
 from sira_server.api.lifecycle import LifecycleServicer
 from sira_server.api.reflection import enable_reflection
 from sira_server.api.tracking import TrackingServicer
@@ -358,7 +358,7 @@ class SiraServer:
             if total:
                 log.warning(
                     "%d write-behind record(s) parked as dead letters (Postgres rejected"
-                    " them); `sira deadletter list` shows why, `sira deadletter replay`"
+                    " them); `sira-server deadletter list` shows why, `replay`"
                     " writes them once fixed",
                     total,
                 )
@@ -459,7 +459,7 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
     if embedded:
         lines.append(f"  data directory: {Path(settings.data_dir).resolve()}")
         lines.append(
-            "  dev token:      sira token --role ops_admin --subject alice"
+            "  dev token:      sira-server token --role ops_admin --subject alice"
             f" --data-dir {settings.data_dir}"
         )
     if settings.metrics_port:

@@ -1,7 +1,7 @@
 """Domain errors: what went wrong, in terms a caller can act on.
 
-Servicers and the domain raise these; one interceptor
-(`sira_server.api.interceptors.ErrorInterceptor`) turns them into a gRPC status
+Servicers and the domain raise these; one guard
+(`sira_server.api.guards.ErrorGuard`) turns them into a gRPC status
 with `google.rpc.ErrorInfo` (and `BadRequest` for field violations). Nothing
 else catches exceptions.
 

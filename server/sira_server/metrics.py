@@ -99,7 +99,7 @@ class Metrics:
         )
         self.dead_letters = Gauge(
             "sira_write_behind_dead_letters",
-            "Records parked in an experiment's dead-letter stream (`sira deadletter list`).",
+            "Records parked in an experiment's dead-letter stream (`sira-server deadletter list`).",
             ["experiment_id"],
             registry=r,
         )

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from sira_server.api.context import current_principal
-from sira_server.api.interceptors import StreamBehaviour, UnaryBehaviour, _Wrapper
+from sira_server.api.guards import Guard, StreamBehaviour, UnaryBehaviour
 from sira_server.auth import Principal
 from sira_server.errors import ResourceExhausted
 from sira_server.limit_settings import LimitSettings, RoleLimit
@@ -39,7 +39,7 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-class CallLimits(_Wrapper):
+class CallLimits(Guard):
     def __init__(
         self,
         settings: LimitSettings,

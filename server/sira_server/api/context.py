@@ -1,7 +1,7 @@
-"""The principal of the RPC being served, set by `AuthInterceptor`.
+"""The principal of the RPC being served, set by `guards.AuthGuard`.
 
 Servicers call `current_principal()` to learn the actor (audit log, Track's
-ownership check). grpc.aio runs each RPC's interceptors and handler in one
+ownership check). grpc.aio runs each RPC's guards and handler in one
 contextvars.Context, so the value never leaks between calls.
 """
 
@@ -17,12 +17,12 @@ _PRINCIPAL: ContextVar[Principal] = ContextVar("sira_principal")
 
 
 def current_principal() -> Principal:
-    """The caller of the current RPC; raises if no AuthInterceptor set one."""
+    """The caller of the current RPC; raises if no AuthGuard set one."""
     try:
         return _PRINCIPAL.get()
     except LookupError:
         raise RuntimeError(
-            "no principal for this call: is AuthInterceptor installed on the server?"
+            "no principal for this call: was the servicer registered through GuardedRegistrar?"
         ) from None
 
 

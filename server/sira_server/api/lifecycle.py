@@ -2,7 +2,7 @@
 
 Thin by design: validate the request (`domain.validation`), call the repository with
 the caller as actor, translate the result (`api.convert`). Errors are `SiraError`s that
-the error interceptor maps to gRPC statuses; nothing is caught here.
+the error guard (`api.guards`) maps to gRPC statuses; nothing is caught here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Operator tasks that talk to the stores directly (no server needed): `sira rebuild`,
-`sira deadletter list|replay`."""
+"""Operator tasks that talk to the stores directly (no server needed): `sira-server rebuild`,
+`sira-server deadletter list|replay`."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ async def rebuild_hot_state(database_url: str, redis_url: str, ref: str) -> Rebu
 
 @dataclass(frozen=True)
 class DeadLetterView:
-    """A parked record as `sira deadletter list` shows it."""
+    """A parked record as `sira-server deadletter list` shows it."""
 
     experiment_key: str
     letter: DeadLetter
@@ -66,7 +66,7 @@ async def _experiment_ids(pool: asyncpg.Pool, ref: str) -> list[str] | None:
 async def list_dead(
     database_url: str, redis_url: str, ref: str = "", *, limit: int = 100
 ) -> list[DeadLetterView]:
-    """`sira deadletter list`: parked write-behind records with their experiment's key."""
+    """`sira-server deadletter list`: parked write-behind records with their experiment's key."""
     pool = await create_pool(database_url, max_size=2)
     redis = create_redis(redis_url, max_connections=4)
     try:
@@ -85,7 +85,7 @@ async def list_dead(
 async def replay_dead(
     database_url: str, redis_url: str, ref: str = "", *, entry_ids: Sequence[str] = ()
 ) -> ReplayReport:
-    """`sira deadletter replay`: write parked records again (see store.deadletter)."""
+    """`sira-server deadletter replay`: write parked records again (see store.deadletter)."""
     pool = await create_pool(database_url, max_size=2)
     redis = create_redis(redis_url, max_connections=4)
     try:

@@ -6,7 +6,7 @@ a malformed entry) to its experiment's ``dead`` stream, with the reason, and
 counts it (`sira_write_behind_dead_lettered_entries_total`). The server's
 gauge `sira_write_behind_dead_letters{experiment_id}` and its health service
 ``write-behind`` (NOT_SERVING while any record is parked) say so until an
-operator acts: `sira deadletter list` shows them, `sira deadletter replay`
+operator acts: `sira-server deadletter list` shows them, `sira-server deadletter replay`
 writes them again once the cause is fixed.
 
 Replay goes through the flusher's own write path (same SQL, same isolation of

@@ -362,7 +362,7 @@ class WriteBehindFlusher:
             entry = entries[i]
             reason = reason[:MAX_REASON_CHARS]  # Postgres may quote the whole row
             log.error(
-                "write-behind entry %s of %s dead-lettered (`sira deadletter list`): %s",
+                "write-behind entry %s of %s dead-lettered (`sira-server deadletter list`): %s",
                 entry.entry_id.decode(),
                 entry.stream,
                 reason,

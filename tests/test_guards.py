@@ -1,8 +1,9 @@
-"""ErrorInterceptor, AuthInterceptor and the RBAC table, on a real grpc.aio server.
+"""The guards (errors, auth, edge) and the RBAC table, on a real grpc.aio server.
 
-Every RPC of the four services is served by a probe servicer registered with
-the generated `add_*Servicer_to_server` functions; it echoes the principal in
-trailing metadata, so each call shows both whether it got through and as whom.
+Every RPC of the four services is served by a probe servicer registered with the
+generated `add_*Servicer_to_server` functions through `GuardedRegistrar`, as the real
+server does; it echoes the principal in trailing metadata, so each call shows both
+whether it got through and as whom.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hmac
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any
@@ -41,14 +43,7 @@ from sira.experiments.v1 import (
 )
 from sira_server import rbac
 from sira_server.api.context import current_principal
-from sira_server.api.interceptors import (
-    ERROR_DOMAIN,
-    AuthInterceptor,
-    EdgeInterceptor,
-    ErrorInterceptor,
-    GuardedRegistrar,
-    build_interceptors,
-)
+from sira_server.api.guards import ERROR_DOMAIN, ErrorGuard, Guard, GuardedRegistrar
 from sira_server.auth import TokenVerifier, mint_token
 from sira_server.config import JwtSettings
 from sira_server.errors import (
@@ -228,17 +223,20 @@ def _sync_unary(request: bytes, context: Any) -> bytes:
     return request[::-1]
 
 
-def stream_handlers() -> Any:
-    return grpc.method_handlers_generic_handler(
-        STREAM_SERVICE,
-        {
-            "UnaryStream": grpc.unary_stream_rpc_method_handler(_unary_stream),
-            "WriterStream": grpc.unary_stream_rpc_method_handler(_writer_stream),
-            "StreamUnary": grpc.stream_unary_rpc_method_handler(_stream_unary),
-            "StreamStream": grpc.stream_stream_rpc_method_handler(_stream_stream),
-            "SyncUnary": grpc.unary_unary_rpc_method_handler(_sync_unary),
-        },
-    )
+def stream_handlers(guard: Guard | None = None) -> Any:
+    """The raw handlers, each wrapped by `guard` when given (as at registration)."""
+    handlers = {
+        "UnaryStream": grpc.unary_stream_rpc_method_handler(_unary_stream),
+        "WriterStream": grpc.unary_stream_rpc_method_handler(_writer_stream),
+        "StreamUnary": grpc.stream_unary_rpc_method_handler(_stream_unary),
+        "StreamStream": grpc.stream_stream_rpc_method_handler(_stream_stream),
+        "SyncUnary": grpc.unary_unary_rpc_method_handler(_sync_unary),
+    }
+    if guard is not None:
+        handlers = {
+            name: guard.handler(h, f"/{STREAM_SERVICE}/{name}") for name, h in handlers.items()
+        }
+    return grpc.method_handlers_generic_handler(STREAM_SERVICE, handlers)
 
 
 # --- servers ----------------------------------------------------------------------------
@@ -246,14 +244,12 @@ def stream_handlers() -> Any:
 
 @contextlib.asynccontextmanager
 async def serving(
-    interceptors: list[Any], registrar_verifier: TokenVerifier | None = None
+    verifier: TokenVerifier, limits: Guard | None = None
 ) -> AsyncIterator[grpc.aio.Channel]:
-    """A server guarded by `interceptors`, or, given `registrar_verifier`, by the same
-    wrappers applied at registration (`GuardedRegistrar`, what the real server uses)."""
-    server = grpc.aio.server(interceptors=interceptors)
-    target: Any = server
-    if registrar_verifier is not None:
-        target = GuardedRegistrar(server, registrar_verifier)
+    """A server whose services are registered through `GuardedRegistrar`, as the real
+    server's are; health and reflection on the server itself, unguarded."""
+    server = grpc.aio.server()
+    target = GuardedRegistrar(server, verifier, limits=limits)
     for servicer, add in servicers():
         add(servicer, target)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
@@ -270,15 +266,10 @@ async def serving(
         await server.stop(None)
 
 
-@pytest_asyncio.fixture(scope="module", params=["interceptors", "registrar"])
-async def channel(request: pytest.FixtureRequest) -> AsyncIterator[grpc.aio.Channel]:
-    verifier = TokenVerifier(SETTINGS)
-    if request.param == "interceptors":
-        async with serving(build_interceptors(verifier)) as ch:
-            yield ch
-    else:
-        async with serving([], registrar_verifier=verifier) as ch:
-            yield ch
+@pytest_asyncio.fixture(scope="module")
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    async with serving(TokenVerifier(SETTINGS)) as ch:
+        yield ch
 
 
 def token(*roles: str, subject: str = "alice", **overrides: Any) -> str:
@@ -584,7 +575,7 @@ async def test_asymmetric_tokens_and_algorithm_confusion(
 ) -> None:
     private, public = _pems(make_key())
     verifier = TokenVerifier(JwtSettings(algorithm=algorithm, public_key=public, audience=AUDIENCE))
-    async with serving(build_interceptors(verifier)) as ch:
+    async with serving(verifier) as ch:
         good = mint_token(
             private, subject="ops", roles=["ops_admin"], algorithm=algorithm, audience=AUDIENCE
         )
@@ -717,8 +708,23 @@ def _raw(channel: grpc.aio.Channel, kind: str, name: str) -> Any:
     return getattr(channel, kind)(f"/{STREAM_SERVICE}/{name}")
 
 
-async def test_error_interceptor_wraps_every_cardinality() -> None:
-    async with serving([ErrorInterceptor()]) as ch:
+@contextlib.asynccontextmanager
+async def error_guarded_streams() -> AsyncIterator[grpc.aio.Channel]:
+    """The raw streaming handlers behind the error guard alone (they are outside the
+    RBAC table, so the auth guard would refuse them all)."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((stream_handlers(ErrorGuard()),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+async def test_the_error_guard_wraps_every_cardinality() -> None:
+    async with error_guarded_streams() as ch:
         unary_stream = _raw(ch, "unary_stream", "UnaryStream")
         assert [m async for m in unary_stream(b"ok")] == [b"first", b"second"]
         got: list[bytes] = []
@@ -791,26 +797,52 @@ async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> Non
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_build_interceptors_order() -> None:
-    """build_interceptors puts ErrorInterceptor first: it must see the others' errors."""
-    interceptors = build_interceptors(TokenVerifier(SETTINGS))
-    assert [type(i) for i in interceptors] == [ErrorInterceptor, AuthInterceptor, EdgeInterceptor]
-    assert all(isinstance(i, grpc.aio.ServerInterceptor) for i in interceptors)
+async def test_the_guards_nest_errors_then_auth_then_edge(channel: grpc.aio.Channel) -> None:
+    """Auth runs before the edge check (a stranger learns nothing about the rules), and
+    the error guard outside both turns their SiraErrors into rich statuses."""
+    bad = lifecycle_service_pb2.GetExperimentRequest(experiment="\x00")
+    await fails(
+        call(channel, LIFECYCLE + "GetExperiment", request=bad),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "ERROR_REASON_TOKEN_MISSING",
+    )
+    await fails(
+        call(channel, LIFECYCLE + "GetExperiment", bearer(token("pay_module")), bad),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ERROR_REASON_ROLE_NOT_ALLOWED",
+    )
+    _, _, others = await fails(
+        call(channel, LIFECYCLE + "GetExperiment", bearer(token("data_science")), bad),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_ARGUMENT",
+    )
+    assert [v.field for v in others[0].field_violations] == ["experiment"]
 
 
-async def test_wrapped_handlers_are_cached_per_method() -> None:
-    interceptors = build_interceptors(TokenVerifier(SETTINGS))
-    async with serving(interceptors) as ch:
+class CountingGuard(Guard):
+    """An inner guard (the `limits` seam) that counts how often each method is wrapped."""
+
+    def __init__(self) -> None:
+        self.wrapped: Counter[str] = Counter()
+
+    def handler(self, handler: Any, method: str) -> Any:
+        self.wrapped[method] += 1
+        return handler
+
+
+async def test_methods_are_wrapped_at_registration_not_per_call() -> None:
+    counting = CountingGuard()
+    async with serving(TokenVerifier(SETTINGS), limits=counting) as ch:
+        await call(ch, TRACKING + "Track", bearer(token("pay_module")))
+        registered = Counter(counting.wrapped)
+        assert registered[TRACKING + "Track"] >= 1
         for _ in range(3):
             await call(ch, TRACKING + "Track", bearer(token("pay_module")))
             await call(ch, TRACKING + "Track")
-    error_cache = interceptors[0]._cache._entries
-    auth_cache = interceptors[1]._cache._entries
-    assert list(auth_cache) == [TRACKING + "Track"]
-    assert list(error_cache) == [TRACKING + "Track"]
+    assert counting.wrapped == registered
 
 
-async def test_the_edge_check_runs_on_both_paths(channel: grpc.aio.Channel) -> None:
+async def test_the_edge_check_runs_before_any_servicer(channel: grpc.aio.Channel) -> None:
     """Control characters and undecodable bytes: INVALID_ARGUMENT before any servicer."""
     bad = tracking_service_pb2.TrackRequest(
         event=tracking_service_pb2.TrackedEvent(subject_id="\x00")

@@ -1,25 +1,26 @@
-"""gRPC server interceptors: domain errors to rich statuses, and JWT + RBAC.
+"""The guards every SIRA RPC passes: domain errors to rich statuses, JWT + RBAC, edge
+checks, applied once when the servicers are registered (`GuardedRegistrar`).
 
-Order (see `build_interceptors`): grpc.aio hands control to interceptors in
-list order, so the first one's wrapper ends up outermost around the handler.
+Order, outermost first (`GuardedRegistrar._wrap`):
 
-    ErrorInterceptor   outermost: turns every SiraError raised below it,
-                       including AuthInterceptor's, into a status with
-                       google.rpc.ErrorInfo (+ BadRequest); anything else
-                       into INTERNAL with a request id. Never UNKNOWN.
-    AuthInterceptor    reads the bearer token, checks the RBAC table, sets
-                       the principal for the servicer, then calls it.
-    EdgeInterceptor    parses requests without raising and checks every field
-                       against the edge rules (`api.edge`).
+    ErrorGuard   turns every SiraError raised below it, including the other
+                 guards', into a status with google.rpc.ErrorInfo (+ BadRequest,
+                 RetryInfo); anything else into INTERNAL with a request id.
+                 Never UNKNOWN. Counts every finished RPC by status code.
+    AuthGuard    reads the bearer token, checks the RBAC table, sets the
+                 principal for the servicer, then calls it.
+    limits       admission (`api.call_limits`), when given: needs the principal.
+    EdgeGuard    parses requests without raising and checks every field
+                 against the edge rules (`api.edge`).
     servicer
 
-Anything that must observe final statuses (metrics, access logs) belongs
-before ErrorInterceptor in the list.
-
-Both wrap a method's behaviour once and reuse the wrapper for every later call
-(the per-call work is a dict lookup plus what the wrapper itself does), since
-Assign and Track go through here on the hot path. Per-call inputs (metadata)
-are read from the servicer context, not captured at wrap time.
+Why at registration and not as grpc.aio interceptors: grpc.aio awaits every
+interceptor's `intercept_service` coroutine on every call (two no-op interceptors
+cost ~7 % of an echo server's throughput here). A guard wraps a method's behaviour
+once, at registration; per-call inputs (metadata) are read from the servicer
+context, never captured at wrap time. Health and reflection are registered on the
+server directly and pass no guard; a method missing from the RBAC table is denied to
+everyone.
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ from sira_server.api.edge import check_request, guard_deserializer
 from sira_server.auth import ANONYMOUS, Principal, TokenVerifier
 from sira_server.domain import limits
 from sira_server.errors import PermissionDenied, SiraError, Unauthenticated
-from sira_server.metrics import Metrics
 
 __all__ = [
     "ERROR_DOMAIN",
-    "AuthInterceptor",
-    "EdgeInterceptor",
-    "ErrorInterceptor",
+    "AuthGuard",
+    "EdgeGuard",
+    "ErrorGuard",
+    "Guard",
+    "GuardedRegistrar",
     "InternalError",
     "bearer_token",
-    "build_interceptors",
     "error_status",
 ]
 
@@ -73,7 +74,6 @@ _AbortError: type[BaseException] = grpc.aio.AbortError
 Behaviour = Callable[[Any, Any], Any]
 UnaryBehaviour = Callable[[Any, Any], Awaitable[Any]]
 StreamBehaviour = Callable[[Any, Any], AsyncIterator[Any]]
-Continuation = Callable[[Any], Awaitable[Any]]
 
 
 class InternalError(SiraError):
@@ -191,8 +191,8 @@ def _as_async_gen(behaviour: Behaviour) -> StreamBehaviour:
     return stream
 
 
-class _Wrapper:
-    """How an interceptor wraps the two shapes of aio behaviour."""
+class Guard:
+    """How a guard wraps the two shapes of aio behaviour, and a whole method handler."""
 
     def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
         raise NotImplementedError
@@ -223,24 +223,6 @@ class _Wrapper:
         return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **codecs)
 
 
-class _HandlerCache:
-    """Wrapped handler per method, rebuilt only if the inner handler changes."""
-
-    def __init__(self, wrapper: _Wrapper) -> None:
-        self._wrapper = wrapper
-        self._entries: dict[str, tuple[Any, Any]] = {}
-
-    def get(self, method: str, handler: Any) -> Any:
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
-            return None
-        entry = self._entries.get(method)
-        if entry is not None and entry[0] is handler:
-            return entry[1]
-        wrapped = self._wrapper.handler(handler, method)
-        self._entries[method] = (handler, wrapped)
-        return wrapped
-
-
 # --- errors -------------------------------------------------------------------------
 
 
@@ -266,8 +248,11 @@ def _cancelled_code(context: Any) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-class _ErrorWrapper(_Wrapper):
-    def __init__(self, count: Count) -> None:
+class ErrorGuard(Guard):
+    """Maps SiraError to its status and any other exception to INTERNAL; counts every
+    finished RPC by method and status code when given a `count` callback."""
+
+    def __init__(self, count: Count = _count_nothing) -> None:
         self._count = count
 
     def unary(self, behaviour: UnaryBehaviour, method: str) -> UnaryBehaviour:
@@ -320,17 +305,6 @@ class _ErrorWrapper(_Wrapper):
         return guarded
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps SiraError to its status and any other exception to INTERNAL; counts every
-    finished RPC by method and status code when given a `count` callback."""
-
-    def __init__(self, count: Count = _count_nothing) -> None:
-        self._cache = _HandlerCache(_ErrorWrapper(count))
-
-    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
-        return self._cache.get(details.method, await continuation(details))
-
-
 # --- authentication and RBAC ----------------------------------------------------------
 
 TOKEN_MISSING = "ERROR_REASON_TOKEN_MISSING"
@@ -355,7 +329,10 @@ def bearer_token(metadata: Any) -> str | None:
 Authorize = Callable[[Any], Principal]
 
 
-class _AuthWrapper(_Wrapper):
+class AuthGuard(Guard):
+    """Bearer JWT + the RBAC table. Raises SiraError from inside the wrapped behaviour,
+    so it must sit inside ErrorGuard, which turns those into statuses."""
+
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verify = verifier.verify
 
@@ -419,31 +396,7 @@ class _AuthWrapper(_Wrapper):
         return authorized
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Bearer JWT + the RBAC table; public methods pass through untouched.
-
-    Raises SiraError from inside the wrapped behaviour, so it must sit after
-    (inside) ErrorInterceptor, which turns those into statuses.
-    """
-
-    def __init__(self, verifier: TokenVerifier) -> None:
-        self._cache = _HandlerCache(_AuthWrapper(verifier))
-
-    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
-        method = details.method
-        if rbac.is_public(method):
-            return await continuation(details)
-        return self._cache.get(method, await continuation(details))
-
-
-def build_interceptors(verifier: TokenVerifier, metrics: Metrics | None = None) -> list[Any]:
-    """The server's interceptors, outermost first:
-    [ErrorInterceptor, AuthInterceptor, EdgeInterceptor]."""
-    count = metrics.count_rpc if metrics is not None else _count_nothing
-    return [ErrorInterceptor(count), AuthInterceptor(verifier), EdgeInterceptor()]
-
-
-# --- the same wrappers, applied once at registration ----------------------------------
+# --- registration ------------------------------------------------------------------------
 
 
 class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -465,7 +418,7 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 # --- edge validation -------------------------------------------------------------------
 
 
-class _EdgeWrapper(_Wrapper):
+class EdgeGuard(Guard):
     """Parses requests without raising (`edge.guard_deserializer`) and checks every
     field against the edge rules (`edge.check_request`) before the servicer runs."""
 
@@ -491,28 +444,12 @@ class _EdgeWrapper(_Wrapper):
         )
 
 
-class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The edge check as an interceptor (`_EdgeWrapper`); public methods pass untouched.
-    Must sit inside ErrorInterceptor, which turns its InvalidArgument into a status."""
-
-    def __init__(self) -> None:
-        self._cache = _HandlerCache(_EdgeWrapper())
-
-    async def intercept_service(self, continuation: Continuation, details: Any) -> Any:
-        method = details.method
-        if rbac.is_public(method):
-            return await continuation(details)
-        return self._cache.get(method, await continuation(details))
-
-
 class GuardedRegistrar:
     """Stands in for the server in the generated `add_*Servicer_to_server` functions and
-    registers every method with the error, auth and edge wrappers already applied.
+    registers every method with the error, auth and edge guards already applied.
 
-    Same behaviour as `build_interceptors`, without the interceptor coroutine grpc.aio
-    awaits for every call (measured: two no-op interceptors cost ~7 % of an echo
-    server's throughput). Public services (health, reflection) are registered on the
-    real server directly, so they pass no wrapper at all.
+    Public services (health, reflection) are registered on the real server directly,
+    so they pass no guard at all.
     """
 
     def __init__(
@@ -520,17 +457,17 @@ class GuardedRegistrar:
         server: Any,
         verifier: TokenVerifier,
         count: Count = _count_nothing,
-        limits: _Wrapper | None = None,
+        limits: Guard | None = None,
     ):
         """`limits`: admission (`api.call_limits.CallLimits`), applied inside auth."""
         self._server = server
-        self._errors = _ErrorWrapper(count)
-        self._auth = _AuthWrapper(verifier)
-        self._edge = _EdgeWrapper()
+        self._errors = ErrorGuard(count)
+        self._auth = AuthGuard(verifier)
+        self._edge = EdgeGuard()
         self._limits = limits
 
     def _wrap(self, handler: Any, method: str) -> Any:
-        # Error wrapper outermost: it turns the auth, limit and edge wrappers' SiraErrors
+        # Error guard outermost: it turns the auth, limit and edge guards' SiraErrors
         # into statuses. Auth before the edge check: strangers learn nothing about the
         # rules. Limits need the principal (inside auth) and shed load before any work.
         inner = self._edge.handler(handler, method)
