@@ -11,9 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -90,6 +92,21 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+@contextmanager
+def own_redis_server() -> Iterator[str]:
+    """A `RedisServer` in a temporary directory for one test: yields its URL, then stops
+    it and removes the directory. For tests that must not share the suite's Redis (other
+    runs use it at the same time) or that act on the server itself (CLIENT PAUSE)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="sira-own-redis-"))
+    server = RedisServer(data_dir)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 class PausableProxy:

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from own_redis import free_port, own_redis_server
+from fault_stores import free_port, own_redis_server
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import (
     RunningServer,

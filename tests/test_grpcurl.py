@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_stores import own_redis_server
 from google.protobuf.descriptor import ServiceDescriptor
-from own_redis import own_redis_server
 from server_fixtures import (
     TEST_JWT_SECRET,
     RunningServer,
