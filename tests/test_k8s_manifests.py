@@ -5,6 +5,7 @@ set explicitly."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -44,3 +45,13 @@ def test_the_deployment_listens_on_every_interface_explicitly() -> None:
     text = yaml.safe_dump(deployment)
     for name in ("SIRA_GRPC_HOST", "SIRA_METRICS_HOST"):
         assert name in text
+
+
+def test_serving_pods_leave_the_write_behind_to_the_flusher_deployment() -> None:
+    def container(path: str) -> dict[str, Any]:
+        (deployment,) = _resources(K8S / path)
+        return deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index,no-any-return]
+
+    serving = {e["name"]: e.get("value") for e in container("deployment.yaml")["env"]}
+    assert serving["SIRA_ROLE"] == "serve"
+    assert container("flusher.yaml")["args"] == ["--role", "flusher"]

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sira_server import cli
-from sira_server.config import ConfigError, Settings
+from sira_server.config import ROLES, ConfigError, Settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +24,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "deadletter list|replay | token --role ROLE",
     )
     parser.add_argument("--port", type=int, help="override SIRA_GRPC_PORT")
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        help="override SIRA_ROLE: all (serve + write-behind flusher, the default), serve, "
+        "or flusher (drain the write-behind streams only; external stores)",
+    )
     parser.add_argument("--data-dir", help="override SIRA_DATA_DIR")
     parser.add_argument(
         "--workers", type=int, help="override SIRA_WORKERS (processes sharing the port)"
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"sira-server: configuration error: {exc}")
     if args.port is not None:
         settings = replace(settings, grpc_port=args.port)
+    if args.role is not None:
+        settings = replace(settings, role=args.role)
     if args.data_dir is not None:
         settings = replace(settings, data_dir=Path(args.data_dir))
     if args.workers is not None:

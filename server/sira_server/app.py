@@ -53,7 +53,7 @@ from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.faults import bounded
-from sira_server.store.flusher import WriteBehindFlusher
+from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
@@ -76,7 +76,6 @@ WRITE_BEHIND_SERVICE = "write-behind"
 GAUGE_SECONDS = 5.0
 SHUTDOWN_SLACK_SECONDS = 10.0
 CLOSE_SECONDS = 5.0
-FLUSHER_RESTART_SECONDS = 1.0
 
 
 async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool:
@@ -295,7 +294,10 @@ class SiraServer:
         await self.posteriors.start()
         await self.insights.start()
         await self.autopilot.start()
-        self._flusher_task = asyncio.create_task(self._run_flusher(), name="write-behind")
+        if self.settings.role == "all":  # `serve`: `sira-server --role flusher` drains
+            self._flusher_task = asyncio.create_task(
+                run_restarting(self.flusher), name="write-behind"
+            )
         self._gauges_task = asyncio.create_task(self._update_gauges(), name="gauges")
         await self._set_serving(True)
         self._serving = dict.fromkeys(("", *SERVICE_NAMES), True)
@@ -315,25 +317,13 @@ class SiraServer:
         await self.insights.stop()
         await self.posteriors.stop()
         await self.catalog.stop()
-        self.flusher.stop()
         if self._flusher_task is not None:
+            self.flusher.stop()
             await self._flusher_task
-        log.info("shutdown: flushing the write-behind streams")
-        await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
+            log.info("shutdown: flushing the write-behind streams")
+            await self.flusher.drain(timeout=self.settings.shutdown_grace_seconds)
         await self.hot.close()
         log.info("shutdown: done")
-
-    async def _run_flusher(self) -> None:
-        """The flusher, restarted after any error it lets escape: a dead flusher would
-        silently stop every write to Postgres while the streams grow (its entries stay
-        pending, so a restart loses nothing)."""
-        while True:
-            try:
-                await self.flusher.run()
-                return  # stop() was called
-            except Exception:
-                log.exception("write-behind flusher crashed; restarting it")
-            await asyncio.sleep(FLUSHER_RESTART_SECONDS)
 
     async def _update_gauges(self) -> None:
         """Gauges that are read from the stores rather than counted on the way."""

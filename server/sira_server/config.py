@@ -72,6 +72,17 @@ class StoreTimeouts:
     store; a store that does not answer turns its services NOT_SERVING."""
 
 
+ROLES = ("all", "serve", "flusher")
+"""What one `sira-server` process does: see `Settings.role`."""
+
+
+def parse_role(raw: str) -> str:
+    role = raw.strip().lower()
+    if role not in ROLES:
+        raise ConfigError(f"SIRA_ROLE / --role must be one of {', '.join(ROLES)}, got {raw[:40]!r}")
+    return role
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -99,6 +110,11 @@ class Settings:
     """SIRA_TLS_CLIENT_CA_FILE: require client certificates signed by this CA (mTLS)."""
     log_level: str = "INFO"
     """SIRA_LOG_LEVEL: Python logging level."""
+    role: str = "all"
+    """SIRA_ROLE (or `--role`): `all` serves gRPC and runs the write-behind flusher in
+    the same process (the embedded default); `serve` only serves, so its CPU goes to
+    decisions; `flusher` only drains the write-behind streams into Postgres (no gRPC;
+    external stores only). Run `serve` pods next to `flusher` pods, or `all`."""
     limits: LimitSettings = field(default_factory=LimitSettings)
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
@@ -193,6 +209,7 @@ class Settings:
             tls_key_file=Path(key) if key else None,
             tls_client_ca_file=Path(client_ca) if client_ca else None,
             log_level=(text("SIRA_LOG_LEVEL") or "INFO").upper(),
+            role=parse_role(text("SIRA_ROLE") or "all"),
             limits=replace(
                 LimitSettings.from_env(text, integer, ConfigError),
                 max_event_value=max_event_value,

@@ -21,8 +21,10 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from sira_server.app import banner, resolve_jwt_secret, resolve_tracking_key, serve
-from sira_server.config import Settings
+from sira_server.config import ConfigError, Settings
 from sira_server.embedded import EmbeddedServers
+from sira_server.flusher_process import READY_LINE as FLUSHER_READY_LINE
+from sira_server.flusher_process import run_flusher
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.roles import as_role
 from sira_server.supervisor import Supervisor
@@ -33,7 +35,16 @@ WORKER_READY_TIMEOUT_SECONDS = 300.0
 
 
 def run(settings: Settings) -> None:
-    """Run the server (single process or workers) until SIGTERM/SIGINT."""
+    """Run the server (single process or workers), or the flusher alone
+    (`settings.role`), until SIGTERM/SIGINT."""
+    if settings.role == "flusher":
+        if settings.embedded:
+            raise ConfigError(
+                "--role flusher needs SIRA_DATABASE_URL and SIRA_REDIS_URL (the embedded "
+                "default runs the flusher inside the server: --role all)"
+            )
+        asyncio.run(run_flusher(settings, lambda: print(FLUSHER_READY_LINE, flush=True)))
+        return
     embedded: EmbeddedServers | None = None
     supervisor: Supervisor | None = None
     try:

@@ -594,3 +594,21 @@ def _parse(fields: dict[bytes, bytes]) -> AssignmentRecord | MetricRecord | None
         return parse_record(fields)
     except (KeyError, ValueError, UnicodeDecodeError):
         return None
+
+
+RESTART_SECONDS = 1.0
+
+
+async def run_restarting(
+    flusher: WriteBehindFlusher, restart_seconds: float = RESTART_SECONDS
+) -> None:
+    """`flusher.run()` until `stop()`, restarted after any error it lets escape: a dead
+    flusher would silently stop every write to Postgres while the streams grow (its
+    entries stay pending, so a restart loses nothing)."""
+    while True:
+        try:
+            await flusher.run()
+            return  # stop() was called
+        except Exception:
+            log.exception("write-behind flusher crashed; restarting it")
+        await asyncio.sleep(restart_seconds)
