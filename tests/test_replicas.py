@@ -1,0 +1,237 @@
+"""Three independent `sira-server` replicas on one Redis and one Postgres, called through
+gRPC's client-side `round_robin`, behave as one server.
+
+- stickiness holds across replicas: a subject asked on each replica gets one variant;
+- counters are exact: GetResults counts every subject once, every event once;
+- the write-behind is shared: the replicas' flushers are consumers of one group, and
+  Postgres ends with exactly the acknowledged rows;
+- a replica killed with SIGKILL under load loses nothing it acknowledged: what it read
+  from the stream and did not commit is reclaimed by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import redis
+from fault_stores import own_redis_server
+from server_fixtures import (
+    RunningServer,
+    create_migrated_database,
+    drop_database,
+    mint_test_token,
+    run_sira_server,
+)
+
+from sira.experiments.v1 import assignment_service_pb2 as apb
+from sira.experiments.v1 import (
+    assignment_service_pb2_grpc,
+    insights_service_pb2_grpc,
+    lifecycle_service_pb2_grpc,
+    tracking_service_pb2_grpc,
+)
+from sira.experiments.v1 import experiment_pb2 as epb
+from sira.experiments.v1 import insights_service_pb2 as ipb
+from sira.experiments.v1 import lifecycle_service_pb2 as lpb
+from sira.experiments.v1 import tracking_service_pb2 as tpb
+from sira_server.store.hot_keys import FLUSHER_GROUP, experiment_keys
+from sira_server.store.roles import as_role
+
+pytestmark = pytest.mark.slow
+
+REPLICAS = 3
+SUBJECTS = 150
+CONVERTING = 50
+WAIT_SECONDS = 90.0  # a killed consumer's entries are reclaimed after 30 s idle
+
+
+@pytest.fixture
+async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
+    url = await create_migrated_database(postgres_server_dsn, "sira_replicas")
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_server_dsn, url)
+
+
+@pytest.fixture
+def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer], str]]:
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(own_redis_server())
+        servers = [
+            stack.enter_context(run_sira_server(as_role(database), redis_url, tmp_path / f"r{i}"))
+            for i in range(REPLICAS)
+        ]
+        yield servers, redis_url
+
+
+def _round_robin(servers: list[RunningServer]) -> grpc.Channel:
+    target = "ipv4:" + ",".join(s.address for s in servers)
+    return grpc.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")])
+
+
+def _auth(role: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {mint_test_token(role)}"),)
+
+
+async def _count(database: str, table: str, experiment_id: str) -> int:
+    conn = await asyncpg.connect(database)
+    try:
+        count: int = await conn.fetchval(
+            f"SELECT count(*) FROM {table} WHERE experiment_id = $1", experiment_id
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def _until(what: str, probe: object) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not await probe():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        await asyncio.sleep(0.2)
+
+
+def _start_experiment(channel: grpc.Channel, key: str) -> str:
+    lifecycle = lifecycle_service_pb2_grpc.LifecycleServiceStub(channel)
+    experiment = epb.Experiment(key=key, name="Replicas")
+    experiment.variants.add(key="a", name="A", is_control=True)
+    experiment.variants.add(key="b", name="B")
+    created = lifecycle.CreateExperiment(
+        lpb.CreateExperimentRequest(experiment=experiment), metadata=_auth("ops_admin")
+    ).experiment
+    lifecycle.StartExperiment(
+        lpb.StartExperimentRequest(experiment=key), metadata=_auth("ops_admin")
+    )
+    return created.id
+
+
+async def test_replicas_behind_round_robin_act_as_one_server(
+    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+) -> None:
+    servers, redis_url = replicas
+    with _round_robin(servers) as channel:
+        experiment_id = _start_experiment(channel, unique_key)
+        assign = assignment_service_pb2_grpc.AssignmentServiceStub(channel)
+        track = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        pay = _auth("pay_module")
+
+        # Each subject is asked REPLICAS times in a row: round_robin sends the calls to
+        # every replica in turn (a new replica each call), and the answer never changes.
+        variants: dict[str, str] = {}
+        for i in range(SUBJECTS):
+            request = apb.AssignRequest(experiment=unique_key, subject_id=f"s-{i}")
+            seen = {
+                assign.Assign(request, metadata=pay).decision.variant.key for _ in range(REPLICAS)
+            }
+            assert len(seen) == 1, f"s-{i} got {seen}"
+            variants[f"s-{i}"] = seen.pop()
+
+        # Every conversion sent to every replica (retries with one event id): counted once.
+        for i in range(CONVERTING):
+            event = tpb.TrackedEvent(
+                experiment=unique_key,
+                subject_id=f"s-{i}",
+                variant_id=variants[f"s-{i}"],
+                event_type=tpb.EVENT_TYPE_CONVERSION,
+                client_event_id=f"order-{i}",
+            )
+            outcomes = {
+                track.Track(tpb.TrackRequest(event=event), metadata=pay).outcome
+                for _ in range(REPLICAS)
+            }
+            assert outcomes == {tpb.TRACK_OUTCOME_ACCEPTED, tpb.TRACK_OUTCOME_DUPLICATE}
+
+        results = insights_service_pb2_grpc.InsightsServiceStub(channel).GetResults(
+            ipb.GetResultsRequest(experiment=unique_key), metadata=_auth("data_science")
+        )
+        assert sum(v.assigned_subjects for v in results.variants) == SUBJECTS
+        assert sum(v.converted_subjects for v in results.variants) == CONVERTING
+        for v in results.variants:
+            assert v.assigned_subjects == sum(1 for k in variants.values() if k == v.variant_key)
+
+    # The write-behind: one consumer group, every replica a consumer, exact rows.
+    keys = experiment_keys(experiment_id)
+    client = redis.Redis.from_url(redis_url)
+    await _until(
+        "assignments in Postgres",
+        lambda: _rows_equal(database, experiment_id, SUBJECTS, CONVERTING),
+    )
+    consumers = client.xinfo_consumers(keys.wb, FLUSHER_GROUP)
+    assert len(consumers) == REPLICAS
+    client.close()
+
+
+async def _rows_equal(database: str, experiment_id: str, assigned: int, events: int) -> bool:
+    return (
+        await _count(database, "experiment_assignments", experiment_id) == assigned
+        and await _count(database, "experiment_metrics", experiment_id) == events
+    )
+
+
+KILL_AFTER = 200
+CALLS = 600
+
+
+def _drive(one: Callable[[int], None], victim: RunningServer, acknowledged: dict[str, str]) -> None:
+    """CALLS Assigns from 16 threads; SIGKILL `victim` once KILL_AFTER are acknowledged,
+    while the rest are still arriving."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        futures = [pool.submit(one, i) for i in range(CALLS)]
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(acknowledged) < KILL_AFTER:
+            assert time.monotonic() < deadline, "load did not start"
+            time.sleep(0.005)
+        victim.process.send_signal(signal.SIGKILL)
+        for future in futures:
+            future.result()
+    assert victim.process.wait(10) == -signal.SIGKILL
+
+
+async def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
+    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+) -> None:
+    servers, _redis_url = replicas
+    acknowledged: dict[str, str] = {}
+    lock = threading.Lock()
+    with _round_robin(servers) as channel:
+        experiment_id = _start_experiment(channel, unique_key)
+        assign = assignment_service_pb2_grpc.AssignmentServiceStub(channel)
+        pay = _auth("pay_module")
+
+        def one(i: int) -> None:
+            request = apb.AssignRequest(experiment=unique_key, subject_id=f"k-{i}")
+            try:
+                reply = assign.Assign(request, metadata=pay, timeout=10)
+            except grpc.RpcError:
+                return  # not acknowledged: the caller would retry
+            with lock:
+                acknowledged[f"k-{i}"] = reply.decision.variant.id
+
+        _drive(one, servers[-1], acknowledged)
+        assert len(acknowledged) >= KILL_AFTER
+
+    async def all_in_postgres() -> bool:
+        conn = await asyncpg.connect(database)
+        try:
+            rows = await conn.fetch(
+                "SELECT molam_id, variant_id::text FROM experiment_assignments"
+                " WHERE experiment_id = $1",
+                experiment_id,
+            )
+        finally:
+            await conn.close()
+        stored = {r["molam_id"]: r["variant_id"] for r in rows}
+        return all(stored.get(s) == v for s, v in acknowledged.items())
+
+    await _until("every acknowledged assignment in Postgres", all_in_postgres)
