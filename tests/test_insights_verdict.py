@@ -5,13 +5,22 @@ verdict carries the action, the reason, the variant ids and the numbers behind t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import pytest
 
 from sira_server.domain import bayes
 from sira_server.domain.experiment import ExperimentStatus, FailFast, Reward, VariantState
-from sira_server.domain.insights import ArmCounts, RecommendedAction, compute_insights
+from sira_server.domain.insights import (
+    ArmCounts,
+    RecommendedAction,
+    compute_insights,
+    verdict_of,
+)
+from sira_server.domain.recommendation import words
+from sira_server.domain.verdict import VerdictReason
 
 DRAWS = 20_000
 D = VariantState.DROPPED
@@ -123,3 +132,54 @@ def test_recommendation_text_is_unchanged(name: str) -> None:
     action, text = GOLDEN[name]
     assert result.action is RecommendedAction[action]
     assert result.recommendation == text
+
+
+REASONS: dict[str, tuple[VerdictReason, list[str], str]] = {
+    # case: (reason, variant ids it names, winner)
+    "stopped": (VerdictReason.CONCLUDED, [], ""),
+    "archived": (VerdictReason.CONCLUDED, [], ""),
+    "draft": (VerdictReason.DRAFT, [], ""),
+    "none_active": (VerdictReason.NO_ACTIVE_VARIANT, [], ""),
+    "one_left": (VerdictReason.ONLY_ONE_ACTIVE, [], "b"),
+    "winner": (VerdictReason.WINNER_DECIDED, ["a"], "b"),
+    "winner_with_dropped": (VerdictReason.WINNER_DECIDED, ["b"], "c"),
+    "drop": (VerdictReason.VARIANTS_FAILING, ["c"], ""),
+    "drop_guardrail": (VerdictReason.VARIANTS_FAILING, ["c"], ""),
+    "drop_churn_and_fail": (VerdictReason.VARIANTS_FAILING, ["c"], ""),
+    "drop_two": (VerdictReason.WINNER_DECIDED, ["b", "c"], "a"),
+    "all_failing": (VerdictReason.ALL_FAILING, ["a", "b"], ""),
+    "short": (VerdictReason.NEEDS_SAMPLES, ["a", "b"], ""),
+    "short_no_data": (VerdictReason.NEEDS_SAMPLES, ["a", "b"], ""),
+    "undecided": (VerdictReason.UNDECIDED, [], ""),
+    "not_refunded": (VerdictReason.WINNER_DECIDED, ["a"], "b"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_verdict_is_data_and_the_words_are_made_from_it(name: str) -> None:
+    arms, options = CASES[name]
+    result = compute_insights(arms, draws=DRAWS, **options)
+    verdict = verdict_of(result, options.get("status", ExperimentStatus.RUNNING))
+    reason, named, winner = REASONS[name]
+    assert (verdict.reason, list(verdict.variant_ids), verdict.winner_variant_id) == (
+        reason,
+        named,
+        winner,
+    )
+    assert verdict.action is result.action
+    assert verdict.leader_variant_id == result.leading_variant_id
+    assert words(verdict) == result.recommendation
+    stored = json.loads(json.dumps(verdict.as_json()))  # what the audit log keeps
+    assert stored["reason"] == reason.value
+    assert stored["e_value_threshold"] == result.e_value_threshold
+    assert stored["error_rate"] == result.error_rate
+    assert [v["e_value"] for v in stored["variants"]] == [v.e_value for v in result.insights]
+
+
+def test_the_words_follow_the_numbers_not_the_other_way_round() -> None:
+    """Changing a number in the verdict changes the sentence: nothing is cached as text."""
+    arms, options = CASES["undecided"]
+    verdict = verdict_of(compute_insights(arms, draws=DRAWS, **options), ExperimentStatus.RUNNING)
+    stricter = dataclasses.replace(verdict, error_rate=0.01, e_value_threshold=200.0)
+    assert "< 200 (error rate 1.0%)" in words(stricter)
+    assert "< 20 (error rate 5.0%)" in words(verdict)
