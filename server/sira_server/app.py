@@ -33,7 +33,7 @@ from sira.experiments.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
-from sira_server.api.assignment import AssignmentServicer
+from sira_server.api.assignment import AssignmentServicer, new_assigner
 from sira_server.api.call_limits import CallLimits
 from sira_server.api.health import HealthServicer
 from sira_server.api.insights import InsightsServicer
@@ -45,7 +45,8 @@ from sira_server.auth import TokenVerifier, ensure_dev_secret
 from sira_server.config import ConfigError, Settings
 from sira_server.domain import bayes
 from sira_server.engine.autopilot import FailFastAutopilot
-from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
+from sira_server.engine.catalog import ExperimentCatalog
+from sira_server.engine.hot_prep import HotStatePreparer
 from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.limit_settings import LimitSettings
@@ -152,7 +153,7 @@ class SiraServer:
         self.hot = HotState(stores.redis, stores.pool, pipelined_scripts=True, applied=self.metrics)
         self.repository = ExperimentRepository(stores.pool, on_change=self._changed)
         self.catalog = ExperimentCatalog(self.repository, stores.pool, stores.redis)
-        self.catalog.add_listener(self._prepare_hot_state)
+        self.catalog.add_listener(HotStatePreparer(self.hot, self.repository))
         self.posteriors = PosteriorBook(self.catalog, self.hot)
         self.insights = InsightsBook(self.hot)
         self.autopilot = FailFastAutopilot(
@@ -171,7 +172,10 @@ class SiraServer:
         )
         assignment_service_pb2_grpc.add_AssignmentServiceServicer_to_server(
             AssignmentServicer(
-                self.catalog, self.posteriors, self.hot, stores.pool, self.metrics, tokens=tokens
+                self.catalog,
+                new_assigner(self.catalog, self.posteriors, self.hot, stores.pool),
+                self.metrics,
+                tokens=tokens,
             ),
             guarded,
         )
@@ -202,20 +206,6 @@ class SiraServer:
     async def _changed(self, experiment_id: str) -> None:
         """After a lifecycle commit: refresh every process's catalog."""
         await self.catalog.changed(experiment_id)
-
-    async def _prepare_hot_state(self, live: LiveExperiment | None, experiment_id: str) -> None:
-        """A running experiment needs its Redis state (counters, stream) before traffic;
-        a deleted one leaves nothing behind in Redis."""
-        if live is not None and live.running:
-            await self.hot.init_experiment(live.id, live.variant_ids, live.experiment.reward.value)
-        elif live is None and not await self._exists(experiment_id):
-            await self.hot.drop_experiment(experiment_id)
-
-    async def _exists(self, experiment_id: str) -> bool:
-        row = await self.stores.pool.fetchval(
-            "SELECT 1 FROM experiments WHERE id = $1", experiment_id
-        )
-        return row is not None
 
     def _bind(self) -> int:
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
