@@ -474,29 +474,7 @@ def compute_insights(
         min_effect=rule.min_effect,
         min_samples=rule.min_samples,
     )
-    e_values = decision.e_values
-    insights = tuple(
-        VariantInsight(
-            variant_id=arm.variant_id,
-            variant_key=arm.variant_key,
-            variant=arm.name,
-            is_control=arm.is_control,
-            state=arm.state,
-            samples=int(samples[i]),
-            conversions=int(successes[i]),
-            conversion_rate=posterior_mean(int(successes[i]), int(samples[i])),
-            confidence_interval=credible_interval(int(successes[i]), int(samples[i])),
-            prob_best=float(post.prob_best[i]),
-            prob_worse_than_best=float(post.prob_worse[i]),
-            expected_loss=float(post.expected_loss[i]),
-            lift=post.lift(i)[0],
-            lift_interval=post.lift(i)[1],
-            guardrails=guards[i],
-            fails_fast=bool(decision.worse[i]),  # dropped ones too, for the record
-            e_value=e_values[i],
-        )
-        for i, arm in enumerate(arms)
-    )
+    insights = _variant_insights(arms, post, guards, decision)
     leader = post.leader
     leading = arms[leader].variant_id if leader >= 0 else ""
     rule_of_verdict = Rule(decision.threshold, rule.error_rate, rule.threshold, rule.min_samples)
@@ -520,6 +498,38 @@ def compute_insights(
         draws=draws,
         error_rate=rule.error_rate,
         e_value_threshold=decision.threshold,
+    )
+
+
+def _variant_insights(
+    arms: Sequence[ArmCounts],
+    post: PosteriorStatistics,
+    guards: tuple[tuple[GuardrailInsight, ...], ...],
+    decision: stopping.StoppingVerdict,
+) -> tuple[VariantInsight, ...]:
+    samples, successes = post.samples, post.successes
+    e_values = decision.e_values
+    return tuple(
+        VariantInsight(
+            variant_id=arm.variant_id,
+            variant_key=arm.variant_key,
+            variant=arm.name,
+            is_control=arm.is_control,
+            state=arm.state,
+            samples=int(samples[i]),
+            conversions=int(successes[i]),
+            conversion_rate=posterior_mean(int(successes[i]), int(samples[i])),
+            confidence_interval=credible_interval(int(successes[i]), int(samples[i])),
+            prob_best=float(post.prob_best[i]),
+            prob_worse_than_best=float(post.prob_worse[i]),
+            expected_loss=float(post.expected_loss[i]),
+            lift=post.lift(i)[0],
+            lift_interval=post.lift(i)[1],
+            guardrails=guards[i],
+            fails_fast=bool(decision.worse[i]),  # dropped ones too, for the record
+            e_value=e_values[i],
+        )
+        for i, arm in enumerate(arms)
     )
 
 
