@@ -25,7 +25,7 @@ from sira_server.domain.experiment import Variant
 from sira_server.domain.targeting import SubjectProfile
 from sira_server.domain.validation import require_reference
 from sira_server.engine.assigner import DEFAULT_STICKY_CAPACITY, Assigner, Decision, Reason
-from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
+from sira_server.engine.catalog import ExperimentCatalog
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.errors import FieldViolation, InvalidArgument
 from sira_server.metrics import Metrics
@@ -179,19 +179,16 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
                 decision.experiment_id, subject_id, decision.variant.id, time.time()
             )
 
-    async def decide(
-        self, live: LiveExperiment, subject_id: str, profile: SubjectProfile, ctx: pb.SubjectContext
-    ) -> pb.Decision:
-        decided = await self._assigner.decide(live, subject_id, profile, lambda: context_json(ctx))
-        return decision_message(decided)
-
     async def Assign(self, request: pb.AssignRequest, context: Context) -> pb.AssignResponse:
         started = time.perf_counter()
         ref = require_reference(request.experiment)
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
         live = await self._catalog.get(ref)
-        decision = await self.decide(live, request.subject_id, profile, request.context)
+        decided = await self._assigner.decide(
+            live, request.subject_id, profile, lambda: context_json(request.context)
+        )
+        decision = decision_message(decided)
         self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
         return pb.AssignResponse(decision=decision)
@@ -202,13 +199,14 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         started = time.perf_counter()
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
+        ctx = request.context
         every = await asyncio.gather(
             *(
-                self.decide(live, request.subject_id, profile, request.context)
+                self._assigner.decide(live, request.subject_id, profile, lambda: context_json(ctx))
                 for live in self._catalog.live()
             )
         )
-        decisions = [decision for decision in every if decision.HasField("variant")]
+        decisions = [decision_message(d) for d in every if d.variant is not None]
         for decision in decisions:
             self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)

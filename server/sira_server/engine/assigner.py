@@ -19,9 +19,8 @@ from __future__ import annotations
 import random
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -53,8 +52,10 @@ class Reason(Enum):
     CONCLUDED = "concluded"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision(Generic[V]):
+class Decision(NamedTuple, Generic[V]):
+    """An immutable value (a NamedTuple: built on every call, cheaper than a frozen
+    dataclass)."""
+
     live: LiveExperiment
     reason: Reason
     variant: V | None = None
