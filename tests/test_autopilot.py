@@ -364,6 +364,15 @@ async def test_round_drops_the_failing_variant_with_audited_evidence(engine: Eng
     assert rows[beta.id]["fails_fast"] is True
     assert rows[beta.id]["prob_worse_than_best"] > 0.95
     assert {rows[alpha.id]["conversions"], rows[gamma.id]["conversions"]} == {90}
+    verdict = details["verdict"]  # the decision as data, not as words
+    assert (verdict["action"], verdict["reason"]) == (
+        "RECOMMENDED_ACTION_DROP_VARIANTS",
+        "variants_failing",
+    )
+    assert verdict["variant_ids"] == [beta.id]
+    assert verdict["e_value_threshold"] == details["e_value_threshold"]
+    assert verdict["error_rate"] == 0.05
+    assert "recommendation" not in details
 
     # Alpha and Gamma tie: the next round has nothing to do.
     assert await engine.autopilot.round() == []

@@ -33,7 +33,7 @@ from sira.experiments.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
-from sira_server.api.assignment import AssignmentServicer
+from sira_server.api.assignment import AssignmentServicer, new_assigner
 from sira_server.api.call_limits import CallLimits
 from sira_server.api.guards import GuardedRegistrar
 from sira_server.api.health import HealthServicer
@@ -45,7 +45,8 @@ from sira_server.auth import TokenVerifier, ensure_dev_secret
 from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.domain import bayes
 from sira_server.engine.autopilot import FailFastAutopilot
-from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
+from sira_server.engine.catalog import ExperimentCatalog
+from sira_server.engine.hot_prep import HotStatePreparer
 from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.limit_settings import LimitSettings
@@ -164,7 +165,7 @@ class SiraServer:
         self.catalog = ExperimentCatalog(
             self.repository, stores.pool, stores.redis, lookup_seconds=timeouts.postgres_seconds
         )
-        self.catalog.add_listener(self._prepare_hot_state)
+        self.catalog.add_listener(HotStatePreparer(self.hot, self.repository))
         self.posteriors = PosteriorBook(self.catalog, self.hot)
         self.insights = InsightsBook(self.hot)
         self.autopilot = FailFastAutopilot(
@@ -187,7 +188,10 @@ class SiraServer:
         )
         assignment_service_pb2_grpc.add_AssignmentServiceServicer_to_server(
             AssignmentServicer(
-                self.catalog, self.posteriors, self.hot, stores.pool, self.metrics, tokens=tokens
+                self.catalog,
+                new_assigner(self.catalog, self.posteriors, self.hot, stores.pool),
+                self.metrics,
+                tokens=tokens,
             ),
             guarded,
         )
@@ -220,20 +224,6 @@ class SiraServer:
         that stalls now cannot hold the committed call (the version check catches up)."""
         async with asyncio.timeout(self.settings.timeouts.command_seconds):
             await self.catalog.changed(experiment_id)
-
-    async def _prepare_hot_state(self, live: LiveExperiment | None, experiment_id: str) -> None:
-        """A running experiment needs its Redis state (counters, stream) before traffic;
-        a deleted one leaves nothing behind in Redis."""
-        if live is not None and live.running:
-            await self.hot.init_experiment(live.id, live.variant_ids, live.experiment.reward.value)
-        elif live is None and not await self._exists(experiment_id):
-            await self.hot.drop_experiment(experiment_id)
-
-    async def _exists(self, experiment_id: str) -> bool:
-        row = await self.stores.pool.fetchval(
-            "SELECT 1 FROM experiments WHERE id = $1", experiment_id
-        )
-        return row is not None
 
     def _bind(self) -> int:
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"

@@ -1,19 +1,15 @@
 """AssignmentService: which variant a subject sees.
 
-Per call: catalog lookup (in process) -> targeting -> exposure -> sticky LRU -> choice of
-an arm -> ONE Redis round trip that makes the choice sticky unless another process got
-there first (then its choice holds). Nothing here waits on Postgres in the normal case.
-
-Redis down: subjects with an assignment are still answered (LRU, then Postgres); a new
-subject gets UNAVAILABLE rather than an assignment that Redis would not know about.
+Per call: validate the request, look the experiment up in the catalog (in process), let
+the engine decide (`engine.assigner`: targeting, exposure, sticky LRU, arm choice, the
+Redis round trip, the Postgres fallback), then translate the decision into protobuf and
+sign it with a tracking token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
-import secrets
 import time
 from typing import Any, TypeAlias
 
@@ -25,18 +21,14 @@ from sira.experiments.v1 import assignment_service_pb2 as pb
 from sira.experiments.v1 import assignment_service_pb2_grpc
 from sira_server.api.convert import json_to_struct
 from sira_server.domain import limits
-from sira_server.domain.bayes import new_rng_state
-from sira_server.domain.exposure import is_exposed
-from sira_server.domain.sticky_cache import StickyCache
+from sira_server.domain.experiment import Variant
 from sira_server.domain.targeting import SubjectProfile
 from sira_server.domain.validation import require_reference
-from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
-from sira_server.engine.decider import choose_new_arm, concluded_index, explore_share
+from sira_server.engine.assigner import DEFAULT_STICKY_CAPACITY, Assigner, Decision, Reason
+from sira_server.engine.catalog import ExperimentCatalog
 from sira_server.engine.posteriors import PosteriorBook
-from sira_server.errors import FieldViolation, InvalidArgument, Unavailable
+from sira_server.errors import FieldViolation, InvalidArgument
 from sira_server.metrics import Metrics
-from sira_server.store.assignments import find_assignment
-from sira_server.store.hot_keys import Assignment
 from sira_server.store.hot_state import HotState
 from sira_server.tracking_token import TrackingTokens
 
@@ -115,30 +107,71 @@ def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
+_REASONS: dict[Reason, pb.AssignmentReason.ValueType] = {
+    Reason.NEW: pb.ASSIGNMENT_REASON_NEW,
+    Reason.STICKY: pb.ASSIGNMENT_REASON_STICKY,
+    Reason.NOT_ELIGIBLE: pb.ASSIGNMENT_REASON_NOT_ELIGIBLE,
+    Reason.NOT_EXPOSED: pb.ASSIGNMENT_REASON_NOT_EXPOSED,
+    Reason.CONCLUDED: pb.ASSIGNMENT_REASON_CONCLUDED,
+}
+
+
+def variant_message(variant: Variant) -> pb.AssignedVariant:
+    """Built once per experiment version (the `Assigner` keeps them)."""
+    return pb.AssignedVariant(
+        id=variant.id,
+        key=variant.key,
+        name=variant.name,
+        config=json_to_struct(variant.config),
+        is_control=variant.is_control,
+    )
+
+
+def new_assigner(
+    catalog: ExperimentCatalog,
+    posteriors: PosteriorBook,
+    hot: HotState,
+    pool: asyncpg.Pool,
+    *,
+    sticky_capacity: int = DEFAULT_STICKY_CAPACITY,
+) -> Assigner[pb.AssignedVariant]:
+    """The engine's `Assigner`, rendering variants as this API's messages."""
+    return Assigner(
+        catalog, posteriors, hot, pool, variant_message, sticky_capacity=sticky_capacity
+    )
+
+
+def decision_message(decided: Decision[pb.AssignedVariant]) -> pb.Decision:
+    live = decided.live
+    decision = pb.Decision(
+        experiment_id=live.id,
+        experiment_key=live.experiment.key,
+        reason=_REASONS[decided.reason],
+    )
+    if decided.variant is not None:
+        decision.variant.CopyFrom(decided.variant)
+        decision.propensity = decided.propensity
+        if decided.assigned_ms is not None:
+            decision.assign_time.CopyFrom(_timestamp(decided.assigned_ms))
+    return decision
+
+
 class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
+    """Validates, asks the engine's `Assigner`, and translates its decisions."""
+
     def __init__(
         self,
         catalog: ExperimentCatalog,
-        posteriors: PosteriorBook,
-        hot: HotState,
-        pool: asyncpg.Pool,
+        assigner: Assigner[pb.AssignedVariant],
         metrics: Metrics,
         *,
-        sticky_capacity: int = 200_000,
         tokens: TrackingTokens | None = None,
     ) -> None:
         """`tokens`: sign each decision that names a variant with a tracking token."""
         self._catalog = catalog
-        self._posteriors = posteriors
-        self._hot = hot
-        self._pool = pool
+        self._assigner = assigner
         self._metrics = metrics
-        self._sticky: StickyCache[Assignment] = StickyCache(sticky_capacity)
-        self._rng_state = new_rng_state(secrets.randbits(62))
-        self._rng = random.Random(secrets.randbits(64))
-        self._variants: dict[tuple[str, int], tuple[pb.AssignedVariant, ...]] = {}
         self._tokens = tokens
-        catalog.add_listener(self._on_change)
 
     def _sign(self, decision: pb.Decision, subject_id: str) -> None:
         if self._tokens is not None and decision.HasField("variant"):
@@ -146,108 +179,16 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
                 decision.experiment_id, subject_id, decision.variant.id, time.time()
             )
 
-    async def _on_change(self, live: LiveExperiment | None, experiment_id: str) -> None:
-        self._variants = {k: v for k, v in self._variants.items() if k[0] != experiment_id}
-        if live is None:  # deleted or archived: its assignments are gone or unreachable
-            self._sticky.invalidate_experiment(experiment_id)
-
-    def _variant_messages(self, live: LiveExperiment) -> tuple[pb.AssignedVariant, ...]:
-        key = (live.id, live.experiment.version)
-        messages = self._variants.get(key)
-        if messages is None:
-            messages = tuple(
-                pb.AssignedVariant(
-                    id=v.id,
-                    key=v.key,
-                    name=v.name,
-                    config=json_to_struct(v.config),
-                    is_control=v.is_control,
-                )
-                for v in live.experiment.variants
-            )
-            self._variants[key] = messages
-        return messages
-
-    def _decision(
-        self,
-        live: LiveExperiment,
-        reason: pb.AssignmentReason.ValueType,
-        index: int | None = None,
-        propensity: float = 0.0,
-        assigned_ms: int | None = None,
-    ) -> pb.Decision:
-        decision = pb.Decision(
-            experiment_id=live.id, experiment_key=live.experiment.key, reason=reason
-        )
-        if index is not None:
-            decision.variant.CopyFrom(self._variant_messages(live)[index])
-            decision.propensity = propensity
-            if assigned_ms is not None:
-                decision.assign_time.CopyFrom(_timestamp(assigned_ms))
-        return decision
-
-    async def decide(
-        self, live: LiveExperiment, subject_id: str, profile: SubjectProfile, ctx: pb.SubjectContext
-    ) -> pb.Decision:
-        experiment = live.experiment
-        if not live.eligible(profile):
-            return self._decision(live, pb.ASSIGNMENT_REASON_NOT_ELIGIBLE)
-        if not live.running:
-            return self._decision(
-                live, pb.ASSIGNMENT_REASON_CONCLUDED, concluded_index(experiment), 1.0
-            )
-        if not is_exposed(live.id, subject_id, experiment.exposure_percent):
-            return self._decision(live, pb.ASSIGNMENT_REASON_NOT_EXPOSED)
-        held = self._sticky.get(live.id, subject_id)
-        if held is not None:
-            return self._sticky_decision(live, held)
-        choice = choose_new_arm(
-            experiment.allocation,
-            live.weights,
-            live.active,
-            self._posteriors.get(live),
-            self._rng_state,
-            self._rng,
-            experiment.fail_fast.min_samples,
-            explore_share(experiment),
-        )
-        try:
-            outcome = await self._hot.assign(
-                live.id,
-                subject_id,
-                live.variant_ids[choice.index],
-                choice.propensity,
-                context_json(ctx),
-            )
-        except Unavailable:
-            held = await find_assignment(
-                self._pool, live.id, subject_id, seconds=self._hot.timeouts.postgres_seconds
-            )
-            if held is None:
-                raise
-            self._sticky.put(live.id, subject_id, held)
-            return self._sticky_decision(live, held)
-        held = Assignment(outcome.variant_id, outcome.propensity, outcome.assigned_ms)
-        self._sticky.put(live.id, subject_id, held)
-        if not outcome.created:
-            return self._sticky_decision(live, held)
-        return self._decision(
-            live, pb.ASSIGNMENT_REASON_NEW, choice.index, choice.propensity, outcome.assigned_ms
-        )
-
-    def _sticky_decision(self, live: LiveExperiment, held: Assignment) -> pb.Decision:
-        index = live.index_of[held.variant_id]
-        return self._decision(
-            live, pb.ASSIGNMENT_REASON_STICKY, index, held.propensity, held.assigned_ms
-        )
-
     async def Assign(self, request: pb.AssignRequest, context: Context) -> pb.AssignResponse:
         started = time.perf_counter()
         ref = require_reference(request.experiment)
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
         live = await self._catalog.get(ref)
-        decision = await self.decide(live, request.subject_id, profile, request.context)
+        decided = await self._assigner.decide(
+            live, request.subject_id, profile, lambda: context_json(request.context)
+        )
+        decision = decision_message(decided)
         self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
         return pb.AssignResponse(decision=decision)
@@ -258,13 +199,14 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         started = time.perf_counter()
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
+        ctx = request.context
         every = await asyncio.gather(
             *(
-                self.decide(live, request.subject_id, profile, request.context)
+                self._assigner.decide(live, request.subject_id, profile, lambda: context_json(ctx))
                 for live in self._catalog.live()
             )
         )
-        decisions = [decision for decision in every if decision.HasField("variant")]
+        decisions = [decision_message(d) for d in every if d.variant is not None]
         for decision in decisions:
             self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)

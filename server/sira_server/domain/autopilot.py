@@ -6,8 +6,11 @@
   chance of ever deciding so wrongly bounded by the experiment's error rate.
 - When one active variant remains, the experiment concludes with it.
 
-The evidence (every number that justified the step, the rule's e-values, threshold and
-error rate among them) goes to the audit log; the reason quotes the recommendation.
+A plan acts on the verdict (`domain.verdict`: action, reason enum, variant ids), never
+on words. The evidence goes to the audit log as data: the verdict with the numbers it
+rests on (the rule's e-values, e-value threshold and error rate among them) and every
+variant's statistics. The prose (`reason`, the recommendation rendered from the verdict)
+is only the stop reason people read.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sira_server.domain.experiment import Experiment, ExperimentStatus
-from sira_server.domain.insights import ExperimentInsights, RecommendedAction
+from sira_server.domain.insights import ExperimentInsights, verdict_of
+from sira_server.domain.verdict import RecommendedAction, Verdict
 
 AUTOPILOT_ACTOR = "sira"
 """Audit actor of the server's own decisions."""
@@ -29,16 +33,20 @@ class Plan:
     winner: str | None = None
     """Conclude the experiment with this winner (after the drops)."""
     reason: str = ""
+    """For people: the stop reason (the recommendation's words)."""
     evidence: dict[str, Any] = field(default_factory=dict)
+    """For the audit log: `evidence` of the insights, the verdict included."""
+    verdict: Verdict | None = None
 
     @property
     def empty(self) -> bool:
         return not self.drop and self.winner is None
 
 
-def evidence(insights: ExperimentInsights) -> dict[str, Any]:
-    """The numbers behind a verdict, as they go into the audit log."""
+def evidence(insights: ExperimentInsights, verdict: Verdict) -> dict[str, Any]:
+    """The verdict and the numbers behind it, as they go into the audit log."""
     return {
+        "verdict": verdict.as_json(),
         "rule": "pairwise mixture SPRT (always valid), see docs/statistics.md",
         "error_rate": insights.error_rate,
         "e_value_threshold": insights.e_value_threshold,
@@ -46,7 +54,6 @@ def evidence(insights: ExperimentInsights) -> dict[str, Any]:
         "min_samples": insights.min_samples,
         "draws": insights.draws,
         "leading_variant_id": insights.leading_variant_id,
-        "recommendation": insights.recommendation,
         "variants": [
             {
                 "variant_id": v.variant_id,
@@ -71,10 +78,11 @@ def plan(experiment: Experiment, insights: ExperimentInsights) -> Plan:
     """The steps auto-stop takes now; an empty plan when there is nothing to do."""
     if not experiment.fail_fast.auto_stop or experiment.status is not ExperimentStatus.RUNNING:
         return Plan()
+    verdict = verdict_of(insights, experiment.status)
     active = [v.id for v in experiment.variants if v.is_active]
     failing = tuple(v for v in insights.failing_variant_ids if v in active)
     remaining = [v for v in active if v not in failing]
-    proof = evidence(insights)
+    proof = evidence(insights, verdict)
     if failing and len(remaining) == 1:
         winner = remaining[0]
         name = next(v.name for v in experiment.variants if v.id == winner)
@@ -84,15 +92,19 @@ def plan(experiment: Experiment, insights: ExperimentInsights) -> Plan:
             reason=f"auto-stop: every other variant failed; '{name}' wins. "
             + insights.recommendation,
             evidence=proof,
+            verdict=verdict,
         )
     if (
-        insights.action is RecommendedAction.STOP_WITH_WINNER
+        verdict.action is RecommendedAction.STOP_WITH_WINNER
         and len(active) == 1
-        and insights.leading_variant_id in active
+        and verdict.leader_variant_id == verdict.winner_variant_id
     ):
         return Plan(
-            winner=insights.leading_variant_id, reason=insights.recommendation, evidence=proof
+            winner=verdict.winner_variant_id,
+            reason=insights.recommendation,
+            evidence=proof,
+            verdict=verdict,
         )
     if failing and remaining:
-        return Plan(drop=failing, reason=insights.recommendation, evidence=proof)
+        return Plan(drop=failing, reason=insights.recommendation, evidence=proof, verdict=verdict)
     return Plan()

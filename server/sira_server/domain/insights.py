@@ -7,17 +7,17 @@ Formulas and where they differ from the seed: ``docs/statistics.md``.
     counts per variant --reward_successes--> successes
         --> Beta(1 + successes, 1 + samples - successes) per variant
         --> exact credible intervals, one Monte Carlo pass (P(best), P(worse than the
-            leader), expected loss, lift vs control), exact pairwise guardrail comparisons
-        --> the always-valid stopping rule (domain.stopping): fail-fast verdicts and
-            the winner; guardrail flags, SRM check
-        --> one recommended action in plain words
+            leader), expected loss, lift vs control)
+        --> guardrails: exact pairwise comparisons of refund and churn rates
+        --> the always-valid stopping rule (domain.stopping): fail-fast and the winner
+        --> the verdict (domain.verdict): action, reason, variant ids, the numbers
+        --> its words (domain.recommendation), for people only; SRM check
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +33,15 @@ from sira_server.domain.experiment import (
     Variant,
     VariantState,
 )
+from sira_server.domain.recommendation import words
+from sira_server.domain.verdict import (
+    FlaggedGuardrail,
+    RecommendedAction,
+    Rule,
+    VariantEvidence,
+    Verdict,
+    decide,
+)
 
 __all__ = [
     "CREDIBLE_LEVEL",
@@ -44,15 +53,19 @@ __all__ = [
     "ExperimentInsights",
     "GuardrailInsight",
     "Interval",
+    "PosteriorStatistics",
     "RecommendedAction",
     "SrmCheck",
     "VariantInsight",
     "compute_insights",
     "credible_interval",
+    "guardrails",
     "posterior_mean",
+    "posterior_statistics",
     "prob_greater",
     "reward_successes",
     "srm_check",
+    "verdict_of",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -66,16 +79,6 @@ SRM_P_VALUE = 0.001
 """An SRM check with a smaller p-value is flagged."""
 GUARDRAIL_METRICS = ("refund", "churn")
 _SEED_SPACE = 1 << 63
-
-
-class RecommendedAction(StrEnum):
-    """Values are the names of the proto enum ``RecommendedAction``."""
-
-    UNSPECIFIED = "RECOMMENDED_ACTION_UNSPECIFIED"
-    KEEP_RUNNING = "RECOMMENDED_ACTION_KEEP_RUNNING"
-    STOP_WITH_WINNER = "RECOMMENDED_ACTION_STOP_WITH_WINNER"
-    DROP_VARIANTS = "RECOMMENDED_ACTION_DROP_VARIANTS"
-    CONCLUDED = "RECOMMENDED_ACTION_CONCLUDED"
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -343,8 +346,96 @@ def _prob_higher_than_lowest(
     return out
 
 
-def _percent(p: float) -> str:
-    return f"{100.0 * p:.1f}%"
+# --- part 1: posterior statistics --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PosteriorStatistics:
+    """Per variant, in the order of the arms: counts, Beta parameters and what one Monte
+    Carlo pass says about them."""
+
+    samples: npt.NDArray[np.int64]
+    successes: npt.NDArray[np.int64]
+    active: npt.NDArray[np.bool_]
+    control: int
+    """Index of the control, -1 without one."""
+    alpha: FloatArray
+    beta: FloatArray
+    prob_best: FloatArray
+    prob_worse: FloatArray
+    expected_loss: FloatArray
+    lift_quantiles: FloatArray
+    """Rows: 2.5 %, 50 %, 97.5 % quantiles of the lift vs control (no column without one)."""
+
+    @property
+    def leader(self) -> int:
+        """Leading active variant (highest posterior mean), -1 before any sample."""
+        leader, _ = bayes.leader_and_runner_up(self.alpha, self.beta, self.active)
+        return leader if bool(self.samples[self.active].sum() > 0) else -1
+
+    def lift(self, i: int) -> tuple[float | None, Interval | None]:
+        if self.control < 0 or i == self.control:
+            return None, None
+        q = self.lift_quantiles
+        return float(q[1, i]), Interval(float(q[0, i]), float(q[2, i]))
+
+
+def posterior_statistics(
+    arms: Sequence[ArmCounts], reward: Reward, draws: int, seed: int
+) -> PosteriorStatistics:
+    """Beta posteriors of the reward and one Monte Carlo pass over the active variants."""
+    samples = np.array([arm.assigned_subjects for arm in arms], dtype=np.int64)
+    successes = np.array(
+        [
+            reward_successes(reward, arm.converted_subjects, arm.refunded_converted_subjects)
+            for arm in arms
+        ],
+        dtype=np.int64,
+    )
+    active = np.array([arm.state is VariantState.ACTIVE for arm in arms], dtype=np.bool_)
+    control = next((i for i, arm in enumerate(arms) if arm.is_control), -1)
+    alpha = 1.0 + successes.astype(np.float64)
+    beta = 1.0 + (samples - successes).astype(np.float64)
+    prob_best, prob_worse, loss, lift_draws = bayes.monte_carlo_core(
+        alpha, beta, active, control, draws, seed
+    )
+    lift_q = np.empty((3, 0))
+    if control >= 0:  # the draws are ours to reorder: no copy
+        lift_q = np.quantile(lift_draws, [0.025, 0.5, 0.975], axis=1, overwrite_input=True)
+    return PosteriorStatistics(
+        samples, successes, active, control, alpha, beta, prob_best, prob_worse, loss, lift_q
+    )
+
+
+# --- part 2: guardrails ------------------------------------------------------------------
+
+
+def guardrails(
+    arms: Sequence[ArmCounts],
+    samples: npt.NDArray[np.int64],
+    active: npt.NDArray[np.bool_],
+    rule: FailFast,
+) -> tuple[tuple[GuardrailInsight, ...], ...]:
+    """Per variant, one `GuardrailInsight` per metric of `GUARDRAIL_METRICS`."""
+    per_arm: list[list[GuardrailInsight]] = [[] for _ in arms]
+    for metric in GUARDRAIL_METRICS:
+        events = np.array(
+            [arm.refunded_subjects if metric == "refund" else arm.churned_subjects for arm in arms],
+            dtype=np.int64,
+        )
+        g_worse = _prob_higher_than_lowest(events, samples, active)
+        for i in range(len(arms)):
+            per_arm[i].append(
+                GuardrailInsight(
+                    metric=metric,
+                    subjects=int(events[i]),
+                    rate=posterior_mean(int(events[i]), int(samples[i])),
+                    credible_interval=credible_interval(int(events[i]), int(samples[i])),
+                    prob_worse_than_best=float(g_worse[i]),
+                    flagged=bool(g_worse[i] > rule.threshold and samples[i] >= rule.min_samples),
+                )
+            )
+    return tuple(tuple(g) for g in per_arm)
 
 
 # --- the whole picture -------------------------------------------------------------------
@@ -360,7 +451,9 @@ def compute_insights(
     draws: int = DEFAULT_DRAWS,
     seed: int = DEFAULT_SEED,
 ) -> ExperimentInsights:
-    """Every statistic of `ExperimentInsights`, in the order of ``arms``.
+    """Every statistic of `ExperimentInsights`, in the order of ``arms``: posterior
+    statistics, guardrails, the stopping rule, then the verdict (`domain.verdict`) and its
+    words (`domain.recommendation`).
 
     Probabilities compare *active* variants: a dropped variant is never the best nor the
     leader (it no longer gets subjects, so its stale posterior would otherwise cap the
@@ -369,58 +462,10 @@ def compute_insights(
     always give the same answer.
     """
     rule = fail_fast or FailFast()
-    if not arms:
-        raise ValueError("no variant")
-    if sum(arm.is_control for arm in arms) > 1:
-        raise ValueError("at most one control variant")
-    if draws < 1:
-        raise ValueError("draws must be at least 1")
-    if not 0 <= seed < _SEED_SPACE:
-        raise ValueError("seed must be a non-negative 63-bit integer")
-
-    samples = np.array([arm.assigned_subjects for arm in arms], dtype=np.int64)
-    successes = np.array(
-        [
-            reward_successes(reward, arm.converted_subjects, arm.refunded_converted_subjects)
-            for arm in arms
-        ],
-        dtype=np.int64,
-    )
-    active = np.array([arm.state is VariantState.ACTIVE for arm in arms], dtype=np.bool_)
-    control = next((i for i, arm in enumerate(arms) if arm.is_control), -1)
-    alpha = 1.0 + successes.astype(np.float64)
-    beta = 1.0 + (samples - successes).astype(np.float64)
-
-    prob_best, prob_worse, loss, lift_draws = bayes.monte_carlo_core(
-        alpha, beta, active, control, draws, seed
-    )
-    lift_q = np.empty((3, 0))
-    if control >= 0:  # the draws are ours to reorder: no copy
-        lift_q = np.quantile(lift_draws, [0.025, 0.5, 0.975], axis=1, overwrite_input=True)
-
-    guardrails: list[list[GuardrailInsight]] = [[] for _ in arms]
-    guardrail_flags: dict[int, list[str]] = {}
-    for metric in GUARDRAIL_METRICS:
-        events = np.array(
-            [arm.refunded_subjects if metric == "refund" else arm.churned_subjects for arm in arms],
-            dtype=np.int64,
-        )
-        g_worse = _prob_higher_than_lowest(events, samples, active)
-        for i in range(len(arms)):
-            flagged = bool(g_worse[i] > rule.threshold and samples[i] >= rule.min_samples)
-            guardrails[i].append(
-                GuardrailInsight(
-                    metric=metric,
-                    subjects=int(events[i]),
-                    rate=posterior_mean(int(events[i]), int(samples[i])),
-                    credible_interval=credible_interval(int(events[i]), int(samples[i])),
-                    prob_worse_than_best=float(g_worse[i]),
-                    flagged=flagged,
-                )
-            )
-            if flagged and active[i]:
-                guardrail_flags.setdefault(i, []).append(metric)
-
+    _check_inputs(arms, draws, seed)
+    post = posterior_statistics(arms, reward, draws, seed)
+    samples, successes, active = post.samples, post.successes, post.active
+    guards = guardrails(arms, samples, active, rule)
     decision = stopping.verdict(
         successes,
         samples,
@@ -429,9 +474,42 @@ def compute_insights(
         min_effect=rule.min_effect,
         min_samples=rule.min_samples,
     )
-    fails = np.array(decision.worse, dtype=np.bool_)  # dropped ones too, for the record
+    insights = _variant_insights(arms, post, guards, decision)
+    leader = post.leader
+    leading = arms[leader].variant_id if leader >= 0 else ""
+    rule_of_verdict = Rule(decision.threshold, rule.error_rate, rule.threshold, rule.min_samples)
+    judged = _judge(insights, leading, status, rule_of_verdict)
+    failing = [v.variant_id for v in judged.variants if v.active and (v.fails_fast or v.flagged)]
+    srm = SrmCheck(applicable=False)
+    if allocation is Allocation.FIXED_WEIGHTS:
+        # Active variants only: their relative split stays w_i / sum(active w) before and
+        # after any drop, so dropping a variant does not fake a mismatch.
+        live = [i for i in range(len(arms)) if active[i]]
+        srm = srm_check([int(samples[i]) for i in live], [arms[i].weight for i in live])
+    return ExperimentInsights(
+        insights=insights,
+        leading_variant_id=judged.leader_variant_id,
+        action=judged.action,
+        recommendation=words(judged),
+        failing_variant_ids=tuple(failing),
+        threshold=rule.threshold,
+        min_samples=rule.min_samples,
+        srm=srm,
+        draws=draws,
+        error_rate=rule.error_rate,
+        e_value_threshold=decision.threshold,
+    )
+
+
+def _variant_insights(
+    arms: Sequence[ArmCounts],
+    post: PosteriorStatistics,
+    guards: tuple[tuple[GuardrailInsight, ...], ...],
+    decision: stopping.StoppingVerdict,
+) -> tuple[VariantInsight, ...]:
+    samples, successes = post.samples, post.successes
     e_values = decision.e_values
-    insights = tuple(
+    return tuple(
         VariantInsight(
             variant_id=arm.variant_id,
             variant_key=arm.variant_key,
@@ -442,146 +520,60 @@ def compute_insights(
             conversions=int(successes[i]),
             conversion_rate=posterior_mean(int(successes[i]), int(samples[i])),
             confidence_interval=credible_interval(int(successes[i]), int(samples[i])),
-            prob_best=float(prob_best[i]),
-            prob_worse_than_best=float(prob_worse[i]),
-            expected_loss=float(loss[i]),
-            lift=None if control < 0 or i == control else float(lift_q[1, i]),
-            lift_interval=(
-                None
-                if control < 0 or i == control
-                else Interval(float(lift_q[0, i]), float(lift_q[2, i]))
-            ),
-            guardrails=tuple(guardrails[i]),
-            fails_fast=bool(fails[i]),
+            prob_best=float(post.prob_best[i]),
+            prob_worse_than_best=float(post.prob_worse[i]),
+            expected_loss=float(post.expected_loss[i]),
+            lift=post.lift(i)[0],
+            lift_interval=post.lift(i)[1],
+            guardrails=guards[i],
+            fails_fast=bool(decision.worse[i]),  # dropped ones too, for the record
             e_value=e_values[i],
         )
         for i, arm in enumerate(arms)
     )
 
-    leader, _ = bayes.leader_and_runner_up(alpha, beta, active)
-    has_data = bool(samples[active].sum() > 0)
-    failing = [i for i in range(len(arms)) if active[i] and (fails[i] or i in guardrail_flags)]
-    action, text = _recommend(
-        arms,
-        insights,
-        active,
-        leader if has_data else -1,
-        failing,
-        guardrail_flags,
-        rule,
-        status,
-        decision,
+
+def _check_inputs(arms: Sequence[ArmCounts], draws: int, seed: int) -> None:
+    if not arms:
+        raise ValueError("no variant")
+    if sum(arm.is_control for arm in arms) > 1:
+        raise ValueError("at most one control variant")
+    if draws < 1:
+        raise ValueError("draws must be at least 1")
+    if not 0 <= seed < _SEED_SPACE:
+        raise ValueError("seed must be a non-negative 63-bit integer")
+
+
+def verdict_of(insights: ExperimentInsights, status: ExperimentStatus) -> Verdict:
+    """The verdict behind ``insights.action`` and ``insights.recommendation``, as data:
+    the reason, the variants it names and the numbers (no Monte Carlo: cheap)."""
+    rule = Rule(
+        insights.e_value_threshold, insights.error_rate, insights.threshold, insights.min_samples
     )
-    srm = SrmCheck(applicable=False)
-    if allocation is Allocation.FIXED_WEIGHTS:
-        # Active variants only: their relative split stays w_i / sum(active w) before and
-        # after any drop, so dropping a variant does not fake a mismatch.
-        live = [i for i in range(len(arms)) if active[i]]
-        srm = srm_check([int(samples[i]) for i in live], [arms[i].weight for i in live])
-    return ExperimentInsights(
-        insights=insights,
-        leading_variant_id=arms[leader].variant_id if leader >= 0 and has_data else "",
-        action=action,
-        recommendation=text,
-        failing_variant_ids=tuple(arms[i].variant_id for i in failing),
-        threshold=rule.threshold,
-        min_samples=rule.min_samples,
-        srm=srm,
-        draws=draws,
-        error_rate=rule.error_rate,
-        e_value_threshold=decision.threshold,
+    return _judge(insights.insights, insights.leading_variant_id, status, rule)
+
+
+def _judge(
+    insights: Sequence[VariantInsight], leading: str, status: ExperimentStatus, rule: Rule
+) -> Verdict:
+    return decide(
+        [_evidence(v) for v in insights], status=status, leader_variant_id=leading, rule=rule
     )
 
 
-def _recommend(
-    arms: Sequence[ArmCounts],
-    insights: Sequence[VariantInsight],
-    active: npt.NDArray[np.bool_],
-    leader: int,
-    failing: list[int],
-    guardrail_flags: dict[int, list[str]],
-    rule: FailFast,
-    status: ExperimentStatus,
-    decision: stopping.StoppingVerdict,
-) -> tuple[RecommendedAction, str]:
-    """The first rule that applies: concluded, not started, nothing active, a winner,
-    variants to drop, else keep running and say what is missing."""
-    if status in (ExperimentStatus.STOPPED, ExperimentStatus.ARCHIVED):
-        return RecommendedAction.CONCLUDED, f"The experiment is {status}: nothing to decide."
-    if status is ExperimentStatus.DRAFT:
-        return RecommendedAction.UNSPECIFIED, "Draft: start the experiment to collect data."
-    live = [i for i in range(len(arms)) if active[i]]
-    if not live:
-        return (
-            RecommendedAction.UNSPECIFIED,
-            "No active variant left: stop the experiment without a winner.",
-        )
-    if len(live) == 1:
-        only = arms[live[0]].label
-        return (
-            RecommendedAction.STOP_WITH_WINNER,
-            f"Stop: '{only}' is the only active variant left; ship it.",
-        )
-    short = [i for i in live if insights[i].samples < rule.min_samples]
-    guarantee = (
-        f"e-value threshold {decision.threshold:.0f}: under continuous monitoring the "
-        f"chance of ever concluding wrongly is at most {_percent(rule.error_rate)}"
-    )
-    winner = decision.winner
-    if winner >= 0 and winner not in guardrail_flags:
-        beaten = ", ".join(
-            f"'{arms[i].label}' (e-value {insights[i].e_value:.3g})" for i in decision.failing
-        )
-        return (
-            RecommendedAction.STOP_WITH_WINNER,
-            f"Stop: '{arms[winner].label}' wins; it beats {beaten} ({guarantee}). "
-            f"P(best)={_percent(insights[winner].prob_best)}.",
-        )
-    leader_label = arms[leader].label if leader >= 0 else ""
-    if failing and len(failing) < len(live):
-        reasons = []
-        for i in failing:
-            why = []
-            if insights[i].fails_fast:
-                p = insights[i].prob_worse_than_best
-                why.append(
-                    f"worse than another variant, e-value {insights[i].e_value:.3g}; "
-                    f"P(worse than '{leader_label}')={_percent(p)}"
-                )
-            for g in insights[i].guardrails:
-                if g.flagged:
-                    why.append(
-                        f"{g.metric} rate P(worse than best)={_percent(g.prob_worse_than_best)}"
-                    )
-            reasons.append(f"'{arms[i].label}' ({', '.join(why)})")
-        return (
-            RecommendedAction.DROP_VARIANTS,
-            f"Drop {', '.join(reasons)} ({guarantee}; guardrail threshold "
-            f"{_percent(rule.threshold)}); keep running the others.",
-        )
-    if failing:
-        return (
-            RecommendedAction.KEEP_RUNNING,
-            "Every active variant fails fail-fast or a guardrail: review the guardrails "
-            "before dropping anything.",
-        )
-    if short:
-        needs = ", ".join(
-            f"{rule.min_samples - insights[i].samples} more on '{arms[i].label}'" for i in short
-        )
-        lead = (
-            f" Leader so far: '{leader_label}' with P(best)={_percent(insights[leader].prob_best)}."
-            if leader >= 0
-            else ""
-        )
-        return (
-            RecommendedAction.KEEP_RUNNING,
-            f"Keep running: need {needs} (min_samples={rule.min_samples}).{lead}",
-        )
-    return (
-        RecommendedAction.KEEP_RUNNING,
-        f"Keep running: no difference decided yet: '{leader_label}' leads with "
-        f"P(best)={_percent(insights[leader].prob_best)}, e-value "
-        f"{insights[leader].e_value:.3g} < {decision.threshold:.0f} "
-        f"(error rate {_percent(rule.error_rate)}).",
+def _evidence(insight: VariantInsight) -> VariantEvidence:
+    return VariantEvidence(
+        variant_id=insight.variant_id,
+        label=insight.variant or insight.variant_key or insight.variant_id,
+        active=insight.state is VariantState.ACTIVE,
+        samples=insight.samples,
+        prob_best=insight.prob_best,
+        prob_worse_than_best=insight.prob_worse_than_best,
+        e_value=insight.e_value,
+        fails_fast=insight.fails_fast,
+        flagged=tuple(
+            FlaggedGuardrail(g.metric, g.prob_worse_than_best)
+            for g in insight.guardrails
+            if g.flagged
+        ),
     )

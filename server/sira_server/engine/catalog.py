@@ -5,6 +5,15 @@ Freshness: a change committed by any replica is published on a Redis channel and
 process reloads that experiment at once; a version check every few seconds is the safety
 net for a missed message (Redis restarted, subscriber reconnecting).
 
+Change events have ONE path to their listeners: a lifecycle commit calls the
+repository's ``on_change`` -> `ExperimentCatalog.changed` (reload here, publish) ->
+other processes' subscriber or version check -> `ExperimentCatalog.reload`, the only
+place that calls the listeners, once per applied version, in registration order, with
+the new `LiveExperiment` (None: no longer live). The composition root (app.py)
+registers them: `engine.hot_prep.HotStatePreparer` (Redis state follows) and each
+`engine.assigner.Assigner` (drops its cached variants and, once not live, its sticky
+entries). A new per-process cache of experiment data registers here too.
+
 Only running and stopped experiments live here. A reference to anything else is looked
 up in Postgres and answered with an error (draft: FAILED_PRECONDITION; archived or
 unknown: NOT_FOUND), remembered for a second so a flood of bad references cannot
@@ -186,6 +195,7 @@ class ExperimentCatalog:
     # --- changes ---
 
     def add_listener(self, listener: ChangeListener) -> None:
+        """Called by `reload` after every applied change (see the module docstring)."""
         self._listeners.append(listener)
 
     async def changed(self, experiment_id: str) -> None:

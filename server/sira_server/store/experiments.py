@@ -125,6 +125,13 @@ class ExperimentRepository:
             row = await self._find(conn, ref)
             return (await self._with_variants(conn, [row]))[0]
 
+    async def exists(self, experiment_id: str) -> bool:
+        """True while a row for ``experiment_id`` (a UUID) exists, whatever its status:
+        only a deleted experiment is gone."""
+        async with self._connection() as conn:
+            row = await conn.fetchval("SELECT 1 FROM experiments WHERE id = $1", experiment_id)
+        return row is not None
+
     async def list_experiments(
         self,
         *,
