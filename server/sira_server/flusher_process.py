@@ -21,7 +21,7 @@ import socket
 from collections.abc import Callable
 
 from sira_server.app import open_stores
-from sira_server.config import ConfigError, Settings
+from sira_server.config import Settings
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 
@@ -33,11 +33,9 @@ READY_LINE = "SIRA write-behind flusher running"
 
 async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
     """Drain the write-behind streams into Postgres until SIGTERM or SIGINT."""
-    if settings.database_url is None or settings.redis_url is None:
-        raise ConfigError(
-            "--role flusher needs SIRA_DATABASE_URL and SIRA_REDIS_URL (the embedded "
-            "default runs the flusher inside the server: --role all)"
-        )
+    # `launcher.run` refuses the flusher role without external stores.
+    assert settings.database_url is not None
+    assert settings.redis_url is not None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
