@@ -6,7 +6,9 @@ gRPC's client-side `round_robin`, behave as one server.
 - the write-behind is shared: the replicas' flushers are consumers of one group, and
   Postgres ends with exactly the acknowledged rows;
 - a replica killed with SIGKILL under load loses nothing it acknowledged: what it read
-  from the stream and did not commit is reclaimed by the others.
+  from the stream and did not commit is reclaimed by the others;
+- the fail-fast autopilot acts once per step: all three evaluate the same counters, one
+  drops the loser and concludes, and the audit log holds each step once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import asyncio
 import signal
 import threading
 import time
+import urllib.request
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -24,7 +29,7 @@ import asyncpg
 import grpc
 import pytest
 import redis
-from fault_stores import own_redis_server
+from fault_stores import free_port, own_redis_server
 from server_fixtures import (
     RunningServer,
     create_migrated_database,
@@ -44,6 +49,7 @@ from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import insights_service_pb2 as ipb
 from sira.experiments.v1 import lifecycle_service_pb2 as lpb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
+from sira_server.domain.autopilot import AUTOPILOT_ACTOR
 from sira_server.store.hot_keys import FLUSHER_GROUP, experiment_keys
 from sira_server.store.roles import as_role
 
@@ -69,7 +75,14 @@ def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer
     with ExitStack() as stack:
         redis_url = stack.enter_context(own_redis_server())
         servers = [
-            stack.enter_context(run_sira_server(as_role(database), redis_url, tmp_path / f"r{i}"))
+            stack.enter_context(
+                run_sira_server(
+                    as_role(database),
+                    redis_url,
+                    tmp_path / f"r{i}",
+                    {"SIRA_METRICS_PORT": str(free_port())},
+                )
+            )
             for i in range(REPLICAS)
         ]
         yield servers, redis_url
@@ -235,3 +248,118 @@ async def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
         return all(stored.get(s) == v for s, v in acknowledged.items())
 
     await _until("every acknowledged assignment in Postgres", all_in_postgres)
+
+
+# --- the autopilot: one action per step across replicas ---------------------------------
+
+AUTOPILOT_ROUNDS_AFTER = 3
+"""Rounds every replica must finish after the stop before the audit log is read."""
+
+
+def _autopilot_rounds(server: RunningServer) -> float:
+    """sira_autopilot_rounds_total over every outcome, from the replica's /metrics."""
+    url = f"http://127.0.0.1:{server.env['SIRA_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sira_autopilot_rounds_total{")
+    )
+
+
+def _a_clear_winner(key: str) -> epb.Experiment:
+    """Two arms at fixed 1:1 weights with auto-stop: Green converts 8x as often as Blue."""
+    return epb.Experiment(
+        key=key,
+        name="Autopilot across replicas",
+        allocation=epb.ALLOCATION_STRATEGY_FIXED_WEIGHTS,
+        variants=[epb.Variant(name="Blue", is_control=True), epb.Variant(name="Green")],
+        fail_fast=epb.FailFastSettings(threshold=0.95, min_samples=100, auto_stop=True),
+    )
+
+
+async def _sira_audit(database: str, experiment_id: str) -> list[tuple[str, str | None]]:
+    """(action, variant id) of every audit row the autopilot wrote, oldest first."""
+    conn = await asyncpg.connect(database)
+    try:
+        rows = await conn.fetch(
+            "SELECT action, details->>'variant_id' AS variant FROM experiment_audit_logs"
+            " WHERE experiment_id = $1 AND actor = $2 ORDER BY id",
+            uuid.UUID(experiment_id),
+            AUTOPILOT_ACTOR,
+        )
+    finally:
+        await conn.close()
+    return [(r["action"], r["variant"]) for r in rows]
+
+
+async def test_the_autopilot_acts_once_per_step_across_replicas(
+    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+) -> None:
+    servers, _redis_url = replicas
+    with _round_robin(servers) as channel:
+        lifecycle = lifecycle_service_pb2_grpc.LifecycleServiceStub(channel)
+        admin = _auth("ops_admin")
+        lifecycle.CreateExperiment(
+            lpb.CreateExperimentRequest(experiment=_a_clear_winner(unique_key)), metadata=admin
+        )
+        started = lifecycle.StartExperiment(
+            lpb.StartExperimentRequest(experiment=unique_key), metadata=admin
+        ).experiment
+        blue, green = (v.id for v in started.variants)
+        assign = assignment_service_pb2_grpc.AssignmentServiceStub(channel)
+        track = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        pay = _auth("pay_module")
+
+        def stopped() -> bool:
+            got = lifecycle.GetExperiment(
+                lpb.GetExperimentRequest(experiment=unique_key), metadata=_auth("data_science")
+            ).experiment
+            return bool(got.status == epb.EXPERIMENT_STATUS_STOPPED)
+
+        # New subjects through every replica, conversions tracked as they come (Blue 1 in
+        # 20, Green 2 in 5), until one replica's autopilot concludes.
+        seen = {blue: 0, green: 0}
+        deadline = time.monotonic() + WAIT_SECONDS
+        i = 0
+        while not stopped():
+            assert time.monotonic() < deadline, f"no automatic stop after {seen}"
+            for _ in range(40):
+                subject = f"ap-{i}"
+                i += 1
+                decision = assign.Assign(
+                    apb.AssignRequest(experiment=unique_key, subject_id=subject), metadata=pay
+                ).decision
+                if decision.reason != apb.ASSIGNMENT_REASON_NEW:
+                    break  # concluded meanwhile: the winner for everyone, nothing recorded
+                variant = decision.variant.id
+                k = seen[variant]
+                seen[variant] += 1
+                if k % 20 == 0 if variant == blue else k % 5 < 2:
+                    event = tpb.TrackedEvent(
+                        experiment=unique_key,
+                        subject_id=subject,
+                        variant_id=variant,
+                        event_type=tpb.EVENT_TYPE_CONVERSION,
+                        client_event_id=f"{subject}-paid",
+                    )
+                    track.Track(tpb.TrackRequest(event=event), metadata=pay)
+
+    # Every replica had its chance to act on the same counters again: a few rounds each
+    # after the stop (their catalogs know it by then, or the repository refuses).
+    after_stop = [_autopilot_rounds(s) for s in servers]
+
+    async def every_replica_went_round_again() -> bool:
+        return all(
+            _autopilot_rounds(s) >= n + AUTOPILOT_ROUNDS_AFTER
+            for s, n in zip(servers, after_stop, strict=True)
+        )
+
+    await _until(
+        f"{AUTOPILOT_ROUNDS_AFTER} more autopilot rounds on each replica",
+        every_replica_went_round_again,
+    )
+
+    audit = await _sira_audit(database, started.id)
+    assert Counter(audit) == {("variant_dropped", blue): 1, ("stopped", None): 1}, audit

@@ -169,7 +169,11 @@ class SiraServer:
         self.posteriors = PosteriorBook(self.catalog, self.hot)
         self.insights = InsightsBook(self.hot)
         self.autopilot = FailFastAutopilot(
-            self.catalog, self.insights, self.repository, stores.pool
+            self.catalog,
+            self.insights,
+            self.repository,
+            stores.pool,
+            on_round=self.metrics.autopilot_round,
         )
         self.flusher = WriteBehindFlusher(
             stores.redis,

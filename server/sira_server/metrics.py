@@ -103,6 +103,17 @@ class Metrics:
             ["experiment_id"],
             registry=r,
         )
+        self.autopilot_rounds = Counter(
+            "sira_autopilot_rounds",
+            "Fail-fast autopilot rounds of this process, by outcome: acted, idle, or locked"
+            " (another replica held the round's advisory lock).",
+            ["outcome"],
+            registry=r,
+        )
+
+    def autopilot_round(self, outcome: str) -> None:
+        """One autopilot round ended (FailFastAutopilot's on_round callback)."""
+        self.autopilot_rounds.labels(outcome).inc()
 
     def record_flush(self, stats: FlushStats) -> None:
         """One write-behind pass (the flusher's on_flush callback)."""

@@ -3,6 +3,13 @@
 Never on the Assign path. One replica acts per round (a Postgres advisory lock), so
 two replicas cannot drop or conclude the same experiment twice; every step is a
 lifecycle transaction with its audit row, and the catalog change reaches every process.
+
+The lock is transaction-scoped (`pg_try_advisory_xact_lock`, held by a transaction open
+for the round): it behaves the same through PgBouncer in transaction mode, where a
+session lock could be taken on one server connection and "released" on another, and
+leak. A replica whose catalog lags (the change event is on its way) may still plan a
+step another replica took; the repository then finds the variant already dropped or the
+experiment already stopped and writes nothing, so the audit log holds each step once.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Literal
 
 import asyncpg
 
@@ -22,7 +31,10 @@ from sira_server.store.experiments import ExperimentRepository
 log = logging.getLogger(__name__)
 
 AUTOPILOT_LOCK = 0x51A4_0F00_FA57
-"""pg_advisory_lock key of the round (any 64-bit constant of ours)."""
+"""Advisory lock key of the round (any 64-bit constant of ours)."""
+
+RoundOutcome = Literal["acted", "idle", "locked"]
+"""How a round ended: steps taken, nothing to do, or another replica held the lock."""
 
 
 class FailFastAutopilot:
@@ -34,33 +46,40 @@ class FailFastAutopilot:
         pool: asyncpg.Pool,
         *,
         interval_seconds: float = 2.0,
+        on_round: Callable[[RoundOutcome], None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._book = book
         self._repository = repository
         self._pool = pool
         self._interval = interval_seconds
+        self._on_round = on_round
         self._task: asyncio.Task[None] | None = None
 
     async def round(self) -> list[Plan]:
         """Evaluate once; the plans carried out (empty when another replica holds the lock)."""
         done: list[Plan] = []
-        async with self._pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", AUTOPILOT_LOCK):
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", AUTOPILOT_LOCK):
+                self._report("locked")
                 return done
-            try:
-                for live in self._catalog.running():
-                    experiment = live.experiment
-                    if not experiment.fail_fast.auto_stop:
-                        continue
-                    cached = await self._book.compute(experiment)
-                    steps = plan(experiment, cached.insights)
-                    if not steps.empty:
-                        await self._carry_out(experiment.id, steps)
-                        done.append(steps)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", AUTOPILOT_LOCK)
+            # The steps run on other connections, in their own transactions; this one
+            # only holds the lock until the round ends (commit releases it).
+            for live in self._catalog.running():
+                experiment = live.experiment
+                if not experiment.fail_fast.auto_stop:
+                    continue
+                cached = await self._book.compute(experiment)
+                steps = plan(experiment, cached.insights)
+                if not steps.empty:
+                    await self._carry_out(experiment.id, steps)
+                    done.append(steps)
+        self._report("acted" if done else "idle")
         return done
+
+    def _report(self, outcome: RoundOutcome) -> None:
+        if self._on_round is not None:
+            self._on_round(outcome)
 
     async def _carry_out(self, experiment_id: str, steps: Plan) -> None:
         try:
