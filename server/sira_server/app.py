@@ -51,6 +51,7 @@ from sira_server.engine.insights_book import InsightsBook
 from sira_server.engine.posteriors import PosteriorBook
 from sira_server.limit_settings import LimitSettings
 from sira_server.metrics import Metrics, start_exporter
+from sira_server.postgres_budget import PostgresSettings
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.faults import bounded
@@ -384,24 +385,49 @@ async def open_stores(
     redis_url: str,
     limits: LimitSettings | None = None,
     timeouts: StoreTimeouts | None = None,
+    postgres: PostgresSettings | None = None,
+    *,
+    admin_pool: bool = True,
 ) -> Stores:
+    """The pools of one process (`postgres_budget` counts them); without `admin_pool`
+    (the flusher role) lifecycle and reports would share the decision path's pool."""
     limits = limits or LimitSettings()
     timeouts = timeouts or StoreTimeouts()
+    postgres = postgres or PostgresSettings()
+    options = postgres.pool_options()
+    admin: asyncpg.Pool | None = None
     try:
-        pool = await create_pool(database_url, command_timeout=timeouts.command_seconds)
-        admin_pool = await create_pool(
+        pool = await create_pool(
             database_url,
-            max_size=limits.admin_pool_size,
-            server_settings={"statement_timeout": str(limits.admin_statement_timeout_ms)},
+            max_size=postgres.pool_size,
             command_timeout=timeouts.command_seconds,
+            **options,
         )
+        if admin_pool and postgres.pgbouncer:
+            # PgBouncer refuses session settings: the statement timeout is enforced by
+            # the client, which cancels the query (PgBouncer forwards the cancel).
+            admin = await create_pool(
+                database_url,
+                max_size=limits.admin_pool_size,
+                command_timeout=min(
+                    timeouts.command_seconds, limits.admin_statement_timeout_ms / 1000
+                ),
+                **options,
+            )
+        elif admin_pool:
+            admin = await create_pool(
+                database_url,
+                max_size=limits.admin_pool_size,
+                server_settings={"statement_timeout": str(limits.admin_statement_timeout_ms)},
+                command_timeout=timeouts.command_seconds,
+            )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
     redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
     return Stores(
         pool=pool,
         redis=redis,
-        admin_pool=admin_pool,
+        admin_pool=admin,
         probe_seconds=timeouts.health_probe_seconds,
     )
 
@@ -465,7 +491,11 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stores = await open_stores(
-        settings.database_url, settings.redis_url, settings.limits, settings.timeouts
+        settings.database_url,
+        settings.redis_url,
+        settings.limits,
+        settings.timeouts,
+        settings.postgres,
     )
     try:
         metrics = Metrics()

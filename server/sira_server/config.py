@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sira_server.domain.limits import DEFAULT_MAX_EVENT_VALUE
 from sira_server.limit_settings import LimitSettings
+from sira_server.postgres_budget import PostgresSettings
 
 DEV_SECRET_FILE = "dev-jwt-secret"
 
@@ -119,6 +120,8 @@ class Settings:
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
     timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
+    postgres: PostgresSettings = field(default_factory=PostgresSettings)
+    """Pool size and PgBouncer mode (`postgres_budget`)."""
 
     @property
     def embedded(self) -> bool:
@@ -152,6 +155,12 @@ class Settings:
                 return float(raw)
             except ValueError:
                 raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+        def flag(name: str) -> bool:
+            raw = (text(name) or "0").lower()
+            if raw not in ("0", "1", "true", "false"):
+                raise ConfigError(f"{name} must be 1 or 0, got {raw[:40]!r}")
+            return raw in ("1", "true")
 
         def seconds(name: str, default: float) -> float:
             value = number(name, default)
@@ -221,5 +230,9 @@ class Settings:
                 rebuild_wait_seconds=seconds("SIRA_REBUILD_WAIT_SECONDS", 5.0),
                 command_seconds=seconds("SIRA_STORE_COMMAND_TIMEOUT_SECONDS", 5.0),
                 health_probe_seconds=seconds("SIRA_HEALTH_PROBE_SECONDS", 2.0),
+            ),
+            postgres=PostgresSettings(
+                pool_size=integer("SIRA_PG_POOL_SIZE", 10, minimum=1),
+                pgbouncer=flag("SIRA_PG_PGBOUNCER"),
             ),
         )

@@ -25,6 +25,7 @@ from sira_server.config import ConfigError, Settings
 from sira_server.embedded import EmbeddedServers
 from sira_server.flusher_process import READY_LINE as FLUSHER_READY_LINE
 from sira_server.flusher_process import run_flusher
+from sira_server.postgres_budget import connection_budget
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.roles import as_role
 from sira_server.supervisor import Supervisor
@@ -37,6 +38,14 @@ WORKER_READY_TIMEOUT_SECONDS = 300.0
 def run(settings: Settings) -> None:
     """Run the server (single process or workers), or the flusher alone
     (`settings.role`), until SIGTERM/SIGINT."""
+    log.info(
+        connection_budget(
+            settings.role,
+            settings.workers,
+            settings.postgres.pool_size,
+            settings.limits.admin_pool_size,
+        ).describe()
+    )
     if settings.role == "flusher":
         if settings.embedded:
             raise ConfigError(

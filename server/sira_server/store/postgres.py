@@ -58,20 +58,23 @@ async def create_pool(
     max_size: int = 10,
     server_settings: dict[str, str] | None = None,
     command_timeout: float | None = None,
+    statement_cache_size: int = 100,
 ) -> asyncpg.Pool:
     """A pool whose connections decode json/jsonb to Python objects and back.
 
     `server_settings` are session settings (e.g. statement_timeout). `command_timeout`:
     the default deadline of every query (asyncpg raises TimeoutError, an OSError, which
     callers map to Unavailable); it also bounds the cancellation of a query on a stalled
-    server."""
+    server. `statement_cache_size`: asyncpg's named prepared statements per connection
+    (0 behind PgBouncer in transaction mode: `postgres_budget`)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
-        min_size=min_size,
+        min_size=min(min_size, max_size),
         max_size=max_size,
         init=_init_connection,
         server_settings=server_settings,
         command_timeout=command_timeout,
+        statement_cache_size=statement_cache_size,
     )
     return pool
 
