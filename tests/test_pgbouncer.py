@@ -54,8 +54,10 @@ from sira_server.limit_settings import LimitSettings
 from sira_server.postgres_budget import PostgresSettings
 from sira_server.store.roles import APP_ROLE, as_role
 
+PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+
 pytestmark = pytest.mark.skipif(
-    shutil.which("pgbouncer") is None,
+    PGBOUNCER is None,
     reason="pgbouncer binary not installed (apt-get install pgbouncer; .ci/run installs it)",
 )
 
@@ -91,7 +93,7 @@ max_client_conn = 200
     as_user = ["-u", "nobody"] if os.geteuid() == 0 else []
     with (workdir / "pgbouncer.log").open("wb") as log:
         process = subprocess.Popen(
-            ["pgbouncer", *as_user, str(workdir / "pgbouncer.ini")],
+            [str(PGBOUNCER), *as_user, str(workdir / "pgbouncer.ini")],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
