@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/sira/experiments/v1/*.proto)
 
-.PHONY: install run test fuzz migrate protos lint typecheck bench clean
+.PHONY: install run test fuzz migrate protos lint typecheck bench capacity clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +40,11 @@ lint:
 
 bench: install
 	$(PY) -m sira_loadtest.bench
+
+# Per-decision CPU, Redis and Postgres costs for docs/scaling.md (needs redis-server and
+# a Postgres server: SIRA_CAPACITY_POSTGRES, default the local one).
+capacity: install
+	$(PY) -m sira_loadtest.capacity --json docs/capacity.json
 
 clean:
 	rm -rf $(VENV) .sira .pytest_cache .mypy_cache .ruff_cache
