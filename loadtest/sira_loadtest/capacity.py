@@ -6,9 +6,12 @@ database on a Postgres server (`--postgres`, default the local one), and one
 running two-variant Thompson-sampling experiment, then drives with `sira-loadtest`, one
 workload after the other:
 
-- `assign-new`: Assign, every call a new subject;
-- `assign-returning`: Assign of subjects already assigned (after a warm-up pass);
-- `track`: Track of a unique conversion of an assigned subject (`track-heavy`).
+- Assign, new subject: every call a subject never seen (`cap-{{.RequestNumber}}`);
+- Assign, returning subject not cached in this process: the same subjects again, after a
+  restart of the server (its in-process sticky cache is empty): what a replica behind
+  round_robin mostly sees, since a subject's previous call went to another replica;
+- Assign, returning subject cached in this process: the same subjects a third time;
+- Track of a unique conversion of an assigned subject (`--scenario track-heavy`).
 
 Around each workload (the write-behind drained before the closing snapshot) it reads:
 CPU ticks of the server, redis-server and the Postgres backends of its database from
@@ -233,6 +236,11 @@ def _loadtest(address: str, token: str, args: list[str]) -> int:
     return int(report.get("statusCodeDistribution", {}).get("OK", 0))
 
 
+def _assign_body(key: str) -> str:
+    subject = "cap-{{.RequestNumber}}"
+    return f'{{"experiment": "{key}", "subject_id": "{subject}", {CONTEXT}}}'
+
+
 def _create_experiment(address: str, secret: str, key: str) -> None:
     metadata = (("authorization", f"Bearer {_token(secret, 'ops_admin')}"),)
     experiment = experiment_pb2.Experiment(
@@ -300,7 +308,9 @@ async def measure(postgres: str, calls: int, concurrency: int, subjects: int) ->
                 "SIRA_ROLE": "all",
                 "SIRA_WORKERS": "1",
             }
-            address, pid = stack.enter_context(_sira_server(env, workdir / "sira.log"))
+            server = ExitStack()
+            stack.callback(server.close)
+            address, pid = server.enter_context(_sira_server(env, workdir / "sira.log"))
             stores = Stores(redis_port, redis_pid, database)
             key = "capacity"
             _create_experiment(address, secret, key)
@@ -312,26 +322,28 @@ async def measure(postgres: str, calls: int, concurrency: int, subjects: int) ->
             await asyncio.sleep(5.0)
             idle = _per_call("idle (per second)", 5, 5.0, before, await stores.snapshot(pid))
 
-            body_new = f'{{"experiment": "{key}", "subject_id": "{{{{subject:new}}}}", {CONTEXT}}}'
-            body_returning = (
-                f'{{"experiment": "{key}", "subject_id": "{{{{subject:returning {subjects}}}}}",'
-                f" {CONTEXT}}}"
-            )
-            # Every returning subject assigned once, then the answers are cached.
-            _loadtest(address, pay, ["--call", ASSIGN, "-d", body_returning, "-c", "8",
-                                     "-n", str(subjects * 4)])  # fmt: skip
+            # The same ids in every run: new in the first, returning afterwards.
+            assign = ["--call", ASSIGN, "-d", _assign_body(key), *load]
+            track = ["--scenario", "track-heavy", "--experiment", key,
+                     "--subjects", str(subjects), *load]  # fmt: skip
             runs = [
-                ("Assign, new subject", ["--call", ASSIGN, "-d", body_new, *load]),
-                ("Assign, returning subject", ["--call", ASSIGN, "-d", body_returning, *load]),
-                ("Track, new conversion", ["--scenario", "track-heavy", "--experiment", key,
-                                           "--subjects", str(subjects), *load]),
-            ]  # fmt: skip
-            for title, args in runs:
+                ("Assign, new subject", assign, True),
+                ("Assign, returning, not cached in this process", assign, False),
+                ("Assign, returning, cached in this process", assign, False),
+                ("Track, new conversion", track, False),
+            ]
+            for title, args, new_subjects in runs:
+                if title.startswith("Assign, returning, not cached"):
+                    server.close()  # a fresh process: its sticky cache is empty
+                    server = ExitStack()
+                    stack.callback(server.close)
+                    address, pid = server.enter_context(_sira_server(env, workdir / "sira2.log"))
+                    await asyncio.sleep(1.0)
                 start = await stores.snapshot(pid)
                 began = time.monotonic()
                 ok = _loadtest(address, pay, args)
                 seconds = time.monotonic() - began
-                new_rows = ok if title.startswith("Assign, new") else 0
+                new_rows = ok if new_subjects else 0
                 new_events = ok if title.startswith("Track") else 0
                 await _drained(stores, start.assignments + new_rows, start.metrics + new_events)
                 end = await stores.snapshot(pid)
