@@ -72,6 +72,8 @@ class Snapshot:
     assignments: int
     metrics: int
     commits: int
+    table_bytes: int
+    """Assignments and events tables with their indexes and TOAST, on disk."""
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Workload:
     redis_memory_bytes: float
     postgres_rows: float
     postgres_commits: float
+    postgres_bytes: float
     commands: dict[str, float] = field(default_factory=dict)
     """Redis commands per call, by name (the top ones)."""
 
@@ -139,6 +142,10 @@ class Stores:
             commits = await conn.fetchval(
                 "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
             )
+            table_bytes = await conn.fetchval(
+                "SELECT pg_total_relation_size('experiment_assignments')"
+                " + pg_total_relation_size('experiment_metrics')"
+            )
         finally:
             await conn.close()
         stats = self.redis.info("stats")
@@ -155,6 +162,7 @@ class Stores:
             assignments=assignments,
             metrics=metrics,
             commits=commits,
+            table_bytes=table_bytes,
         )
 
 
@@ -176,6 +184,7 @@ def _per_call(name: str, calls: int, seconds: float, a: Snapshot, b: Snapshot) -
         redis_memory_bytes=(b.used_memory - a.used_memory) / n,
         postgres_rows=((b.assignments - a.assignments) + (b.metrics - a.metrics)) / n,
         postgres_commits=(b.commits - a.commits) / n,
+        postgres_bytes=(b.table_bytes - a.table_bytes) / n,
         commands=dict(list(commands.items())[:6]),
     )
 
@@ -367,8 +376,8 @@ def render(result: Mapping[str, object]) -> str:
     rows = [
         "| workload | calls/s | server CPU µs/call | Redis CPU µs/call | Postgres CPU µs/call"
         " | Redis commands/call | Redis bytes in / out per call | Redis memory bytes/call"
-        " | Postgres rows/call | Postgres commits/call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | Postgres rows/call | Postgres commits/call | Postgres bytes/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     workloads = result["workloads"]
     assert isinstance(workloads, list)
@@ -378,7 +387,7 @@ def render(result: Mapping[str, object]) -> str:
             f" | {w['redis_cpu_us']:.0f} | {w['postgres_cpu_us']:.0f}"
             f" | {w['redis_commands']:.2f} | {w['redis_bytes_in']:.0f} / {w['redis_bytes_out']:.0f}"
             f" | {w['redis_memory_bytes']:.0f} | {w['postgres_rows']:.2f}"
-            f" | {w['postgres_commits']:.3f} |"
+            f" | {w['postgres_commits']:.3f} | {w['postgres_bytes']:.0f} |"
         )
     lines = ["\n".join(rows), ""]
     for w in workloads:
