@@ -232,7 +232,12 @@ def _sira_server(env: Mapping[str, str], log_path: Path) -> Iterator[tuple[str, 
         yield match.group(1), process.pid
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:  # stuck: its log says where
+            sys.stderr.write(f"sira-server did not stop:\n{log_path.read_text()[-3000:]}\n")
+            process.kill()
+            process.wait(10)
 
 
 def _loadtest(address: str, token: str, args: list[str]) -> int:
@@ -315,6 +320,7 @@ async def measure(postgres: str, calls: int, concurrency: int, subjects: int) ->
                 "SIRA_JWT_SECRET": secret,
                 "SIRA_DATA_DIR": str(workdir / "data"),
                 "SIRA_ROLE": "all",
+                "SIRA_SHUTDOWN_GRACE_SECONDS": "2",
                 "SIRA_WORKERS": "1",
             }
             server = ExitStack()
