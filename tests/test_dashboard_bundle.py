@@ -65,12 +65,9 @@ def test_the_pages_role_table_is_the_servers() -> None:
     """The page hides what a role may not do from a copy of rbac.py's table: same table."""
     text = (DASHBOARD_DIR / "src" / "rbac.ts").read_text()
     entry = r'"(/sira\.experiments\.v1\.[A-Za-z]+/[A-Za-z]+)":\s*\[([^\]]*)\]'
-
     page = {
         method: frozenset(re.findall(r'"([a-z_]+)"', roles))
-        for method, roles in re.findall(
-            r'"(/sira\.experiments\.v1\.[A-Za-z]+/[A-Za-z]+)":\s*\[([^\]]*)\]', text
-        )
+        for method, roles in re.findall(entry, text)
     }
     server = {
         method: roles
