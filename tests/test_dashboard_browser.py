@@ -162,7 +162,11 @@ def channel(sira: EmbeddedSira) -> Iterator[grpc.Channel]:
 
 
 def signed_in(
-    browser: Browser, sira: EmbeddedSira, role: str, viewport: dict[str, int]
+    browser: Browser,
+    sira: EmbeddedSira,
+    role: str,
+    viewport: dict[str, int],
+    screenshot: Path | None = None,
 ) -> tuple[BrowserContext, Page]:
     """A fresh browser context signed in through the dev sign-in as `role`."""
     context = browser.new_context(
@@ -172,6 +176,8 @@ def signed_in(
     page = context.new_page()
     page.goto(sira.url + "/")
     page.get_by_label("Role", exact=True).select_option(role)
+    if screenshot is not None:
+        page.screenshot(path=str(screenshot))
     page.get_by_role("button", name="Sign in with this role").click()
     page.get_by_role("heading", name="Experiments", exact=True).wait_for()
     return context, page
@@ -268,8 +274,7 @@ def fill_variant(page: Page, n: int, name: str, config: str) -> None:
 def test_marketing_creates_starts_watches_and_stops_checkout_button_color(
     browser: Browser, sira: EmbeddedSira, channel: grpc.Channel, shots: Path
 ) -> None:
-    context, page = signed_in(browser, sira, "marketing", DESKTOP)
-    page.screenshot(path=str(shots / "list-empty.png"))
+    context, page = signed_in(browser, sira, "marketing", DESKTOP, shots / "sign-in.png")
 
     # Step 3: create through the form.
     page.get_by_role("link", name="New experiment").click()
@@ -290,6 +295,8 @@ def test_marketing_creates_starts_watches_and_stops_checkout_button_color(
     page.get_by_role("button", name="Create draft").click()
     page.wait_for_url(f"**/experiments/{KEY}")
     expect(page.locator("h1 [data-status]")).to_have_attribute("data-status", "draft")
+    expect(page.get_by_test_id("audit-trail")).to_be_visible()
+    page.screenshot(path=str(shots / "experiment-draft.png"), full_page=True)
 
     # Step 4: start it, through the confirmation dialog.
     page.get_by_role("button", name="▶ Start").click()
@@ -355,7 +362,7 @@ def test_data_science_sees_no_mutation_buttons(
 ) -> None:
     draft_key = f"ds-{uuid.uuid4().hex[:8]}"
     lifecycle_for_draft(sira, draft_key)
-    context, page = signed_in(browser, sira, "data_science", PHONE)
+    context, page = signed_in(browser, sira, "data_science", PHONE, shots / "sign-in-phone.png")
     expect(page.locator(f"tr[data-key={draft_key}]")).to_be_visible()
     expect(page.get_by_role("link", name="New experiment")).to_have_count(0)
     page.screenshot(path=str(shots / "list-phone.png"), full_page=True)

@@ -1,5 +1,6 @@
-// The experiment page's charts. Every chart has a text alternative (a table or a summary)
-// next to it, and series differ by dash pattern as well as colour.
+// The experiment page's charts. They are hidden from screen readers: the variants table
+// next to them carries the same numbers as text. Series differ by dash pattern as well as
+// colour, and the legend names them.
 import {
   Bar,
   BarChart,

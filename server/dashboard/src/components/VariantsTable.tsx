@@ -19,15 +19,15 @@ export function VariantsTable({ insights, results }: { insights: GetInsightsResp
         <thead className="bg-slate-100 text-slate-700">
           <tr>
             <th scope="col" className="px-2 py-2 text-left">Variant</th>
-            <th scope="col" className="px-2 py-2">Users</th>
-            <th scope="col" className="px-2 py-2">Conversions</th>
-            <th scope="col" className="px-2 py-2">Rate</th>
-            <th scope="col" className="px-2 py-2">95 % interval</th>
-            <th scope="col" className="px-2 py-2">P(best)</th>
-            <th scope="col" className="px-2 py-2">P(worse than best)</th>
-            <th scope="col" className="px-2 py-2">Expected loss</th>
-            <th scope="col" className="px-2 py-2">Lift vs control</th>
-            <th scope="col" className="px-2 py-2">Revenue</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Users</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Conversions</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Rate</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">95 % interval</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">P(best)</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">P(worse than best)</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Expected loss</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Lift vs control</th>
+            <th scope="col" className="whitespace-nowrap px-2 py-2">Revenue</th>
           </tr>
         </thead>
         <tbody>
@@ -45,16 +45,16 @@ export function VariantsTable({ insights, results }: { insights: GetInsightsResp
                     {v.failsFast && <span className="rounded bg-red-100 px-1 text-red-900">fails fast</span>}
                   </div>
                 </th>
-                <td className="px-2 py-2" data-col="samples">{v.samples.toString()}</td>
-                <td className="px-2 py-2" data-col="conversions">{v.conversions.toString()}</td>
-                <td className="px-2 py-2" data-col="rate">{pct(v.conversionRate, 2)}</td>
-                <td className="px-2 py-2" data-col="interval">
+                <td className="whitespace-nowrap px-2 py-2" data-col="samples">{v.samples.toString()}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="conversions">{v.conversions.toString()}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="rate">{pct(v.conversionRate, 2)}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="interval">
                   {pct(v.confidenceInterval?.lower ?? 0, 2)} – {pct(v.confidenceInterval?.upper ?? 0, 2)}
                 </td>
-                <td className="px-2 py-2" data-col="prob-best">{pct(v.probBest)}</td>
-                <td className="px-2 py-2" data-col="prob-worse">{pct(v.probWorseThanBest)}</td>
-                <td className="px-2 py-2" data-col="expected-loss">{pct(v.expectedLoss, 2)}</td>
-                <td className="px-2 py-2" data-col="lift">
+                <td className="whitespace-nowrap px-2 py-2" data-col="prob-best">{pct(v.probBest)}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="prob-worse">{pct(v.probWorseThanBest)}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="expected-loss">{pct(v.expectedLoss, 2)}</td>
+                <td className="whitespace-nowrap px-2 py-2" data-col="lift">
                   {v.lift === undefined ? "—" : (
                     <>
                       {signedPct(v.lift)}
@@ -64,7 +64,7 @@ export function VariantsTable({ insights, results }: { insights: GetInsightsResp
                     </>
                   )}
                 </td>
-                <td className="px-2 py-2" data-col="revenue">
+                <td className="whitespace-nowrap px-2 py-2" data-col="revenue">
                   {revenue.length === 0
                     ? "—"
                     : revenue.map((r) => (

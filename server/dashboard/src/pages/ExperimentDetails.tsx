@@ -145,7 +145,7 @@ export function ExperimentDetails() {
         <div className="card">
           <PosteriorCurves variants={insights.insights} />
         </div>
-        {history && (
+        {history && (experiment.status === ExperimentStatus.RUNNING || history.probBest.length > 1) && (
           <>
             <div className="card">
               <HistoryChart title="Allocation over time" points={history.allocation} variants={insights.insights}

@@ -163,8 +163,8 @@ export function ExperimentsList() {
               <tr>
                 <th scope="col" className="px-3 py-2">Name</th>
                 <th scope="col" className="px-3 py-2">Status</th>
-                <th scope="col" className="px-3 py-2">Variants</th>
-                <th scope="col" className="px-3 py-2">Leading variant</th>
+                <th scope="col" className="hidden px-3 py-2 sm:table-cell">Variants</th>
+                <th scope="col" className="px-3 py-2">Leading</th>
                 <th scope="col" className="px-3 py-2">P(best)</th>
                 <th scope="col" className="hidden px-3 py-2 md:table-cell">Created</th>
               </tr>
@@ -183,9 +183,9 @@ export function ExperimentsList() {
                     <td className="px-3 py-2">
                       <StatusBadge status={e.status} />
                     </td>
-                    <td className="px-3 py-2">{e.variants.length}</td>
+                    <td className="hidden px-3 py-2 sm:table-cell">{e.variants.length}</td>
                     <td className="px-3 py-2">{leader ? leader.name : "—"}</td>
-                    <td className="px-3 py-2 tabular-nums">{leader ? pct(leader.probBest) : "—"}</td>
+                    <td className="whitespace-nowrap px-3 py-2 tabular-nums">{leader ? pct(leader.probBest) : "—"}</td>
                     <td className="hidden px-3 py-2 md:table-cell">{when(e.createTime)}</td>
                   </tr>
                 );
