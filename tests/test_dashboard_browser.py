@@ -424,3 +424,23 @@ def test_a_server_validation_error_shows_next_to_its_field(
     assert error.get_attribute("id") in described.split()
     page.screenshot(path=str(shots / "create-error.png"))
     context.close()
+
+
+def test_a_token_the_server_rejects_leads_back_to_sign_in(
+    browser: Browser, sira: EmbeddedSira
+) -> None:
+    """A well-formed, unexpired token signed with another secret: the page believes it,
+    the server answers UNAUTHENTICATED, and the page returns to sign-in saying why."""
+    context = browser.new_context(viewport={"width": DESKTOP["width"], "height": 800})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    page.goto(sira.url + "/sign-in")
+    forged = mint_token(
+        "not-the-servers-secret-" + "x" * 32, subject="mallory", roles=["ops_admin"]
+    )
+    page.get_by_label("JWT", exact=False).fill(forged)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_text("no longer valid")).to_be_visible()
+    expect(page).to_have_url(re.compile(r"/sign-in$"))
+    assert page.evaluate("sessionStorage.getItem('sira.token')") is None
+    context.close()

@@ -3,7 +3,7 @@ import { RecommendedAction, type GetInsightsResponse } from "../gen/sira/experim
 import { pct, when } from "../format";
 
 const ACTION_WORDS: Record<RecommendedAction, string> = {
-  [RecommendedAction.UNSPECIFIED]: "—",
+  [RecommendedAction.UNSPECIFIED]: "not started yet",
   [RecommendedAction.KEEP_RUNNING]: "Keep running",
   [RecommendedAction.STOP_WITH_WINNER]: "Stop: there is a winner",
   [RecommendedAction.DROP_VARIANTS]: "Drop the failing variants",

@@ -15,7 +15,9 @@ export function VariantsTable({ insights, results }: { insights: GetInsightsResp
   return (
     <div className="overflow-x-auto rounded-lg border border-slate-200 bg-white">
       <table className="min-w-full text-right text-sm tabular-nums" data-testid="variants-table">
-        <caption className="p-2 text-left font-semibold">Variants</caption>
+        <caption className="p-2 text-left font-semibold">
+          Variants <span className="text-xs font-normal text-slate-600 md:hidden">(scroll sideways for every column)</span>
+        </caption>
         <thead className="bg-slate-100 text-slate-700">
           <tr>
             <th scope="col" className="px-2 py-2 text-left">Variant</th>

@@ -99,6 +99,7 @@ export function ExperimentDetails() {
 
   if (!experiment || !insights) return error ? <ErrorBanner message={error} onRetry={() => void refresh(true)} /> : <Loading what="the experiment" />;
 
+  const hasData = insights.insights.some((v) => v.samples > 0n);
   const t = experiment.targeting;
   const targeting = [
     t?.countries.length ? `countries ${t.countries.join(", ")}` : "",
@@ -138,13 +139,22 @@ export function ExperimentDetails() {
       </p>
       <InsightsSummary experiment={experiment} insights={insights} />
       <VariantsTable insights={insights} results={results} />
+      {!hasData && (
+        <p className="card text-slate-700" data-testid="no-data">
+          No users yet: the charts appear once the experiment runs and users are assigned.
+        </p>
+      )}
       <div className="grid gap-4 lg:grid-cols-2">
-        <div className="card">
-          <ConversionBars variants={insights.insights} />
-        </div>
-        <div className="card">
-          <PosteriorCurves variants={insights.insights} />
-        </div>
+        {hasData && (
+          <>
+            <div className="card">
+              <ConversionBars variants={insights.insights} />
+            </div>
+            <div className="card">
+              <PosteriorCurves variants={insights.insights} />
+            </div>
+          </>
+        )}
         {history && (experiment.status === ExperimentStatus.RUNNING || history.probBest.length > 1) && (
           <>
             <div className="card">
