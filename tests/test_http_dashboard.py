@@ -419,3 +419,41 @@ async def test_dev_sign_in_is_absent_outside_the_embedded_default(
     posted = await http.post("/dev/sign-in", json={"role": "ops_admin"})
     assert posted.status_code in (404, 405)
     assert "token" not in posted.text
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "same"),
+    [
+        ("http://127.0.0.1:8051", "127.0.0.1:8051", True),
+        ("https://ops.example.com", "ops.example.com", True),  # TLS ended by a proxy
+        ("https://ops.example.com", "ops.example.com:443", True),
+        ("http://127.0.0.1:8051", "127.0.0.1:9999", False),
+        ("http://localhost:8051", "127.0.0.1:8051", False),
+        ("null", "127.0.0.1:8051", False),
+        ("file://", "127.0.0.1:8051", False),
+    ],
+)
+def test_same_origin_is_the_host_the_request_was_sent_to(
+    origin: str, host: str, same: bool
+) -> None:
+    from sira_server.web.origins import same_origin
+
+    assert same_origin(origin, host) is same
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost:8051", True),
+        ("127.0.0.1:8051", True),
+        ("[::1]:8051", True),
+        ("127.0.0.1", True),
+        ("evil.example:8051", False),
+        ("192.168.1.2:8051", False),
+        ("localhost.evil.example", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    from sira_server.web.origins import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
