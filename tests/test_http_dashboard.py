@@ -457,3 +457,47 @@ def test_loopback_hosts(host: str, loopback: bool) -> None:
     from sira_server.web.origins import is_loopback_host
 
     assert is_loopback_host(host) is loopback
+
+
+async def test_grpc_web_is_answered_on_the_same_paths(http: httpx.AsyncClient) -> None:
+    """The fallback protocol of the contract: same guards, status and details in the
+    trailer frame."""
+    import base64
+    import struct
+
+    from google.rpc import status_pb2  # type: ignore[import-untyped]
+
+    empty = b"\x00" + struct.pack(">I", 0)  # one uncompressed frame: an empty request
+    response = await http.post(
+        LIFECYCLE + "ListExperiments",
+        content=empty,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/grpc-web+proto"
+    assert response.content[0] == 0x80  # the trailer frame (no message)
+    trailers = dict(
+        line.split(": ", 1) for line in response.content[5:].decode().splitlines() if line
+    )
+    assert trailers["grpc-status"] == "16"  # UNAUTHENTICATED
+    packed = trailers["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(base64.b64decode(packed + "=" * (-len(packed) % 4)))
+    (detail,) = status.details
+    info = error_details_pb2.ErrorInfo.FromString(detail.value)
+    assert info.reason == "ERROR_REASON_TOKEN_MISSING"
+
+    token = mint_test_token("marketing")
+    answered = await http.post(
+        LIFECYCLE + "ListExperiments",
+        content=empty,
+        headers={
+            "content-type": "application/grpc-web+proto",
+            "x-grpc-web": "1",
+            "authorization": f"Bearer {token}",
+        },
+    )
+    assert answered.status_code == 200
+    assert answered.content[0] == 0x00  # a message frame, then the trailers
+    (length,) = struct.unpack(">I", answered.content[1:5])
+    lpb.ListExperimentsResponse.FromString(answered.content[5 : 5 + length])
+    assert b"grpc-status: 0" in answered.content[5 + length :]
