@@ -501,3 +501,15 @@ async def test_grpc_web_is_answered_on_the_same_paths(http: httpx.AsyncClient) -
     (length,) = struct.unpack(">I", answered.content[1:5])
     lpb.ListExperimentsResponse.FromString(answered.content[5 : 5 + length])
     assert b"grpc-status: 0" in answered.content[5 + length :]
+
+
+async def test_a_request_over_the_size_limit_is_refused_as_over_grpc(
+    http: httpx.AsyncClient,
+) -> None:
+    token = mint_test_token("marketing")
+    oversized = lpb.GetExperimentRequest(experiment="x" * (4 * 1024 * 1024 + 1))
+    over_http = await connect_call(
+        http, LIFECYCLE + "GetExperiment", oversized, lpb.GetExperimentResponse, token=token
+    )
+    assert isinstance(over_http, Failure)
+    assert over_http.code == "resource_exhausted"

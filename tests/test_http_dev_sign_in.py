@@ -122,5 +122,11 @@ async def test_requests_from_elsewhere_are_refused(http: httpx.AsyncClient) -> N
     assert form.status_code == 415  # a cross-site form cannot send JSON
     for refused in (cross_site, rebound, form):
         assert "token" not in refused.text
+    huge = await http.post(
+        "/dev/sign-in",
+        content=b'{"role": "ops_admin", "pad": "' + b"x" * 100_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert huge.status_code == 413
     assert (await sign_in(http, "pay_module")).status_code == 400  # a service's role
     assert (await sign_in(http, "root")).status_code == 400
