@@ -120,7 +120,7 @@ class SameOrigin:
 
 def _client_route(path: str) -> bool:
     """A path the page routes itself (`/experiments/42`): not a file, not an asset."""
-    if path.startswith("assets/") or path == "assets":
+    if path.split("/", 1)[0] in ("assets", "dev"):  # files and endpoints, never the page
         return False
     return "." not in path.rsplit("/", 1)[-1]
 

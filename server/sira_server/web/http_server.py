@@ -33,6 +33,8 @@ __all__ = ["HttpServer", "LoopbackSocket", "bind_http_socket", "open_http_server
 
 log = logging.getLogger("sira_server.web")
 
+READ_TIMEOUT_SECONDS = 30
+
 
 class LoopbackSocket:
     """A unix socket path for the gRPC server, in a directory only this user can enter."""
@@ -117,7 +119,10 @@ class HttpServer:
         config.graceful_timeout = s.shutdown_grace_seconds
         config.accesslog = None
         config.errorlog = logging.getLogger("sira_server.web.hypercorn")
-        config.h11_max_incomplete_size = 16 * 1024
+        config.h11_max_incomplete_size = 16 * 1024  # request line and headers
+        # A client that stops sending mid-request is dropped (idle keep-alive: 5 s).
+        config.read_timeout = READ_TIMEOUT_SECONDS
+        config.ssl_handshake_timeout = READ_TIMEOUT_SECONDS
         if s.tls_cert_file is not None and s.tls_key_file is not None:
             config.certfile = str(s.tls_cert_file)
             config.keyfile = str(s.tls_key_file)
