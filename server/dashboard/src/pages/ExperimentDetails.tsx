@@ -100,6 +100,8 @@ export function ExperimentDetails() {
   if (!experiment || !insights) return error ? <ErrorBanner message={error} onRetry={() => void refresh(true)} /> : <Loading what="the experiment" />;
 
   const hasData = insights.insights.some((v) => v.samples > 0n);
+  const showHistory =
+    history !== null && (experiment.status === ExperimentStatus.RUNNING || history.probBest.length > 1);
   const t = experiment.targeting;
   const targeting = [
     t?.countries.length ? `countries ${t.countries.join(", ")}` : "",
@@ -144,30 +146,32 @@ export function ExperimentDetails() {
           No users yet: the charts appear once the experiment runs and users are assigned.
         </p>
       )}
-      <div className="grid gap-4 lg:grid-cols-2">
-        {hasData && (
-          <>
-            <div className="card">
-              <ConversionBars variants={insights.insights} />
-            </div>
-            <div className="card">
-              <PosteriorCurves variants={insights.insights} />
-            </div>
-          </>
-        )}
-        {history && (experiment.status === ExperimentStatus.RUNNING || history.probBest.length > 1) && (
-          <>
-            <div className="card">
-              <HistoryChart title="Allocation over time" points={history.allocation} variants={insights.insights}
-                note="Share of the new users each variant received between two refreshes, recorded while this page is open." />
-            </div>
-            <div className="card">
-              <HistoryChart title="P(best) over time" points={history.probBest} variants={insights.insights}
-                note="Probability that each variant is the best, recorded while this page is open." />
-            </div>
-          </>
-        )}
-      </div>
+      {(hasData || showHistory) && (
+        <div className="grid gap-4 lg:grid-cols-2">
+          {hasData && (
+            <>
+              <div className="card">
+                <ConversionBars variants={insights.insights} />
+              </div>
+              <div className="card">
+                <PosteriorCurves variants={insights.insights} />
+              </div>
+            </>
+          )}
+          {history && showHistory && (
+            <>
+              <div className="card">
+                <HistoryChart title="Allocation over time" points={history.allocation} variants={insights.insights}
+                  note="Share of the new users each variant received between two refreshes, recorded while this page is open." />
+              </div>
+              <div className="card">
+                <HistoryChart title="P(best) over time" points={history.probBest} variants={insights.insights}
+                  note="Probability that each variant is the best, recorded while this page is open." />
+              </div>
+            </>
+          )}
+        </div>
+      )}
       <AuditTrail events={audit} />
     </article>
   );
