@@ -423,6 +423,15 @@ def test_a_server_validation_error_shows_next_to_its_field(
     described = key_input.get_attribute("aria-describedby") or ""
     assert error.get_attribute("id") in described.split()
     page.screenshot(path=str(shots / "create-error.png"))
+
+    # A violation deep inside a field (a config nested too deeply) shows under that field.
+    key_input.fill(f"deep-{uuid.uuid4().hex[:8]}")
+    fill_variant(page, 2, "Green Button", '{"a":' * 12 + "1" + "}" * 12)
+    page.get_by_role("button", name="Create draft").click()
+    config_error = page.locator("[data-error-for='variants[1].config']")
+    expect(config_error).to_be_visible()
+    expect(page.get_by_label("Variant 2 configuration", exact=False)).to_be_focused()
+    expect(page.locator("[data-error-for=key]")).to_have_count(0)
     context.close()
 
 

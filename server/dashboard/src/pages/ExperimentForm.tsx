@@ -19,16 +19,33 @@ import { may } from "../rbac";
 /** Field paths as the server names them in BadRequest (without the "experiment." prefix). */
 type Errors = Record<string, string[]>;
 
-function byPath(violations: FieldViolation[]): Errors {
-  const out: Errors = {};
-  for (const v of violations) {
-    const path = v.field.replace(/^experiment\./, "");
-    (out[path] ??= []).push(v.description);
+const inputId = (path: string) => `f-${path.replace(/[^a-zA-Z0-9]+/g, "-")}`;
+
+/** The form field a violation belongs to: its path, or the nearest enclosing path that has
+ * a field ("variants[1].config.color" -> "variants[1].config"); null when none has. */
+function fieldOf(path: string): string | null {
+  const grouped = ["variants", "targeting.attributes", "allocation"];
+  let p = path;
+  for (;;) {
+    if (document.getElementById(inputId(p)) !== null || grouped.includes(p)) return p;
+    const parent = p.replace(/(\.[^.[\]]*|\[[^\]]*\])$/, "");
+    if (parent === p || parent === "") return null;
+    p = parent;
   }
-  return out;
 }
 
-const inputId = (path: string) => `f-${path.replace(/[^a-zA-Z0-9]+/g, "-")}`;
+/** Violations by the field they are shown under (the path is kept when it is nested). */
+function byField(violations: FieldViolation[]): { placed: Errors; unplaced: FieldViolation[] } {
+  const placed: Errors = {};
+  const unplaced: FieldViolation[] = [];
+  for (const v of violations) {
+    const path = v.field.replace(/^experiment\./, "");
+    const field = fieldOf(path);
+    if (field === null) unplaced.push(v);
+    else (placed[field] ??= []).push(field === path ? v.description : `${path.slice(field.length).replace(/^\./, "")}: ${v.description}`);
+  }
+  return { placed, unplaced };
+}
 
 function Field(props: { path: string; label: string; hint?: string; errors: Errors; children: (a: Record<string, unknown>) => ReactNode }) {
   const id = inputId(props.path);
@@ -120,14 +137,11 @@ export function ExperimentForm() {
       navigate(`/experiments/${saved.key}`);
     } catch (err) {
       const plain = plainError(err);
-      const found = byPath(plain.violations);
-      setServerErrors(found);
-      const unplaced = Object.keys(found).filter((p) => document.getElementById(inputId(p)) === null);
-      setBanner(
-        plain.message + (unplaced.length ? ` ${unplaced.map((p) => `${p}: ${found[p].join("; ")}`).join(". ")}` : ""),
-      );
+      const { placed, unplaced } = byField(plain.violations);
+      setServerErrors(placed);
+      setBanner(plain.message + unplaced.map((v) => ` ${v.field}: ${v.description}.`).join(""));
       // Move keyboard focus to the first offending field.
-      const first = Object.keys(found).map((p) => document.getElementById(inputId(p))).find(Boolean);
+      const first = Object.keys(placed).map((p) => document.getElementById(inputId(p))).find(Boolean);
       window.setTimeout(() => first?.focus(), 0);
     } finally {
       setBusy(false);
