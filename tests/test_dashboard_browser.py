@@ -453,3 +453,21 @@ def test_a_token_the_server_rejects_leads_back_to_sign_in(
     expect(page).to_have_url(re.compile(r"/sign-in$"))
     assert page.evaluate("sessionStorage.getItem('sira.token')") is None
     context.close()
+
+
+def test_the_keyboard_alone_reaches_the_form(browser: Browser, sira: EmbeddedSira) -> None:
+    """Tab order starts with the skip link; Tab and Enter open the creation form."""
+    context, page = signed_in(browser, sira, "marketing", DESKTOP)
+    page.reload()  # a fresh page: focus starts at the top
+    page.get_by_role("heading", name="Experiments", exact=True).wait_for()
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    new = page.get_by_role("link", name="New experiment")
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        if new.evaluate("el => el === document.activeElement"):
+            break
+    expect(new).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="New experiment")).to_be_visible()
+    context.close()
