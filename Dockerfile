@@ -17,6 +17,8 @@ ENV SIRA_MIGRATIONS_DIR=/app/migrations \
     SIRA_GRPC_PORT=50051 \
     SIRA_METRICS_HOST=0.0.0.0 \
     SIRA_METRICS_PORT=9464 \
+    SIRA_HTTP_HOST=0.0.0.0 \
+    SIRA_HTTP_PORT=8051 \
     NUMBA_CACHE_DIR=/opt/numba-cache \
     PYTHONUNBUFFERED=1
 # Compile the numba kernels at build time: no pod pays the ~6 s cold compile.
@@ -24,7 +26,7 @@ RUN python -c "from sira_server.domain import bayes; bayes.warm_up()" \
     && chown -R sira /opt/numba-cache
 USER sira
 WORKDIR /home/sira
-EXPOSE 50051 9464
+EXPOSE 50051 9464 8051
 # Production sets SIRA_DATABASE_URL (the sira_app role), SIRA_REDIS_URL and the JWT
 # settings; the migration Job runs `sira-server migrate` with SIRA_MIGRATE_DATABASE_URL (the
 # schema owner) before the Deployment rolls out. A container listens on every interface.

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_FILES := $(wildcard protos/sira/experiments/v1/*.proto)
 
-.PHONY: install run test fuzz migrate protos lint typecheck bench capacity clean
+.PHONY: install run test fuzz migrate protos dashboard lint typecheck bench capacity clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,13 @@ migrate:
 # Regenerate the committed stubs from protos/ (tests fail when they drift).
 protos:
 	$(PY) -m sira_server.codegen client
+
+# Rebuild the ops dashboard (server/dashboard/, needs Node 20+ and npm) into the committed
+# bundle server/sira_server/web/dist/, typed from protos/; SOURCE_HASH lets the tests catch
+# sources changed without a rebuild. `make run` and `make test` never need Node.
+dashboard: $(PY)
+	cd server/dashboard && npm ci --no-audit --no-fund && npm run generate && npm run build
+	$(PY) -m sira_server.dashboard_bundle
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -32,6 +32,7 @@ from sira_server.store.roles import as_role
 
 TEST_JWT_SECRET = "sira-test-secret-" + "x" * 32
 READY_LINE = re.compile(r"SIRA listening on (\S+)")
+DASHBOARD_LINE = re.compile(r"dashboard:\s+(\S+)")
 SERVER_REDIS_DB = int(os.environ.get("SIRA_TEST_SERVER_REDIS_DB", "14"))
 """Redis database of the session's server; test runs sharing one Redis at the same time
 must each set their own (the fixture flushes it at start)."""
@@ -44,6 +45,8 @@ class RunningServer:
     data_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    http_url: str | None = None
+    """The dashboard's base URL from the banner (`http://127.0.0.1:PORT`), None when off."""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -88,6 +91,8 @@ def run_sira_server(
         "SIRA_GRPC_HOST": "127.0.0.1",
         "SIRA_GRPC_PORT": "0",
         "SIRA_METRICS_PORT": "0",
+        # Any free port: test servers (and other test runs on the machine) never collide.
+        "SIRA_HTTP_PORT": "0",
         "SIRA_JWT_SECRET": TEST_JWT_SECRET,
         "SIRA_DATA_DIR": str(data_dir),
         "SIRA_SHUTDOWN_GRACE_SECONDS": "2",
@@ -113,6 +118,8 @@ def run_sira_server(
             match = READY_LINE.search(server.log())
             if match:
                 server.address = match.group(1)
+                http = DASHBOARD_LINE.search(server.log())
+                server.http_url = http.group(1).rstrip("/") if http else None
                 break
             if process.poll() is not None:
                 raise RuntimeError(f"sira-server exited early:\n{server.log()}")

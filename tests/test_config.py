@@ -15,6 +15,22 @@ def test_defaults_are_the_embedded_development_setup() -> None:
     assert (s.grpc_port, s.metrics_port, s.data_dir) == (50051, 9464, Path(".sira"))
     assert s.jwt.algorithm == "HS256"
     assert s.jwt.secret is None
+    assert (s.http.host, s.http.port, s.http.cors_origins) == ("127.0.0.1", 8051, ())
+    assert not s.http.dev_sign_in  # decided by the launcher, never by the environment
+
+
+@pytest.mark.parametrize(
+    ("raw", "port"), [("off", None), ("OFF", None), ("0", 0), ("9000", 9000), ("", 8051)]
+)
+def test_the_http_port_can_be_any_free_one_or_off(raw: str, port: int | None) -> None:
+    assert Settings.from_env({"SIRA_HTTP_PORT": raw}).http.port == port
+
+
+def test_cors_origins_are_exact_origins() -> None:
+    s = Settings.from_env(
+        {"SIRA_HTTP_CORS_ORIGINS": " https://ops.example.com/ , http://localhost:5173"}
+    )
+    assert s.http.cors_origins == ("https://ops.example.com", "http://localhost:5173")
 
 
 def test_external_stores_and_jwt_settings_are_read() -> None:
@@ -46,6 +62,12 @@ def test_external_stores_and_jwt_settings_are_read() -> None:
         ({"SIRA_DATABASE_URL": "postgresql://db/sira"}, "SIRA_REDIS_URL"),
         ({"SIRA_JWT_PUBLIC_KEY_FILE": "/nonexistent.pem"}, "SIRA_JWT_PUBLIC_KEY_FILE"),
         ({"SIRA_SHUTDOWN_GRACE_SECONDS": "soon"}, "SIRA_SHUTDOWN_GRACE_SECONDS"),
+        ({"SIRA_HTTP_PORT": "eighty"}, "SIRA_HTTP_PORT"),
+        ({"SIRA_HTTP_PORT": "70000"}, "SIRA_HTTP_PORT"),
+        ({"SIRA_HTTP_CORS_ORIGINS": "*"}, "SIRA_HTTP_CORS_ORIGINS"),
+        ({"SIRA_HTTP_CORS_ORIGINS": "https://*.example.com"}, "SIRA_HTTP_CORS_ORIGINS"),
+        ({"SIRA_HTTP_CORS_ORIGINS": "https://ops.example.com/app"}, "SIRA_HTTP_CORS_ORIGINS"),
+        ({"SIRA_HTTP_CORS_ORIGINS": "ops.example.com"}, "SIRA_HTTP_CORS_ORIGINS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:

@@ -73,6 +73,7 @@ def _start_flusher(database_url: str, redis_url: str, log_path: Path) -> subproc
         assert process.poll() is None, log_path.read_text()
         assert time.monotonic() < deadline, "flusher not ready"
         time.sleep(0.05)
+    assert "dashboard" not in log_path.read_text()  # a flusher serves no HTTP either
     return process
 
 

@@ -47,6 +47,14 @@ def test_the_deployment_listens_on_every_interface_explicitly() -> None:
         assert name in text
 
 
+def test_the_deployment_says_what_it_does_with_the_dashboard_port() -> None:
+    """The HTTP port defaults to 8051 on loopback; in a pod it is set explicitly."""
+    (deployment,) = _resources(K8S / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SIRA_HTTP_PORT"] == "off"
+
+
 def test_serving_pods_leave_the_write_behind_to_the_flusher_deployment() -> None:
     def container(path: str) -> dict[str, Any]:
         (deployment,) = _resources(K8S / path)

@@ -692,6 +692,7 @@ def _sira_env(tmp_dir: Path, secret: str) -> dict[str, str]:
         "SIRA_GRPC_HOST": "127.0.0.1",
         "SIRA_GRPC_PORT": "0",
         "SIRA_METRICS_PORT": "0",
+        "SIRA_HTTP_PORT": "off",  # the benchmark measures gRPC only
         "SIRA_JWT_SECRET": secret,
         "SIRA_DATA_DIR": str(tmp_dir / "sira-data"),
         "SIRA_SHUTDOWN_GRACE_SECONDS": "2",

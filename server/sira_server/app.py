@@ -17,10 +17,12 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sira.experiments.v1 import (
@@ -60,13 +62,18 @@ from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
 from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
+from sira_server.web.http_server import HttpServer, open_http_server
 
 log = logging.getLogger("sira_server")
 
-LIFECYCLE = lifecycle_service_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name
-ASSIGNMENT = assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentService"].full_name
-TRACKING = tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name
-INSIGHTS = insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"].full_name
+SERVICES: tuple[ServiceDescriptor, ...] = (
+    lifecycle_service_pb2.DESCRIPTOR.services_by_name["LifecycleService"],
+    assignment_service_pb2.DESCRIPTOR.services_by_name["AssignmentService"],
+    tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"],
+    insights_service_pb2.DESCRIPTOR.services_by_name["InsightsService"],
+)
+"""The API's four services (served over gRPC, and over Connect by `sira_server.web`)."""
+LIFECYCLE, ASSIGNMENT, TRACKING, INSIGHTS = (service.full_name for service in SERVICES)
 SERVICE_NAMES: tuple[str, ...] = (LIFECYCLE, ASSIGNMENT, TRACKING, INSIGHTS)
 # Health service name that stays SERVING while the process runs, even when a
 # store is down: Kubernetes liveness must not restart pods during a Postgres
@@ -463,9 +470,26 @@ def tracking_key(settings: Settings) -> bytes:
     )
 
 
-def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
-    host = "127.0.0.1" if settings.grpc_host in ("0.0.0.0", "::", "[::]") else settings.grpc_host
-    lines = [f"SIRA listening on {host}:{port}"]
+class Ports(NamedTuple):
+    """Where one server process listens, once it serves (port 0 resolved)."""
+
+    grpc: int
+    http: int | None = None
+    """The dashboard's port; None when SIRA_HTTP_PORT=off."""
+
+
+def _reachable(host: str) -> str:
+    """A listen address as a local client would name it (0.0.0.0 -> 127.0.0.1)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+
+
+def banner(settings: Settings, ports: Ports, *, embedded: bool) -> Sequence[str]:
+    lines = [f"SIRA listening on {_reachable(settings.grpc_host)}:{ports.grpc}"]
+    if ports.http is not None:
+        host = _reachable(settings.http.host)
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        scheme = "https" if settings.tls_cert_file is not None else "http"
+        lines.append(f"  dashboard:      {scheme}://{host}:{ports.http}/")
     if embedded:
         lines.append(f"  data directory: {Path(settings.data_dir).resolve()}")
         lines.append(
@@ -480,9 +504,9 @@ def banner(settings: Settings, port: int, *, embedded: bool) -> Sequence[str]:
     return lines
 
 
-async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
+async def serve(settings: Settings, on_ready: Callable[[Ports], None]) -> None:
     """Run one server process on resolved settings (store URLs and JWT key set) until
-    SIGTERM or SIGINT; `on_ready(port)` once it reports SERVING."""
+    SIGTERM or SIGINT; `on_ready(ports)` once it reports SERVING (and serves HTTP)."""
     assert settings.database_url is not None
     assert settings.redis_url is not None
     # Handlers first: a SIGTERM during start-up still shuts down cleanly.
@@ -497,25 +521,35 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
         settings.timeouts,
         settings.postgres,
     )
+    http: HttpServer | None = None
     try:
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)
         sira = SiraServer(settings, stores, TokenVerifier(settings.jwt), metrics)
+        # Before the gRPC server starts: it adds the loopback port browser calls go through.
+        http = open_http_server(settings, sira.server, SERVICES)
         if stop.is_set():
             return
         await sira.start()
-        on_ready(sira.port)
+        if http is not None:
+            await http.start()
+        on_ready(Ports(sira.port, http.port if http is not None else None))
         await stop.wait()
         log.info("shutting down")
         try:
             async with asyncio.timeout(
                 settings.shutdown_grace_seconds * 2 + SHUTDOWN_SLACK_SECONDS
             ):
+                if http is not None:  # browsers' in-flight calls still reach gRPC
+                    await http.stop()
+                    http = None
                 await sira.stop()
         except TimeoutError:  # never hang a rolling update; say what was stuck
             log.error("shutdown timed out; still pending:\n%s", describe_tasks())
     finally:
+        if http is not None:
+            await http.stop()
         await stores.close()
         await cancel_leftovers()
 

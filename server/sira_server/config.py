@@ -48,6 +48,60 @@ class ListenSettings:
     otherwise (the k8s manifests set 0.0.0.0 for the scraper)."""
 
 
+DEFAULT_HTTP_PORT = 8051
+"""The dashboard's port in the embedded default (next to gRPC's 50051)."""
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The dashboard and its browser RPC (Connect), served next to gRPC (`sira_server.web`)."""
+
+    host: str = "127.0.0.1"
+    """SIRA_HTTP_HOST: interface the HTTP server binds. Loopback unless told otherwise."""
+    port: int | None = DEFAULT_HTTP_PORT
+    """SIRA_HTTP_PORT: HTTP port; `0` picks a free one; `off` (None) serves no HTTP."""
+    cors_origins: tuple[str, ...] = ()
+    """SIRA_HTTP_CORS_ORIGINS: comma-separated origins (`https://ops.example.com`) whose
+    pages may call the RPCs cross-origin. Empty: same origin only (no CORS headers)."""
+    dev_sign_in: bool = False
+    """Not read from the environment: the launcher sets it in the embedded default, where
+    the server signs with the development secret of its data dir (`/dev/sign-in`)."""
+
+
+def parse_http_port(raw: str | None) -> int | None:
+    """`SIRA_HTTP_PORT`: unset -> the default, `off` -> None, else a port (0: any free)."""
+    if raw is None:
+        return DEFAULT_HTTP_PORT
+    if raw.lower() in ("off", "none", "disabled"):
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"SIRA_HTTP_PORT must be a port number or 'off', got {raw[:40]!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"SIRA_HTTP_PORT must be within 0..65535, got {port}")
+    return port
+
+
+def parse_origins(raw: str | None) -> tuple[str, ...]:
+    """`SIRA_HTTP_CORS_ORIGINS`: exact origins, scheme://host[:port], no path, no `*`."""
+    origins = []
+    for item in (raw or "").split(","):
+        origin = item.strip().rstrip("/")
+        if not origin:
+            continue
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest or "*" in rest:
+            raise ConfigError(
+                "SIRA_HTTP_CORS_ORIGINS must list origins like https://ops.example.com "
+                f"(scheme and host, no path, no wildcard), got {origin[:60]!r}"
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
 @dataclass(frozen=True)
 class StoreTimeouts:
     """How long the server waits on Redis and Postgres before answering UNAVAILABLE.
@@ -119,6 +173,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     """Pool size and PgBouncer mode (`postgres_budget`)."""
@@ -224,6 +279,11 @@ class Settings:
                 max_event_value=max_event_value,
             ),
             listen=ListenSettings(metrics_host=text("SIRA_METRICS_HOST") or "127.0.0.1"),
+            http=HttpSettings(
+                host=text("SIRA_HTTP_HOST") or "127.0.0.1",
+                port=parse_http_port(text("SIRA_HTTP_PORT")),
+                cors_origins=parse_origins(text("SIRA_HTTP_CORS_ORIGINS")),
+            ),
             timeouts=StoreTimeouts(
                 redis_seconds=seconds("SIRA_REDIS_TIMEOUT_SECONDS", 1.0),
                 postgres_seconds=seconds("SIRA_POSTGRES_TIMEOUT_SECONDS", 1.0),

@@ -20,7 +20,8 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from sira_server.app import banner, resolve_jwt_secret, resolve_tracking_key, serve
+from sira_server.app import Ports, banner, resolve_jwt_secret, resolve_tracking_key, serve
+from sira_server.auth import read_dev_secret
 from sira_server.config import ConfigError, Settings
 from sira_server.embedded import EmbeddedServers
 from sira_server.flusher_process import READY_LINE as FLUSHER_READY_LINE
@@ -69,12 +70,14 @@ def run(settings: Settings) -> None:
         settings = resolve_jwt_secret(settings, embedded=embedded is not None)
         settings = resolve_tracking_key(settings, embedded=embedded is not None)
         if embedded is not None:
+            settings = offer_dev_sign_in(settings)
+        if embedded is not None:
             # Started after the workers are forked: a thread does not survive a fork.
             supervisor = Supervisor((embedded.postgres, embedded.redis))
         if settings.workers == 1:
             if supervisor is not None:
                 supervisor.start()
-            asyncio.run(serve(settings, lambda port: announce(settings, port, embedded)))
+            asyncio.run(serve(settings, lambda ports: announce(settings, ports, embedded)))
         else:
             run_workers(settings, embedded, supervisor)
     finally:
@@ -84,9 +87,18 @@ def run(settings: Settings) -> None:
             embedded.stop()
 
 
-def announce(settings: Settings, port: int, embedded: EmbeddedServers | None) -> None:
-    for line in banner(settings, port, embedded=embedded is not None):
-        print(line, flush=True)
+def offer_dev_sign_in(settings: Settings) -> Settings:
+    """The dashboard's dev sign-in, when the server signs with its data dir's development
+    secret (not with a SIRA_JWT_SECRET of the operator's)."""
+    jwt = settings.jwt
+    if jwt.algorithm != "HS256" or jwt.secret != read_dev_secret(settings.data_dir):
+        return settings
+    return replace(settings, http=replace(settings.http, dev_sign_in=True))
+
+
+def announce(settings: Settings, ports: Ports, embedded: EmbeddedServers | None) -> None:
+    # One write: a reader of the log sees the whole banner or none of it.
+    print("\n".join(banner(settings, ports, embedded=embedded is not None)), flush=True)
 
 
 def free_port(host: str) -> int:
@@ -107,6 +119,9 @@ def run_workers(
     settings: Settings, embedded: EmbeddedServers | None, supervisor: Supervisor | None = None
 ) -> None:
     port = settings.grpc_port or free_port(settings.grpc_host)
+    http = settings.http
+    if http.port == 0:  # every worker binds the same HTTP port too (SO_REUSEPORT)
+        settings = replace(settings, http=replace(http, port=free_port(http.host)))
     context = multiprocessing.get_context("fork")
     workers = []
     pipes = []
@@ -135,9 +150,10 @@ def run_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        for receive, process in zip(pipes, workers, strict=True):
-            wait_ready(receive, process)
-        announce(settings, port, embedded)
+        ports = [
+            wait_ready(receive, process) for receive, process in zip(pipes, workers, strict=True)
+        ]
+        announce(settings, ports[0], embedded)
         print(f"  workers:        {settings.workers} processes sharing the port", flush=True)
         for process in workers:
             process.join()
@@ -148,15 +164,16 @@ def run_workers(
                 process.join(10)
 
 
-def wait_ready(receive: Connection, process: multiprocessing.process.BaseProcess) -> None:
-    """Until the worker reports its port; a worker that dies first ends the launch."""
+def wait_ready(receive: Connection, process: multiprocessing.process.BaseProcess) -> Ports:
+    """Until the worker reports its ports; a worker that dies first ends the launch."""
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_SECONDS
     while not receive.poll(0.2):
         if not process.is_alive():
             raise WorkerFailed(f"{process.name} exited during start-up (code {process.exitcode})")
         if time.monotonic() > deadline:
             raise WorkerFailed(f"{process.name} not ready in {WORKER_READY_TIMEOUT_SECONDS}s")
-    receive.recv()
+    ports: Ports = receive.recv()
+    return ports
 
 
 class WorkerFailed(RuntimeError):
