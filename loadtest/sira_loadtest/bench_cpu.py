@@ -1,0 +1,769 @@
+"""Server-side CPU per call, read from /proc: `python -m sira_loadtest.bench_cpu`.
+
+`make bench` runs it (its own section of docs/benchmarks.md). For each server under
+test (a *stack*) the bench starts its own Redis and Postgres (the embedded ones,
+`sira_server.embedded`, so their process ids are known), applies the migrations,
+and starts `sira-server` on them: by default once with the write-behind flusher
+in-process (`--role all`) and once as `--role serve` plus a `--role flusher`
+process. `--before PYTHON` adds a stack run by another interpreter (another
+checkout's venv) on the same kind of stores, for before/after comparisons.
+
+Then, in rounds, one scenario after the other on every stack in turn (so a
+disturbance on the shared machine hits all stacks alike): echo (a do-nothing
+grpc.aio server), Assign of a new subject, Assign of a returning subject (sticky
+hit), Track, TrackBatch of 100 events. Each run: warm-up, wait until the
+write-behind streams are empty, read the CPU ticks (utime+stime, plus reaped
+children) of every process of the stack, run the load with sira-loadtest, wait
+again until the flusher has written every record into Postgres, read the ticks
+again. The difference, per group (server, flusher, Redis, Postgres: the
+postmaster and all its children), divided by the calls answered OK, is the CPU
+per call; the load client's own CPU is never counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sira_loadtest.bench_report import read_loadavg, replace_section
+from sira_loadtest.config import LoadConfig, parse_duration
+from sira_loadtest.echo import ECHO_METHOD
+from sira_loadtest.machine import describe_machine
+from sira_loadtest.runner import preassign, run_load_detailed
+from sira_loadtest.scenarios import TRACK_BATCH_EVENTS
+
+SECTION_START = "<!-- bench:cpu start -->"
+SECTION_END = "<!-- bench:cpu end -->"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+GROUPS = ("server", "flusher", "redis", "postgres")
+"""CPU groups of a stack; echo's one process counts as `server`."""
+DRAIN_TIMEOUT = 300.0
+"""Seconds to wait for the write-behind streams to empty after a run."""
+SIRA_READY = "SIRA listening on "
+FLUSHER_READY = "SIRA write-behind flusher running"
+ECHO_READY = "echo listening on "
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    """Row label."""
+    scenario: str
+    """sira-loadtest `--scenario`, or "" for echo."""
+    events_per_call: int = 1
+
+
+SCENARIOS = (
+    Scenario("echo", ""),
+    Scenario("Assign, new subject", "assign-new"),
+    Scenario("Assign, returning subject", "assign-returning"),
+    Scenario("Track", "track-heavy"),
+    Scenario(f"TrackBatch({TRACK_BATCH_EVENTS})", "track-batch", TRACK_BATCH_EVENTS),
+)
+ECHO = SCENARIOS[0].name
+ASSIGN_NEW, ASSIGN_RETURNING, TRACK, TRACK_BATCH = (s.name for s in SCENARIOS[1:])
+
+
+# --- /proc ---------------------------------------------------------------------------
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, CPU ticks: utime+stime of the process and its reaped children)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return table
+
+
+def descendants(table: Mapping[int, tuple[int, int]], root: int) -> set[int]:
+    """`root` and every process below it in a `process_table()`."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += children.get(pid, [])
+    return seen
+
+
+def group_ticks(
+    table: Mapping[int, tuple[int, int]], groups: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """CPU ticks per group; a group is the trees of its root pids (0: no such process)."""
+    return {
+        name: sum(
+            table[pid][1]
+            for root in roots
+            if root
+            for pid in descendants(table, root)
+            if pid in table
+        )
+        for name, roots in groups.items()
+    }
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+@dataclass
+class Launched:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    address: str = ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@contextmanager
+def launch(
+    command: Sequence[str], env: Mapping[str, str], ready: str, log_path: Path, timeout: float
+) -> Iterator[Launched]:
+    """Run `command`, wait for a log line starting with `ready`, SIGTERM it on exit."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env)
+        )
+    launched = Launched(process, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = log_path.read_text(errors="replace")
+            lines = [line for line in text.splitlines() if line.startswith(ready)]
+            if lines:
+                launched.address = lines[0][len(ready) :].strip()
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(text.splitlines()[-20:])
+                raise RuntimeError(f"{' '.join(command)} did not get ready:\n{tail}")
+            time.sleep(0.1)
+        yield launched
+    finally:
+        launched.stop()
+
+
+# --- one server under test ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    label: str
+    python: str
+    split_flusher: bool = False
+    """`--role serve` plus a `--role flusher` process instead of `--role all`."""
+
+
+@dataclass
+class Stack:
+    spec: StackSpec
+    address: str
+    redis_url: str
+    pids: dict[str, list[int]]
+    experiment: str
+    metadata: tuple[tuple[str, str], ...]
+    preassigned: tuple[tuple[str, str], ...] = ()
+
+    def ticks(self) -> dict[str, int]:
+        return group_ticks(process_table(), self.pids)
+
+
+def _postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+async def start_stack(
+    stack: ExitStack, spec: StackSpec, tmp_dir: Path, options: CpuOptions
+) -> Stack:
+    """Own Redis and Postgres, migrated; sira-server (and its flusher) on them; seeded."""
+    from sira_loadtest.bench import mint_token, seed_experiment
+    from sira_server.embedded import EmbeddedServers
+    from sira_server.store.migrate import apply_migrations
+    from sira_server.store.roles import as_role
+
+    data_dir = tmp_dir / "".join(c if c.isalnum() else "-" for c in spec.label)
+    stores = EmbeddedServers(data_dir / "stores")
+    database_url, redis_url = await asyncio.to_thread(stores.start)
+    stack.callback(stores.stop)
+    await apply_migrations(database_url)
+    redis_pid = stores.redis.pid or 0
+    postgres_pid = _postmaster_pid(stores.postgres.pgdata)
+    secret = secrets.token_urlsafe(32)
+    env = {
+        **os.environ,
+        "SIRA_DATABASE_URL": as_role(database_url),
+        "SIRA_REDIS_URL": redis_url,
+        "SIRA_GRPC_HOST": "127.0.0.1",
+        "SIRA_GRPC_PORT": "0",
+        "SIRA_METRICS_PORT": "0",
+        "SIRA_JWT_SECRET": secret,
+        "SIRA_DATA_DIR": str(data_dir / "sira"),
+        "SIRA_SHUTDOWN_GRACE_SECONDS": "5",
+        "SIRA_WORKERS": "1",
+    }
+    server_args = [spec.python, "-m", "sira_server"]
+    role = ["--role", "serve"] if spec.split_flusher else []
+    print(f"cpu bench: starting {spec.label}", file=sys.stderr)
+    server = stack.enter_context(
+        launch(server_args + role, env, SIRA_READY, data_dir / "server.log", options.timeout)
+    )
+    pids: dict[str, list[int]] = {
+        "server": [server.process.pid],
+        "flusher": [],
+        "redis": [redis_pid],
+        "postgres": [postgres_pid],
+    }
+    if spec.split_flusher:
+        flusher = stack.enter_context(
+            launch(
+                [*server_args, "--role", "flusher"],
+                env,
+                FLUSHER_READY,
+                data_dir / "flusher.log",
+                options.timeout,
+            )
+        )
+        pids["flusher"] = [flusher.process.pid]
+    experiment = f"cpu-{secrets.token_hex(4)}"
+    await seed_experiment(server.address, mint_token(secret, "ops_admin"), experiment)
+    metadata = (("authorization", f"Bearer {mint_token(secret, 'pay_module')}"),)
+    result = Stack(spec, server.address, redis_url, pids, experiment, metadata)
+    assigned, statuses = await preassign(
+        LoadConfig(
+            target=server.address,
+            experiment=experiment,
+            metadata=metadata,
+            returning_subjects=options.subjects,
+            scenario="assign-returning",
+            timeout=10.0,
+        )
+    )
+    if len(assigned) < options.subjects:
+        raise RuntimeError(f"{spec.label}: pre-assignment answered {statuses}")
+    result.preassigned = assigned
+    return result
+
+
+async def write_behind_backlog(redis_url: str) -> int:
+    """Records in the write-behind streams not yet in Postgres (acked ones are deleted)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        streams = await client.smembers("sira:streams")
+        total = 0
+        for stream in streams:
+            total += int(await client.xlen(stream))
+        return total
+    finally:
+        await client.aclose()
+
+
+async def wait_drained(stack: Stack) -> float:
+    """Seconds until the flusher has written every record; RuntimeError past the deadline."""
+    began = time.monotonic()
+    while (left := await write_behind_backlog(stack.redis_url)) > 0:
+        if time.monotonic() - began > DRAIN_TIMEOUT:
+            raise RuntimeError(f"{stack.spec.label}: {left} records still not flushed")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+@dataclass
+class CpuRun:
+    stack: str
+    scenario: str
+    calls: int
+    ok: int
+    events: int
+    seconds: float
+    drain_seconds: float
+    ticks: dict[str, int]
+    round: int = 0
+
+    def us_per_call(self, group: str) -> float:
+        return self.ticks.get(group, 0) / CLOCK_TICKS * 1e6 / max(self.ok, 1)
+
+    @property
+    def total_us(self) -> float:
+        return sum(self.us_per_call(g) for g in GROUPS)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.ticks.values()) / CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    duration: float = 8.0
+    warmup: float = 1.0
+    concurrency: int = 16
+    rounds: int = 3
+    subjects: int = 2000
+    timeout: float = 240.0
+    before_python: str = ""
+    before_label: str = "before"
+    split: bool = True
+    """Also measure `--role serve` + a `--role flusher` process."""
+    markdown: Path | None = Path("docs/benchmarks.md")
+    json_path: Path = Path("docs/benchmarks-cpu.json")
+    only: tuple[str, ...] = ()
+    """Scenario names to run (all when empty)."""
+
+
+def _load_config(
+    stack: Stack | None, scenario: Scenario, address: str, options: CpuOptions
+) -> LoadConfig:
+    base = LoadConfig(
+        target=address,
+        concurrency=options.concurrency,
+        duration=options.duration,
+        timeout=30.0,
+        duration_stop="wait",
+        name=scenario.name,
+    )
+    if stack is None:
+        return replace(base, call=ECHO_METHOD)
+    return replace(
+        base,
+        scenario=scenario.scenario,
+        experiment=stack.experiment,
+        metadata=stack.metadata,
+        preassigned=stack.preassigned,
+        returning_subjects=len(stack.preassigned),
+    )
+
+
+async def measure(
+    label: str,
+    scenario: Scenario,
+    config: LoadConfig,
+    pids: Callable[[], dict[str, int]],
+    stack: Stack | None,
+    options: CpuOptions,
+) -> CpuRun:
+    if options.warmup > 0:
+        await run_load_detailed(replace(config, duration=options.warmup), setup_scenario=False)
+    if stack is not None:
+        await wait_drained(stack)
+    before = pids()
+    began = time.monotonic()
+    run = await run_load_detailed(config, setup_scenario=False)
+    seconds = time.monotonic() - began
+    drain = await wait_drained(stack) if stack is not None else 0.0
+    after = pids()
+    ok = run.report.status_code_distribution.get("OK", 0)
+    return CpuRun(
+        stack=label,
+        scenario=scenario.name,
+        calls=run.report.count,
+        ok=ok,
+        events=ok * scenario.events_per_call,
+        seconds=seconds,
+        drain_seconds=drain,
+        ticks={g: after.get(g, 0) - before.get(g, 0) for g in GROUPS},
+    )
+
+
+async def check_track_batch(stack: Stack) -> str:
+    """Problem text when one TrackBatch of the scenario's kind is not wholly accepted."""
+    import random
+
+    import grpc
+
+    from sira.experiments.v1 import tracking_service_pb2
+    from sira_loadtest.scenarios import TrackBatches, TrackConversions
+    from sira_loadtest.template import IdFactory, RenderContext
+
+    source = TrackBatches(TrackConversions(stack.experiment, stack.preassigned))
+    ctx = RenderContext("probe", random.Random(1), IdFactory("probe-", secrets.token_hex(4), 0))
+    method, body = source.next_call(ctx)
+    async with grpc.aio.insecure_channel(stack.address) as channel:
+        call = channel.unary_unary(
+            method,
+            request_serializer=None,
+            response_deserializer=tracking_service_pb2.TrackBatchResponse.FromString,
+        )
+        response = await call(body, metadata=stack.metadata, timeout=30)
+    rejected = [r.error.message for r in response.results if r.WhichOneof("result") != "accepted"]
+    if rejected:
+        return f"{stack.spec.label}: TrackBatch rejected {len(rejected)} events: {rejected[0]}"
+    return ""
+
+
+@dataclass
+class CpuResult:
+    date: str
+    machine: dict[str, str | int]
+    settings: dict[str, Any]
+    runs: list[CpuRun] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def runs_of(self, stack: str, scenario: str) -> list[CpuRun]:
+        return [r for r in self.runs if r.stack == stack and r.scenario == scenario and r.ok]
+
+    def median(self, stack: str, scenario: str, value: Callable[[CpuRun], float]) -> float | None:
+        runs = self.runs_of(stack, scenario)
+        return statistics.median(value(r) for r in runs) if runs else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date,
+            "machine": self.machine,
+            "settings": self.settings,
+            "runs": [asdict(r) for r in self.runs],
+            "problems": self.problems,
+        }
+
+
+def stack_specs(options: CpuOptions) -> list[StackSpec]:
+    specs = [StackSpec("main", sys.executable)]
+    if options.split:
+        specs.append(StackSpec("main, flusher apart", sys.executable, split_flusher=True))
+    if options.before_python:
+        specs.append(StackSpec(options.before_label, options.before_python))
+    return specs
+
+
+async def run_cpu_bench(options: CpuOptions) -> CpuResult:
+    specs = stack_specs(options)
+    result = CpuResult(
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=describe_machine(),
+        settings={
+            "duration": options.duration,
+            "warmup": options.warmup,
+            "concurrency": options.concurrency,
+            "rounds": options.rounds,
+            "subjects": options.subjects,
+            "stacks": [asdict(s) for s in specs],
+            "loadavg_start": read_loadavg(),
+        },
+    )
+    scenarios = [
+        s for s in SCENARIOS if not options.only or s.name in options.only or s is SCENARIOS[0]
+    ]
+    with tempfile.TemporaryDirectory(prefix="sira-cpu-") as tmp, ExitStack() as stack:
+        tmp_dir = Path(tmp)
+        echo = stack.enter_context(
+            launch(
+                [sys.executable, "-m", "sira_loadtest.echo", "--port", "0"],
+                os.environ,
+                ECHO_READY,
+                tmp_dir / "echo.log",
+                60,
+            )
+        )
+        stacks = [await start_stack(stack, spec, tmp_dir, options) for spec in specs]
+        for s in stacks:
+            if problem := await check_track_batch(s):
+                result.problems.append(problem)
+        echo_pids = {"server": [echo.process.pid]}
+        for round_index in range(options.rounds):
+            # Alternate the order of the stacks from one round to the next.
+            order = stacks if round_index % 2 == 0 else stacks[::-1]
+            for scenario in scenarios:
+                print(f"cpu bench round {round_index + 1}: {scenario.name}", file=sys.stderr)
+                if scenario.name == ECHO:
+                    config = _load_config(None, scenario, echo.address, options)
+                    run = await measure(
+                        "echo",
+                        scenario,
+                        config,
+                        lambda: group_ticks(process_table(), echo_pids),
+                        None,
+                        options,
+                    )
+                    result.runs.append(replace(run, round=round_index))
+                    continue
+                for s in order:
+                    config = _load_config(s, scenario, s.address, options)
+                    run = await measure(s.spec.label, scenario, config, s.ticks, s, options)
+                    result.runs.append(replace(run, round=round_index))
+    result.settings["loadavg_end"] = read_loadavg()
+    return result
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    stack: str
+    measured: float | None
+    limit: float
+    at_most: bool
+
+    @property
+    def verdict(self) -> str:
+        if self.measured is None:
+            return "not measured"
+        met = self.measured <= self.limit if self.at_most else self.measured >= self.limit
+        return "met" if met else "missed"
+
+
+def _server_us(run: CpuRun) -> float:
+    return run.us_per_call("server")
+
+
+def _total_us(run: CpuRun) -> float:
+    return run.total_us
+
+
+def events_per_core_second(run: CpuRun) -> float:
+    """Events written into Postgres per CPU second of server, flusher, Redis and Postgres."""
+    return run.events / run.cpu_seconds if run.cpu_seconds > 0 else 0.0
+
+
+def vs_echo(
+    result: CpuResult, stack: str, scenario: str, value: Callable[[CpuRun], float]
+) -> float | None:
+    """Median over rounds of (this run's CPU per call / echo's in the same round)."""
+    echo = {r.round: r.us_per_call("server") for r in result.runs_of("echo", ECHO)}
+    ratios = [
+        value(r) / echo[r.round] for r in result.runs_of(stack, scenario) if echo.get(r.round)
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def targets(result: CpuResult) -> list[Target]:
+    checks = []
+    for stack in [s["label"] for s in result.settings["stacks"] if s["python"] == sys.executable]:
+        checks += [
+            Target(
+                "Assign returning, server CPU / echo",
+                stack,
+                vs_echo(result, stack, ASSIGN_RETURNING, _server_us),
+                1.3,
+                True,
+            ),
+            Target(
+                "Assign new, server + flusher + Redis + Postgres CPU / echo",
+                stack,
+                vs_echo(result, stack, ASSIGN_NEW, _total_us),
+                2.0,
+                True,
+            ),
+            Target(
+                "Track, server + flusher + Redis + Postgres CPU / echo",
+                stack,
+                vs_echo(result, stack, TRACK, _total_us),
+                2.0,
+                True,
+            ),
+            Target(
+                f"TrackBatch({TRACK_BATCH_EVENTS}) events/s per core into Postgres",
+                stack,
+                result.median(stack, TRACK_BATCH, events_per_core_second),
+                20_000,
+                False,
+            ),
+        ]
+    return checks
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def cpu_table(result: CpuResult) -> list[str]:
+    lines = [
+        "| Call | Server | calls/s | server µs | flusher µs | Redis µs | Postgres µs "
+        "| total µs | server / echo | total / echo |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    stacks = ["echo"] + [s["label"] for s in result.settings["stacks"]]
+    for scenario in SCENARIOS:
+        for stack in stacks:
+            runs = result.runs_of(stack, scenario.name)
+            if not runs:
+                continue
+            per = scenario.events_per_call
+            name = scenario.name + (" per event" if per > 1 else "")
+            rate = statistics.median(r.ok / r.seconds for r in runs)
+            cells = [
+                _fmt(statistics.median(r.us_per_call(g) for r in runs) / per, 1)
+                if g == "server" or any(r.ticks.get(g) for r in runs)
+                else "-"
+                for g in GROUPS
+            ]
+            total = result.median(stack, scenario.name, _total_us)
+            lines.append(
+                f"| {name} | {stack} | {rate:,.0f} | {' | '.join(cells)} "
+                f"| {_fmt(total and total / per, 1)} "
+                f"| {_fmt(vs_echo(result, stack, scenario.name, _server_us), 2)} "
+                f"| {_fmt(vs_echo(result, stack, scenario.name, _total_us), 2)} |"
+            )
+    return lines
+
+
+def render_markdown(result: CpuResult) -> str:
+    s = result.settings
+    machine = result.machine
+    lines = [
+        "## Server CPU per call (from /proc)",
+        "",
+        f"Measured by `make bench` (`python -m sira_loadtest.bench_cpu`) on {result.date}.",
+        "",
+        f"- Machine: {machine['cpu']}, {machine['cores']} usable cores; Python "
+        f"{machine['python']}, grpcio {machine['grpcio']}, protobuf {machine['protobuf']}.",
+        f"- Load: sira-loadtest, {s['concurrency']} calls in flight over one connection, "
+        f"{s['duration']} s per run after a {s['warmup']} s warm-up; {s['rounds']} rounds, "
+        "each scenario on every server in turn (order alternating); medians over rounds. "
+        f"{s['subjects']} returning subjects pre-assigned per server.",
+        "- Servers: " + "; ".join(_describe(st) for st in s["stacks"]) + ". Each has its "
+        "own Redis and Postgres (the embedded ones: Redis with AOF fsync always over a "
+        "Unix socket, Postgres over TCP) started by the bench, so every pid is known.",
+        "- CPU: utime+stime from /proc/PID/stat (plus reaped children) of the server "
+        "process, the `--role flusher` process, redis-server, and the postmaster with "
+        "all its children (backends, WAL writer, checkpointer...), read before the run and "
+        "after the flusher has written every record of it into Postgres; divided by the "
+        "calls answered OK. The load client's CPU is not counted.",
+        f"- Load average before: {s['loadavg_start']}; after: {s.get('loadavg_end', '?')}.",
+        "",
+        *cpu_table(result),
+        "",
+        "Targets (same run):",
+        "",
+        "| What | Server | Measured | Target | Verdict |",
+        "|---|---|---:|---|---|",
+    ]
+    for t in targets(result):
+        op = "≤" if t.at_most else "≥"
+        digits = 0 if t.limit > 100 else 2
+        lines.append(
+            f"| {t.what} | {t.stack} | {_fmt(t.measured, digits)} "
+            f"| {op} {t.limit:,.{digits}f} | {t.verdict} |"
+        )
+    lines += ["", *before_after_lines(result)]
+    if result.problems:
+        lines += ["", "Problems:", "", *(f"- {p}" for p in result.problems)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _describe(stack: Mapping[str, Any]) -> str:
+    how = (
+        "`--role serve` + a `--role flusher` process"
+        if stack["split_flusher"]
+        else ("one process, flusher inside (`--role all`, the default)")
+    )
+    who = "" if stack["python"] == sys.executable else f", run by `{stack['python']}`"
+    return f"**{stack['label']}**: {how}{who}"
+
+
+def before_after_lines(result: CpuResult) -> list[str]:
+    """Per scenario: before / main per round, median and range (the noise)."""
+    labels = [s["label"] for s in result.settings["stacks"]]
+    before = [s["label"] for s in result.settings["stacks"] if s["python"] != sys.executable]
+    if not before or "main" not in labels:
+        return []
+    old = before[0]
+    lines = [
+        f"Before / after: CPU per call of **main** divided by **{old}**'s, per round "
+        "(same scenario, consecutive runs); median and range over the rounds.",
+        "",
+        "| Call | server: main / before | range | total: main / before | range |",
+        "|---|---:|---|---:|---|",
+    ]
+    for scenario in SCENARIOS[1:]:
+        cells = []
+        for value in (_server_us, _total_us):
+            old_runs = {r.round: value(r) for r in result.runs_of(old, scenario.name)}
+            ratios = [
+                value(r) / old_runs[r.round]
+                for r in result.runs_of("main", scenario.name)
+                if old_runs.get(r.round)
+            ]
+            if ratios:
+                cells += [
+                    f"{statistics.median(ratios):.2f}",
+                    f"{min(ratios):.2f}-{max(ratios):.2f}",
+                ]
+            else:
+                cells += ["-", "-"]
+        lines.append(f"| {scenario.name} | {' | '.join(cells)} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> CpuOptions:
+    p = argparse.ArgumentParser(prog="python -m sira_loadtest.bench_cpu", description=__doc__)
+    p.add_argument("-z", "--duration", default="8s", help="per measured run (8s)")
+    p.add_argument("--warmup", default="1s", help="unmeasured load before each run (1s)")
+    p.add_argument("-c", "--concurrency", type=int, default=16, help="calls in flight (16)")
+    p.add_argument("--rounds", type=int, default=3, help="runs of every scenario (3)")
+    p.add_argument("--subjects", type=int, default=2000, help="returning subjects (2000)")
+    p.add_argument(
+        "--before",
+        default="",
+        metavar="PYTHON",
+        help="also measure the sira-server of this interpreter (another checkout's venv)",
+    )
+    p.add_argument("--before-label", default="before", help="its row label")
+    p.add_argument("--no-split", action="store_true", help="skip the --role serve + flusher server")
+    p.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
+    p.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    p.add_argument("--json", type=Path, default=CpuOptions.json_path, dest="json_path")
+    a = p.parse_args(argv)
+    return CpuOptions(
+        duration=parse_duration(a.duration),
+        warmup=parse_duration(a.warmup),
+        concurrency=a.concurrency,
+        rounds=max(1, a.rounds),
+        subjects=a.subjects,
+        before_python=a.before,
+        before_label=a.before_label,
+        split=not a.no_split,
+        markdown=a.write,
+        json_path=a.json_path,
+        only=tuple(a.only),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_args(argv)
+    result = asyncio.run(run_cpu_bench(options))
+    text = render_markdown(result)
+    print(text)
+    options.json_path.parent.mkdir(parents=True, exist_ok=True)
+    options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if options.markdown is not None:
+        replace_section(options.markdown, text, start=SECTION_START, end=SECTION_END)
+
+
+if __name__ == "__main__":
+    main()
