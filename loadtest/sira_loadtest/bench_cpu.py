@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sira_loadtest.bench_profile import start_py_spy, summarize
+from sira_loadtest.bench_profile import table as profile_table
 from sira_loadtest.bench_report import read_loadavg, replace_section
 from sira_loadtest.config import LoadConfig, parse_duration
 from sira_loadtest.echo import ECHO_METHOD
@@ -199,6 +201,10 @@ class Stack:
         return group_ticks(process_table(), self.pids)
 
 
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
 def _postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
 
@@ -212,7 +218,7 @@ async def start_stack(
     from sira_server.store.migrate import apply_migrations
     from sira_server.store.roles import as_role
 
-    data_dir = tmp_dir / "".join(c if c.isalnum() else "-" for c in spec.label)
+    data_dir = tmp_dir / _slug(spec.label)
     stores = EmbeddedServers(data_dir / "stores")
     database_url, redis_url = await asyncio.to_thread(stores.start)
     stack.callback(stores.stop)
@@ -342,6 +348,10 @@ class CpuOptions:
     markdown: Path | None = Path("docs/benchmarks.md")
     json_path: Path = Path("docs/benchmarks-cpu.json")
     only: tuple[str, ...] = ()
+    profile: Path | None = None
+    """py-spy the server during each run into this directory (numbers then disturbed)."""
+    native: bool = False
+    """Profile with C frames too (py-spy --native)."""
     """Scenario names to run (all when empty)."""
 
 
@@ -375,15 +385,28 @@ async def measure(
     pids: Callable[[], dict[str, int]],
     stack: Stack | None,
     options: CpuOptions,
+    profile_pid: int,
 ) -> CpuRun:
     if options.warmup > 0:
         await run_load_detailed(replace(config, duration=options.warmup), setup_scenario=False)
     if stack is not None:
         await wait_drained(stack)
+    spy = None
+    if options.profile is not None:
+        options.profile.mkdir(parents=True, exist_ok=True)
+        raw = options.profile / f"{_slug(label)}-{_slug(scenario.name)}.txt"
+        spy = start_py_spy(profile_pid, raw, options.duration, native=options.native)
     before = pids()
     began = time.monotonic()
     run = await run_load_detailed(config, setup_scenario=False)
     seconds = time.monotonic() - began
+    if spy is not None and options.profile is not None:
+        await asyncio.to_thread(spy.wait, 60)
+        summary = summarize(raw.read_text()) if raw.exists() else None
+        if summary is not None:
+            title = f"### {scenario.name} ({label}): py-spy of the server process"
+            text = "\n".join([title, "", *profile_table(summary)])
+            raw.with_suffix(".md").write_text(text + "\n")
     drain = await wait_drained(stack) if stack is not None else 0.0
     after = pids()
     ok = run.report.status_code_distribution.get("OK", 0)
@@ -507,12 +530,15 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
                         lambda: group_ticks(process_table(), echo_pids),
                         None,
                         options,
+                        echo.process.pid,
                     )
                     result.runs.append(replace(run, round=round_index))
                     continue
                 for s in order:
                     config = _load_config(s, scenario, s.address, options)
-                    run = await measure(s.spec.label, scenario, config, s.ticks, s, options)
+                    run = await measure(
+                        s.spec.label, scenario, config, s.ticks, s, options, s.pids["server"][0]
+                    )
                     result.runs.append(replace(run, round=round_index))
     result.settings["loadavg_end"] = read_loadavg()
     return result
@@ -736,6 +762,14 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
     p.add_argument("--before-label", default="before", help="its row label")
     p.add_argument("--no-split", action="store_true", help="skip the --role serve + flusher server")
     p.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy the server of each run into DIR (needs py-spy; skews the numbers)",
+    )
+    p.add_argument("--native", action="store_true", help="--profile with C frames")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update")
     p.add_argument("--json", type=Path, default=CpuOptions.json_path, dest="json_path")
     a = p.parse_args(argv)
@@ -751,6 +785,8 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         markdown=a.write,
         json_path=a.json_path,
         only=tuple(a.only),
+        profile=a.profile,
+        native=a.native,
     )
 
 
