@@ -341,13 +341,15 @@ class CpuOptions:
     rounds: int = 3
     subjects: int = 2000
     timeout: float = 240.0
-    before_python: str = ""
-    before_label: str = "before"
+    others: tuple[tuple[str, str], ...] = ()
+    """(label, python): other checkouts' servers measured alongside (before/after)."""
     split: bool = True
     """Also measure `--role serve` + a `--role flusher` process."""
     markdown: Path | None = Path("docs/benchmarks.md")
     json_path: Path = Path("docs/benchmarks-cpu.json")
     only: tuple[str, ...] = ()
+    rps: float = 0.0
+    """Fixed offered rate (open loop) for every run but TrackBatch's; 0: closed loop."""
     profile: Path | None = None
     """py-spy the server during each run into this directory (numbers then disturbed)."""
     native: bool = False
@@ -366,6 +368,8 @@ def _load_config(
         duration_stop="wait",
         name=scenario.name,
     )
+    if options.rps > 0 and scenario.events_per_call == 1:
+        base = replace(base, rps=options.rps)
     if stack is None:
         return replace(base, call=ECHO_METHOD)
     return replace(
@@ -477,8 +481,7 @@ def stack_specs(options: CpuOptions) -> list[StackSpec]:
     specs = [StackSpec("main", sys.executable)]
     if options.split:
         specs.append(StackSpec("main, flusher apart", sys.executable, split_flusher=True))
-    if options.before_python:
-        specs.append(StackSpec(options.before_label, options.before_python))
+    specs += [StackSpec(label, python) for label, python in options.others]
     return specs
 
 
@@ -714,19 +717,18 @@ def _describe(stack: Mapping[str, Any]) -> str:
 
 def before_after_lines(result: CpuResult) -> list[str]:
     """Per scenario: before / main per round, median and range (the noise)."""
-    labels = [s["label"] for s in result.settings["stacks"]]
-    before = [s["label"] for s in result.settings["stacks"] if s["python"] != sys.executable]
-    if not before or "main" not in labels:
+    others = [s["label"] for s in result.settings["stacks"] if s["python"] != sys.executable]
+    if not others:
         return []
-    old = before[0]
     lines = [
-        f"Before / after: CPU per call of **main** divided by **{old}**'s, per round "
-        "(same scenario, consecutive runs); median and range over the rounds.",
+        "Before / after: CPU per call of **main** (this checkout) divided by the other "
+        "server's, per round (same scenario, consecutive runs); median and range over "
+        "the rounds. Below 1: this checkout spends less.",
         "",
-        "| Call | server: main / before | range | total: main / before | range |",
-        "|---|---:|---|---:|---|",
+        "| Call | vs. | server: main / other | range | total: main / other | range |",
+        "|---|---|---:|---|---:|---|",
     ]
-    for scenario in SCENARIOS[1:]:
+    for scenario, old in ((s, o) for o in others for s in SCENARIOS[1:]):
         cells = []
         for value in (_server_us, _total_us):
             old_runs = {r.round: value(r) for r in result.runs_of(old, scenario.name)}
@@ -742,7 +744,7 @@ def before_after_lines(result: CpuResult) -> list[str]:
                 ]
             else:
                 cells += ["-", "-"]
-        lines.append(f"| {scenario.name} | {' | '.join(cells)} |")
+        lines.append(f"| {scenario.name} | {old} | {' | '.join(cells)} |")
     return lines
 
 
@@ -754,12 +756,13 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
     p.add_argument("--rounds", type=int, default=3, help="runs of every scenario (3)")
     p.add_argument("--subjects", type=int, default=2000, help="returning subjects (2000)")
     p.add_argument(
-        "--before",
-        default="",
-        metavar="PYTHON",
-        help="also measure the sira-server of this interpreter (another checkout's venv)",
+        "--other",
+        action="append",
+        default=[],
+        metavar="LABEL=PYTHON",
+        help="also measure the sira-server of this interpreter (another checkout's venv); "
+        "repeatable. Each is compared with this checkout in a before/after table",
     )
-    p.add_argument("--before-label", default="before", help="its row label")
     p.add_argument("--no-split", action="store_true", help="skip the --role serve + flusher server")
     p.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
     p.add_argument(
@@ -768,6 +771,12 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         default=None,
         metavar="DIR",
         help="py-spy the server of each run into DIR (needs py-spy; skews the numbers)",
+    )
+    p.add_argument(
+        "--rps",
+        type=float,
+        default=0.0,
+        help="offer this many calls/s (open loop) in every run but TrackBatch's",
     )
     p.add_argument("--native", action="store_true", help="--profile with C frames")
     p.add_argument("--write", type=Path, default=None, help="markdown file to update")
@@ -779,15 +788,22 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         concurrency=a.concurrency,
         rounds=max(1, a.rounds),
         subjects=a.subjects,
-        before_python=a.before,
-        before_label=a.before_label,
+        others=tuple(_other(p, text) for text in a.other),
         split=not a.no_split,
         markdown=a.write,
         json_path=a.json_path,
         only=tuple(a.only),
         profile=a.profile,
         native=a.native,
+        rps=a.rps,
     )
+
+
+def _other(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    label, sep, python = text.partition("=")
+    if not sep or not label or not python or label.startswith("main"):
+        parser.error(f"--other {text!r}: expected LABEL=PYTHON, LABEL not starting with 'main'")
+    return label, python
 
 
 def main(argv: list[str] | None = None) -> None:
