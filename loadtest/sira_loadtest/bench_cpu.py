@@ -78,6 +78,8 @@ SCENARIOS = (
     Scenario(f"TrackBatch({TRACK_BATCH_EVENTS})", "track-batch", TRACK_BATCH_EVENTS),
 )
 ECHO = SCENARIOS[0].name
+CURRENT = "current"
+"""Label of the servers run by this checkout's interpreter."""
 ASSIGN_NEW, ASSIGN_RETURNING, TRACK, TRACK_BATCH = (s.name for s in SCENARIOS[1:])
 
 
@@ -478,9 +480,9 @@ class CpuResult:
 
 
 def stack_specs(options: CpuOptions) -> list[StackSpec]:
-    specs = [StackSpec("main", sys.executable)]
+    specs = [StackSpec(CURRENT, sys.executable)]
     if options.split:
-        specs.append(StackSpec("main, flusher apart", sys.executable, split_flusher=True))
+        specs.append(StackSpec(f"{CURRENT}, flusher apart", sys.executable, split_flusher=True))
     specs += [StackSpec(label, python) for label, python in options.others]
     return specs
 
@@ -721,11 +723,11 @@ def before_after_lines(result: CpuResult) -> list[str]:
     if not others:
         return []
     lines = [
-        "Before / after: CPU per call of **main** (this checkout) divided by the other "
+        f"Before / after: CPU per call of **{CURRENT}** (this checkout) divided by the other "
         "server's, per round (same scenario, consecutive runs); median and range over "
         "the rounds. Below 1: this checkout spends less.",
         "",
-        "| Call | vs. | server: main / other | range | total: main / other | range |",
+        "| Call | vs. | server: current / other | range | total: current / other | range |",
         "|---|---|---:|---|---:|---|",
     ]
     for scenario, old in ((s, o) for o in others for s in SCENARIOS[1:]):
@@ -734,7 +736,7 @@ def before_after_lines(result: CpuResult) -> list[str]:
             old_runs = {r.round: value(r) for r in result.runs_of(old, scenario.name)}
             ratios = [
                 value(r) / old_runs[r.round]
-                for r in result.runs_of("main", scenario.name)
+                for r in result.runs_of(CURRENT, scenario.name)
                 if old_runs.get(r.round)
             ]
             if ratios:
@@ -801,8 +803,8 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
 
 def _other(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
     label, sep, python = text.partition("=")
-    if not sep or not label or not python or label.startswith("main"):
-        parser.error(f"--other {text!r}: expected LABEL=PYTHON, LABEL not starting with 'main'")
+    if not sep or not label or not python or label.startswith(CURRENT) or label == "echo":
+        parser.error(f"--other {text!r}: expected LABEL=PYTHON, LABEL not '{CURRENT}...'")
     return label, python
 
 
@@ -819,3 +821,21 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_as_step(markdown: Path, extra: Sequence[str] = (), timeout: float = 1800.0) -> str | None:
+    """`make bench`'s step: this module in its own process, writing its section of
+    `markdown`; a problem, or None."""
+    print("measuring server CPU per call (bench_cpu)", file=sys.stderr)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sira_loadtest.bench_cpu", "--write", str(markdown), *extra],
+            stdout=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"CPU per call not measured: {exc}"
+    if done.returncode != 0:
+        return f"CPU per call not measured: bench_cpu exited with {done.returncode}"
+    return None
