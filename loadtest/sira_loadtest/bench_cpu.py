@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sira_loadtest.bench_profile import start_py_spy, summarize
+from sira_loadtest.bench_profile import breakdown_table, start_py_spy, summarize
 from sira_loadtest.bench_profile import table as profile_table
 from sira_loadtest.bench_report import read_loadavg, replace_section
 from sira_loadtest.config import LoadConfig, parse_duration
@@ -408,10 +408,11 @@ async def measure(
     seconds = time.monotonic() - began
     if spy is not None and options.profile is not None:
         await asyncio.to_thread(spy.wait, 60)
-        summary = summarize(raw.read_text()) if raw.exists() else None
-        if summary is not None:
+        collapsed = raw.read_text() if raw.exists() else ""
+        if collapsed:
             title = f"### {scenario.name} ({label}): py-spy of the server process"
-            text = "\n".join([title, "", *profile_table(summary)])
+            parts = breakdown_table(collapsed)
+            text = "\n".join([title, "", *parts, *profile_table(summarize(collapsed))])
             raw.with_suffix(".md").write_text(text + "\n")
     drain = await wait_drained(stack) if stack is not None else 0.0
     after = pids()

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,46 @@ def summarize(collapsed: str) -> Summary:
         for frame in set(frames):
             total_counts[frame] += count
     return Summary(samples, self_counts, total_counts)
+
+
+def _request_path(frames: list[str]) -> bool:
+    return any("Guard.unary" in f or "Servicer." in f for f in frames)
+
+
+PARTS: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
+    ("SIRA request path (guards, servicer, engine)", _request_path),
+    ("write-behind flusher", lambda f: any("store/flusher.py" in x for x in f)),
+    ("Redis client tasks (replies, coalesced sends)", lambda f: any("store/" in x for x in f)),
+    ("other SIRA background tasks", lambda f: any("sira_server/" in x for x in f[5:])),
+    ("gRPC core (Cython under Handle._run)", lambda f: f[-1].startswith("Handle._run")),
+    ("gRPC poller thread (native)", lambda f: f[-1].startswith("Thread.run")),
+    ("event loop select (waiting)", lambda f: "select" in f[-1]),
+    ("asyncio machinery", lambda f: True),
+)
+"""Where a sample goes, first match wins: a coarse picture next to the frame tables."""
+
+
+def breakdown(collapsed: str) -> list[tuple[str, float]]:
+    """(part, % of samples) per `PARTS`, in that order."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = [frame_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += int(count_text)
+        part = next(name for name, match in PARTS if match(frames))
+        counts[part] += int(count_text)
+    return [(name, 100 * counts[name] / max(total, 1)) for name, _ in PARTS]
+
+
+def breakdown_table(collapsed: str) -> list[str]:
+    lines = ["| % of samples | part |", "|---:|---|"]
+    lines += [f"| {share:.1f} | {name} |" for name, share in breakdown(collapsed)]
+    return [*lines, ""]
 
 
 def table(summary: Summary, top: int = 15) -> list[str]:
