@@ -352,6 +352,9 @@ class CpuOptions:
     only: tuple[str, ...] = ()
     rps: float = 0.0
     """Fixed offered rate (open loop) for every run but TrackBatch's; 0: closed loop."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """(after, before) labels compared in the before/after table; default: the current
+    server against each `others`."""
     profile: Path | None = None
     """py-spy the server during each run into this directory (numbers then disturbed)."""
     native: bool = False
@@ -500,6 +503,7 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
             "rounds": options.rounds,
             "subjects": options.subjects,
             "stacks": [asdict(s) for s in specs],
+            "pairs": [list(p) for p in options.pairs],
             "loadavg_start": read_loadavg(),
         },
     )
@@ -526,7 +530,10 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
             # Alternate the order of the stacks from one round to the next.
             order = stacks if round_index % 2 == 0 else stacks[::-1]
             for scenario in scenarios:
-                print(f"cpu bench round {round_index + 1}: {scenario.name}", file=sys.stderr)
+                clock = datetime.now(UTC).strftime("%H:%M:%S")
+                print(
+                    f"{clock} cpu bench round {round_index + 1}: {scenario.name}", file=sys.stderr
+                )
                 if scenario.name == ECHO:
                     config = _load_config(None, scenario, echo.address, options)
                     run = await measure(
@@ -720,24 +727,26 @@ def _describe(stack: Mapping[str, Any]) -> str:
 
 def before_after_lines(result: CpuResult) -> list[str]:
     """Per scenario: before / main per round, median and range (the noise)."""
-    others = [s["label"] for s in result.settings["stacks"] if s["python"] != sys.executable]
-    if not others:
+    pairs = [tuple(p) for p in result.settings.get("pairs") or ()] or [
+        (CURRENT, s["label"]) for s in result.settings["stacks"] if s["python"] != sys.executable
+    ]
+    if not pairs:
         return []
     lines = [
-        f"Before / after: CPU per call of **{CURRENT}** (this checkout) divided by the other "
-        "server's, per round (same scenario, consecutive runs); median and range over "
-        "the rounds. Below 1: this checkout spends less.",
+        "Before / after: CPU per call of one server divided by another's, per round "
+        "(same scenario, consecutive runs); median and range over the rounds. Below 1: "
+        "the first spends less.",
         "",
-        "| Call | vs. | server: current / other | range | total: current / other | range |",
+        "| Call | after / before | server CPU | range | total CPU | range |",
         "|---|---|---:|---|---:|---|",
     ]
-    for scenario, old in ((s, o) for o in others for s in SCENARIOS[1:]):
+    for scenario, (new, old) in ((s, p) for p in pairs for s in SCENARIOS[1:]):
         cells = []
         for value in (_server_us, _total_us):
             old_runs = {r.round: value(r) for r in result.runs_of(old, scenario.name)}
             ratios = [
                 value(r) / old_runs[r.round]
-                for r in result.runs_of(CURRENT, scenario.name)
+                for r in result.runs_of(new, scenario.name)
                 if old_runs.get(r.round)
             ]
             if ratios:
@@ -747,7 +756,7 @@ def before_after_lines(result: CpuResult) -> list[str]:
                 ]
             else:
                 cells += ["-", "-"]
-        lines.append(f"| {scenario.name} | {old} | {' | '.join(cells)} |")
+        lines.append(f"| {scenario.name} | {new} / {old} | {' | '.join(cells)} |")
     return lines
 
 
@@ -765,6 +774,14 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         metavar="LABEL=PYTHON",
         help="also measure the sira-server of this interpreter (another checkout's venv); "
         "repeatable. Each is compared with this checkout in a before/after table",
+    )
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="AFTER/BEFORE",
+        help="labels to compare in the before/after table (repeatable; default: current "
+        "against each --other)",
     )
     p.add_argument("--no-split", action="store_true", help="skip the --role serve + flusher server")
     p.add_argument("--only", action="append", default=[], help="scenario name (repeatable)")
@@ -792,6 +809,7 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         rounds=max(1, a.rounds),
         subjects=a.subjects,
         others=tuple(_other(p, text) for text in a.other),
+        pairs=tuple(_pair(p, text) for text in a.pair),
         split=not a.no_split,
         markdown=a.write,
         json_path=a.json_path,
@@ -809,8 +827,20 @@ def _other(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
     return label, python
 
 
+def _pair(parser: argparse.ArgumentParser, text: str) -> tuple[str, str]:
+    after, sep, before = text.partition("/")
+    if not sep or not after or not before:
+        parser.error(f"--pair {text!r}: expected AFTER/BEFORE labels")
+    return after, before
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds the ExitStack: every server and store is stopped
+
+
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     result = asyncio.run(run_cpu_bench(options))
     text = render_markdown(result)
     print(text)
