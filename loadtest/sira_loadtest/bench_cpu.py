@@ -350,6 +350,8 @@ class CpuOptions:
     markdown: Path | None = Path("docs/benchmarks.md")
     json_path: Path = Path("docs/benchmarks-cpu.json")
     only: tuple[str, ...] = ()
+    render: Path | None = None
+    """Report this earlier run's JSON instead of measuring."""
     rps: float = 0.0
     """Fixed offered rate (open loop) for every run but TrackBatch's; 0: closed loop."""
     pairs: tuple[tuple[str, str], ...] = ()
@@ -472,6 +474,11 @@ class CpuResult:
     def median(self, stack: str, scenario: str, value: Callable[[CpuRun], float]) -> float | None:
         runs = self.runs_of(stack, scenario)
         return statistics.median(value(r) for r in runs) if runs else None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CpuResult:
+        runs = [CpuRun(**r) for r in data["runs"]]
+        return cls(data["date"], data["machine"], data["settings"], runs, data["problems"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -799,6 +806,13 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         help="offer this many calls/s (open loop) in every run but TrackBatch's",
     )
     p.add_argument("--native", action="store_true", help="--profile with C frames")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: print (and --write) the report of an earlier run's JSON",
+    )
     p.add_argument("--write", type=Path, default=None, help="markdown file to update")
     p.add_argument("--json", type=Path, default=CpuOptions.json_path, dest="json_path")
     a = p.parse_args(argv)
@@ -817,6 +831,7 @@ def parse_args(argv: list[str] | None) -> CpuOptions:
         profile=a.profile,
         native=a.native,
         rps=a.rps,
+        render=a.render,
     )
 
 
@@ -841,11 +856,15 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    result = asyncio.run(run_cpu_bench(options))
+    if options.render is not None:
+        result = CpuResult.from_json(json.loads(options.render.read_text()))
+    else:
+        result = asyncio.run(run_cpu_bench(options))
     text = render_markdown(result)
     print(text)
-    options.json_path.parent.mkdir(parents=True, exist_ok=True)
-    options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if options.render is None:
+        options.json_path.parent.mkdir(parents=True, exist_ok=True)
+        options.json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if options.markdown is not None:
         replace_section(options.markdown, text, start=SECTION_START, end=SECTION_END)
 
