@@ -78,6 +78,8 @@ SCENARIOS = (
     Scenario(f"TrackBatch({TRACK_BATCH_EVENTS})", "track-batch", TRACK_BATCH_EVENTS),
 )
 ECHO = SCENARIOS[0].name
+ECHO_TOKEN = "echo + bearer token"
+"""Echo called with the metadata SIRA calls carry: what gRPC charges for it alone."""
 CURRENT = "current"
 """Label of the servers run by this checkout's interpreter."""
 ASSIGN_NEW, ASSIGN_RETURNING, TRACK, TRACK_BATCH = (s.name for s in SCENARIOS[1:])
@@ -553,6 +555,17 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
                         echo.process.pid,
                     )
                     result.runs.append(replace(run, round=round_index))
+                    config = replace(config, metadata=stacks[0].metadata)
+                    run = await measure(
+                        ECHO_TOKEN,
+                        scenario,
+                        config,
+                        lambda: group_ticks(process_table(), echo_pids),
+                        None,
+                        options,
+                        echo.process.pid,
+                    )
+                    result.runs.append(replace(run, round=round_index))
                     continue
                 for s in order:
                     config = _load_config(s, scenario, s.address, options)
@@ -653,7 +666,7 @@ def cpu_table(result: CpuResult) -> list[str]:
         "| total µs | server / echo | total / echo |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    stacks = ["echo"] + [s["label"] for s in result.settings["stacks"]]
+    stacks = ["echo", ECHO_TOKEN] + [s["label"] for s in result.settings["stacks"]]
     for scenario in SCENARIOS:
         for stack in stacks:
             runs = result.runs_of(stack, scenario.name)
