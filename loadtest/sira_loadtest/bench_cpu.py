@@ -697,7 +697,7 @@ def render_markdown(result: CpuResult) -> str:
     lines = [
         "## Server CPU per call (from /proc)",
         "",
-        f"Measured by `make bench` (`python -m sira_loadtest.bench_cpu`) on {result.date}.",
+        f"Measured by `python -m sira_loadtest.bench_cpu` (run by `make bench`) on {result.date}.",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} usable cores; Python "
         f"{machine['python']}, grpcio {machine['grpcio']}, protobuf {machine['protobuf']}.",
