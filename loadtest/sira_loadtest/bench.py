@@ -996,7 +996,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         h2load=not a.no_h2load,
         sira=not a.echo_only,
         kernels=not a.no_kernels,
-        cpu=not a.no_cpu,
+        cpu=not (a.no_cpu or a.echo_only),  # it starts SIRA servers
         insights=not a.no_insights,
         insights_concurrency=a.insights_concurrency,
         insights_subjects=a.insights_subjects,
