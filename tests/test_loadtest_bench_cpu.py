@@ -7,16 +7,8 @@ import os
 import random
 
 from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
-from sira_loadtest.bench_cpu import (
-    CpuResult,
-    CpuRun,
-    descendants,
-    group_ticks,
-    process_table,
-    render_markdown,
-    targets,
-    vs_echo,
-)
+from sira_loadtest.bench_cpu import descendants, group_ticks, process_table
+from sira_loadtest.bench_cpu_report import CpuResult, CpuRun, render_markdown, targets, vs_echo
 from sira_loadtest.bench_profile import frame_name, summarize
 from sira_loadtest.config import LoadConfig
 from sira_loadtest.scenarios import TRACK_BATCH_EVENTS, TRACK_BATCH_METHOD, build_source
