@@ -45,7 +45,7 @@ from sira.experiments.v1 import (
     lifecycle_service_pb2_grpc,
     tracking_service_pb2,
 )
-from sira_loadtest import bench_admin
+from sira_loadtest import bench_admin, bench_cpu
 from sira_loadtest.bench_rate import (
     OPEN_LOOP_END,
     OPEN_LOOP_START,
@@ -115,6 +115,8 @@ class BenchOptions:
     startup_timeout: float = 240.0
     kernels: bool = True
     """Run `sira_loadtest.bench_kernels --write` first."""
+    cpu: bool = True
+    """Then `sira_loadtest.bench_cpu --write`: server CPU per call, its own section."""
     insights: bool = True
     insights_concurrency: int = 8
     insights_subjects: int = 3000
@@ -963,6 +965,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     p.add_argument("--no-h2load", action="store_true", help="skip the h2load runs")
     p.add_argument("--echo-only", action="store_true", help="do not start SIRA")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU-per-call section")
     p.add_argument("--no-insights", action="store_true", help="skip the GetInsights run")
     p.add_argument(
         "--no-open-loop", action="store_true", help="skip the fixed-rate (open-loop) runs"
@@ -994,6 +997,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         h2load=not a.no_h2load,
         sira=not a.echo_only,
         kernels=not a.no_kernels,
+        cpu=not (a.no_cpu or a.echo_only),  # it starts SIRA servers
         insights=not a.no_insights,
         insights_concurrency=a.insights_concurrency,
         insights_subjects=a.insights_subjects,
@@ -1028,9 +1032,11 @@ def run_kernels(markdown: Path, extra: Sequence[str] = (), timeout: float = 300.
 def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     kernels_problem = run_kernels(options.markdown) if options.kernels else None
+    cpu_problem = bench_cpu.run_as_step(options.markdown) if options.cpu else None
     result = asyncio.run(run_bench(options))
-    if kernels_problem:
-        result.problems.append(kernels_problem)
+    for problem in (kernels_problem, cpu_problem):
+        if problem:
+            result.problems.append(problem)
     replace_section(options.markdown, render_markdown(result))
     write_open_loop_section(options.markdown, result)
     replace_section(

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 from sira_loadtest.schedules import Schedule, ScheduleError
 
-SCENARIOS: tuple[str, ...] = ("assign-heavy", "track-heavy", "mixed")
+SCENARIOS: tuple[str, ...] = (
+    "assign-heavy",
+    "track-heavy",
+    "mixed",
+    "assign-new",
+    "assign-returning",
+    "track-batch",
+)
 """Predefined call mixes; see `sira_loadtest.scenarios`."""
 
 DURATION_STOPS: tuple[str, ...] = ("close", "wait", "ignore")

@@ -7,6 +7,10 @@ Scenarios (`--scenario`, all aimed at `--experiment KEY`):
 - track-heavy: Track only; a CONVERSION for a pre-assigned subject, naming the
   variant it was given, with a unique client_event_id (no duplicates).
 - mixed: 70 % Assign (same 80/20 subject mix), 30 % Track as above.
+- assign-new: Assign only, every call a subject never seen before.
+- assign-returning: Assign only, every call a pre-assigned subject (a sticky hit).
+- track-batch: TrackBatch of `TRACK_BATCH_EVENTS` conversions as track-heavy's, each
+  with its own unique client_event_id.
 
 Requests are built with the generated message classes and serialised per call
 (a couple of microseconds), never through JSON.
@@ -15,7 +19,7 @@ Requests are built with the generated message classes and serialised per call
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
@@ -26,6 +30,9 @@ from sira_loadtest.template import RenderContext, returning_subject_id
 
 ASSIGN_METHOD = "/sira.experiments.v1.AssignmentService/Assign"
 TRACK_METHOD = "/sira.experiments.v1.TrackingService/Track"
+TRACK_BATCH_METHOD = "/sira.experiments.v1.TrackingService/TrackBatch"
+TRACK_BATCH_EVENTS = 100
+"""track-batch: events per TrackBatch call."""
 RETURNING_SHARE = 0.8
 """assign-heavy and mixed: share of Assign calls for a returning subject."""
 MIXED_ASSIGN_SHARE = 0.7
@@ -82,9 +89,9 @@ class TrackConversions:
     """(subject id, variant id or key); never empty (see `build_source`)."""
     methods: tuple[str, ...] = (TRACK_METHOD,)
 
-    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+    def event(self, ctx: RenderContext) -> tracking_service_pb2.TrackedEvent:
         subject, variant = self.preassigned[ctx.rng.randrange(len(self.preassigned))]
-        event = tracking_service_pb2.TrackedEvent(
+        return tracking_service_pb2.TrackedEvent(
             experiment=self.experiment,
             subject_id=subject,
             variant_id=variant,
@@ -93,7 +100,22 @@ class TrackConversions:
             currency=CONVERSION_CURRENCY,
             client_event_id=ctx.ids.new_event(),
         )
-        return TRACK_METHOD, tracking_service_pb2.TrackRequest(event=event).SerializeToString()
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        request = tracking_service_pb2.TrackRequest(event=self.event(ctx))
+        return TRACK_METHOD, request.SerializeToString()
+
+
+@dataclass(frozen=True)
+class TrackBatches:
+    track: TrackConversions
+    size: int = TRACK_BATCH_EVENTS
+    methods: tuple[str, ...] = (TRACK_BATCH_METHOD,)
+
+    def next_call(self, ctx: RenderContext) -> tuple[str, bytes]:
+        events = [self.track.event(ctx) for _ in range(self.size)]
+        request = tracking_service_pb2.TrackBatchRequest(events=events)
+        return TRACK_BATCH_METHOD, request.SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -130,4 +152,10 @@ def build_source(config: LoadConfig) -> CallSource:
         return assign
     if config.scenario == "track-heavy":
         return track
+    if config.scenario == "assign-new":
+        return replace(assign, returning_share=0.0)
+    if config.scenario == "assign-returning":
+        return replace(assign, returning_share=1.0)
+    if config.scenario == "track-batch":
+        return TrackBatches(track)
     return Mixed(assign, track)

@@ -78,6 +78,10 @@ class Metrics:
             registry=r,
         )
         self._rpc_children: dict[tuple[str, str], Counter] = {}
+        # Label children per experiment (and type): `labels()` costs more than the
+        # increment itself, and these run once per event of every TrackBatch.
+        self._assignment_children: dict[str, Counter] = {}
+        self._event_children: dict[tuple[str, str], Counter] = {}
         self.flushed = Counter(
             "sira_write_behind_flushed_entries",
             "Write-behind entries committed to Postgres.",
@@ -125,11 +129,21 @@ class Metrics:
 
     def assignment_created(self, experiment_id: str) -> None:
         """A new sticky assignment was stored (HotState's `applied` callback)."""
-        self.assignments.labels(experiment_id).inc()
+        child = self._assignment_children.get(experiment_id)
+        if child is None:
+            child = self._assignment_children[experiment_id] = self.assignments.labels(
+                experiment_id
+            )
+        child.inc()
 
     def event_accepted(self, experiment_id: str, event_type: str) -> None:
         """A tracked event was stored, not a duplicate (HotState's `applied` callback)."""
-        self.events.labels(experiment_id, event_type).inc()
+        child = self._event_children.get((experiment_id, event_type))
+        if child is None:
+            child = self._event_children[(experiment_id, event_type)] = self.events.labels(
+                experiment_id, event_type
+            )
+        child.inc()
 
     def count_rpc(self, method: str, code: str) -> None:
         """One finished RPC; label children are cached (this runs on every call)."""

@@ -15,7 +15,6 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
-from google.protobuf import timestamp_pb2
 
 from sira.experiments.v1 import assignment_service_pb2 as pb
 from sira.experiments.v1 import assignment_service_pb2_grpc
@@ -103,8 +102,13 @@ def context_json(ctx: pb.SubjectContext) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+NO_PROFILE = SubjectProfile()
+"""The profile of a request without `context` (most calls): built once."""
+NO_CONTEXT_JSON = "{}"
+
+
+def _no_context() -> str:
+    return NO_CONTEXT_JSON
 
 
 _REASONS: dict[Reason, pb.AssignmentReason.ValueType] = {
@@ -152,7 +156,9 @@ def decision_message(decided: Decision[pb.AssignedVariant]) -> pb.Decision:
         decision.variant.CopyFrom(decided.variant)
         decision.propensity = decided.propensity
         if decided.assigned_ms is not None:
-            decision.assign_time.CopyFrom(_timestamp(decided.assigned_ms))
+            assign_time = decision.assign_time
+            assign_time.seconds, ms = divmod(decided.assigned_ms, 1000)
+            assign_time.nanos = ms * 1_000_000
     return decision
 
 
@@ -183,11 +189,13 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         started = time.perf_counter()
         ref = require_reference(request.experiment)
         validate_subject(request.subject_id)
-        profile = profile_from_context(request.context)
+        if request.HasField("context"):
+            profile = profile_from_context(request.context)
+            stored_context = lambda: context_json(request.context)  # noqa: E731
+        else:
+            profile, stored_context = NO_PROFILE, _no_context
         live = await self._catalog.get(ref)
-        decided = await self._assigner.decide(
-            live, request.subject_id, profile, lambda: context_json(request.context)
-        )
+        decided = await self._assigner.decide(live, request.subject_id, profile, stored_context)
         decision = decision_message(decided)
         self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)

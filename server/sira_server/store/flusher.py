@@ -154,6 +154,7 @@ class WriteBehindFlusher:
         batch_size: int = 1000,
         claim_idle_ms: int = 30_000,
         idle_sleep_seconds: float = 0.1,
+        linger_seconds: float = 0.05,
         backoff_initial_seconds: float = 0.1,
         backoff_max_seconds: float = 5.0,
         bandit_refresh_seconds: float = 5.0,
@@ -167,6 +168,7 @@ class WriteBehindFlusher:
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         self.idle_sleep_seconds = idle_sleep_seconds
+        self.linger_seconds = linger_seconds
         self.backoff_initial_seconds = backoff_initial_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.bandit_refresh_seconds = bandit_refresh_seconds
@@ -203,6 +205,11 @@ class WriteBehindFlusher:
             backoff = self.backoff_initial_seconds
             if stats.acked == 0:
                 await self._sleep(self.idle_sleep_seconds)
+            elif stats.entries_read < self.batch_size:
+                # A part batch: let the next one grow. Postgres pays a transaction, two
+                # temp tables and an INSERT per pass, so a pass every few milliseconds
+                # under steady load costs several times the CPU per row (docs/benchmarks.md).
+                await self._sleep(self.linger_seconds)
 
     def stop(self) -> None:
         self._stop.set()
