@@ -25,11 +25,20 @@ from redis.retry import Retry
 START_DEADLINE_SECONDS = 60.0
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port nothing listens on now, never the same one twice in this process:
+    the kernel may hand a just-closed port out again, so two ports asked for before either
+    is bound (Redis's, then the metrics port) could otherwise be one and the same."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class RedisServer:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import time
 import urllib.request
 import uuid
@@ -27,6 +26,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from fault_stores import free_port
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import (
@@ -52,13 +52,6 @@ from sira_server.tracking_token import TrackingTokens, derive_key
 CAP = 3
 MAX_REQUEST = 1_100_000
 DAY = 24 * 3600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 METRICS_PORT = free_port()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import psutil
 import pytest
+from fault_stores import free_port
 from server_fixtures import run_sira_server
 
 from sira_server.store.migrate import apply_migrations
@@ -115,16 +115,10 @@ async def test_concurrent_migrations_share_the_role(
         await _drop_database(postgres_server_dsn, other)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 async def test_the_embedded_default_serves_as_the_app_role_on_loopback() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="sira-approle-"))  # see test_server's embedded test
-    metrics_port = _free_port()
+    metrics_port = free_port()
     env = {
         "SIRA_JWT_SECRET": "",
         "SIRA_GRPC_HOST": "",  # the defaults, not the fixture's explicit loopback

@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from fault_stores import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_fixtures import (
     create_migrated_database,
@@ -150,12 +150,6 @@ async def drift_database_url(postgres_server_dsn: str) -> AsyncIterator[str]:
     await drop_database(postgres_server_dsn, url)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _write_behind_health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         request = health_pb2.HealthCheckRequest(service="write-behind")
@@ -173,7 +167,7 @@ def test_the_server_reports_dead_letters_until_they_are_replayed(
     drift_database_url: str, redis_url: str
 ) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="sira-drift-"))
-    metrics_port = _free_port()
+    metrics_port = free_port()
     app_url = as_role(drift_database_url)
     env = {"SIRA_METRICS_PORT": str(metrics_port)}
     serving = health_pb2.HealthCheckResponse.SERVING

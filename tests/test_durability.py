@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from fault_stores import free_port
 from server_fixtures import (
     RunningServer,
     create_migrated_database,
@@ -522,7 +522,7 @@ class RedisProcess:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -557,13 +557,6 @@ class RedisProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.terminate()  # SIGTERM: Redis fsyncs its AOF and exits
             await asyncio.wait_for(self.process.wait(), 30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_redis_outage_track_is_unavailable_and_the_retry_counts_once(

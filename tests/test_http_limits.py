@@ -5,7 +5,6 @@ small rate limit for data_science and one CORS origin."""
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -13,6 +12,7 @@ import grpc
 import httpx
 import pytest
 import redis
+from fault_stores import free_port
 from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 from http_protocol import Failure, connect_call, grpc_call
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,13 +29,6 @@ from sira.experiments.v1 import lifecycle_service_pb2 as lpb
 
 LIST = "/sira.experiments.v1.LifecycleService/ListExperiments"
 ALLOWED_ORIGIN = "https://ops.example.com"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 METRICS_PORT = free_port()

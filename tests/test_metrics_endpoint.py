@@ -7,7 +7,6 @@ counter and gauge can be compared with exact numbers.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from fault_stores import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import (
     create_migrated_database,
@@ -60,13 +60,6 @@ async def redis_url(server_redis_url: str) -> AsyncIterator[str]:
         await client.flushdb()
     finally:
         await client.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def scrape(port: int) -> Samples:
