@@ -40,11 +40,14 @@ from store_helpers import create_experiment, event
 
 from sira import AsyncClient, RetryPolicy, UnavailableError, tracked_event
 from sira.experiments.v1 import assignment_service_pb2 as apb
+from sira.experiments.v1 import assignment_service_pb2_grpc as apb_grpc
+from sira.experiments.v1 import error_reason_pb2 as erpb
 from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
 from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.errors import Unavailable
 from sira_server.store.faults import is_redis_unavailable, parse_redis_error
+from sira_server.store.hot_keys import experiment_keys
 from sira_server.store.hot_state import HotState
 from sira_server.store.lua_scripts import LOCK_SCRIPT
 from sira_server.store.redis_conn import create_redis
@@ -426,6 +429,58 @@ async def test_stalled_postgres_turns_lifecycle_not_serving_and_calls_unavailabl
                 health_pb2.HealthCheckResponse.SERVING,
             )
             await _eventually(lambda: admin.get_experiment(experiment.key))
+            await admin.close()
+            await pay.close()
+    finally:
+        proxy.close()
+
+
+async def test_assign_all_answers_each_experiment_when_one_cannot_decide(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    """One experiment's hot state lost while Postgres stalls: its rebuild cannot finish,
+    so AssignAll names it in `errors` and still answers the other experiment."""
+    parts = urlsplit(database)
+    proxy = PausableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    try:
+        with run_sira_server(
+            _dsn_via(database, proxy.port),
+            own_redis.url,
+            short_tmp / "server",
+            extra_env={"SIRA_STORE_COMMAND_TIMEOUT_SECONDS": "2", "SIRA_REBUILD_WAIT_SECONDS": "2"},
+        ) as server:
+            admin, pay = clients(server)
+            healthy, lost = await launch(admin), await launch(admin)
+            async with aioredis.from_url(own_redis.url) as redis:
+                await redis.hdel(experiment_keys(lost.id).meta, "ready")
+            stub = apb_grpc.AssignmentServiceStub(grpc.aio.insecure_channel(server.address))
+            metadata = (("authorization", f"Bearer {mint_test_token('pay_module')}"),)
+            request = apb.AssignAllRequest(subject_id="s-all")
+            proxy.pause()
+            try:
+                answer = await stub.AssignAll(
+                    request, metadata=metadata, timeout=CLIENT_DEADLINE_SECONDS
+                )
+            finally:
+                proxy.resume()
+            assert [d.experiment_key for d in answer.decisions] == [healthy.key]
+            assert [(e.experiment_key, e.code) for e in answer.errors] == [
+                (lost.key, grpc.StatusCode.UNAVAILABLE.value[0])
+            ]
+            assert answer.errors[0].reason == erpb.ERROR_REASON_STORE_UNAVAILABLE
+            # Postgres back: both decide; the first decision stayed the only one.
+            deadline = time.monotonic() + RECOVERY_DEADLINE_SECONDS
+            while (
+                again := await stub.AssignAll(
+                    request, metadata=metadata, timeout=CLIENT_DEADLINE_SECONDS
+                )
+            ).errors:
+                assert time.monotonic() < deadline, "AssignAll still answers errors"
+                await asyncio.sleep(0.2)
+            by_key = {d.experiment_key: d for d in again.decisions}
+            assert set(by_key) == {healthy.key, lost.key}
+            assert by_key[healthy.key].variant.id == answer.decisions[0].variant.id
+            assert by_key[healthy.key].reason == STICKY
             await admin.close()
             await pay.close()
     finally:

@@ -324,6 +324,9 @@ def assign(
 def assign_all(
     subject_id: str, context: ContextLike = None, *, timeout: float | None = None
 ) -> Call[list[assignment_service_pb2.Decision]]:
+    """The subject's decisions. An experiment that could not decide just now (its store
+    unavailable; `AssignAllResponse.errors` on the wire) is absent, like one the subject
+    is not in: show its default, and a later call decides it."""
     request = assignment_service_pb2.AssignAllRequest(
         subject_id=subject_id, context=subject_context(context)
     )

@@ -24,9 +24,9 @@ from sira_server.domain.experiment import Variant
 from sira_server.domain.targeting import SubjectProfile
 from sira_server.domain.validation import require_reference
 from sira_server.engine.assigner import DEFAULT_STICKY_CAPACITY, Assigner, Decision, Reason
-from sira_server.engine.catalog import ExperimentCatalog
+from sira_server.engine.catalog import ExperimentCatalog, LiveExperiment
 from sira_server.engine.posteriors import PosteriorBook
-from sira_server.errors import FieldViolation, InvalidArgument
+from sira_server.errors import FieldViolation, InvalidArgument, Unavailable
 from sira_server.metrics import Metrics
 from sira_server.store.hot_state import HotState
 from sira_server.tracking_token import TrackingTokens
@@ -208,14 +208,36 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
         validate_subject(request.subject_id)
         profile = profile_from_context(request.context)
         ctx = request.context
+        lives = list(self._catalog.live())
         every = await asyncio.gather(
             *(
                 self._assigner.decide(live, request.subject_id, profile, lambda: context_json(ctx))
-                for live in self._catalog.live()
-            )
+                for live in lives
+            ),
+            return_exceptions=True,
         )
-        decisions = [decision_message(d) for d in every if d.variant is not None]
+        decisions: list[pb.Decision] = []
+        errors: list[pb.AssignAllError] = []
+        for live, outcome in zip(lives, every, strict=True):
+            if isinstance(outcome, Unavailable):  # this experiment only; the others stand
+                errors.append(assign_all_error(live, outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            elif outcome.variant is not None:
+                decisions.append(decision_message(outcome))
+        if errors and len(errors) == len(lives):
+            raise next(o for o in every if isinstance(o, Unavailable))
         for decision in decisions:
             self._sign(decision, request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
-        return pb.AssignAllResponse(decisions=decisions)
+        return pb.AssignAllResponse(decisions=decisions, errors=errors)
+
+
+def assign_all_error(live: LiveExperiment, err: Unavailable) -> pb.AssignAllError:
+    return pb.AssignAllError(
+        experiment_id=live.id,
+        experiment_key=live.experiment.key,
+        code=grpc.StatusCode[err.status_name].value[0],
+        reason=err.reason,  # type: ignore[arg-type]  # enum accepts its value names
+        message=err.message,
+    )

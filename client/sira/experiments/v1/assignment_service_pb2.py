@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sira.experiments.v1 import error_reason_pb2 as sira_dot_experiments_dot_v1_dot_error__reason__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,sira/experiments/v1/assignment_service.proto\x12\x13sira.experiments.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x02\n\x0eSubjectContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cuser_segment\x18\x04 \x01(\t\x12\x1e\n\x11transaction_count\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12G\n\nattributes\x18\x06 \x03(\x0b\x32\x33.sira.experiments.v1.SubjectContext.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_transaction_count\"m\n\rAssignRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x34\n\x07\x63ontext\x18\x03 \x01(\x0b\x32#.sira.experiments.v1.SubjectContext\"u\n\x0f\x41ssignedVariant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nis_control\x18\x05 \x01(\x08\"\x84\x02\n\x08\x44\x65\x63ision\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65xperiment_key\x18\x02 \x01(\t\x12\x35\n\x06reason\x18\x03 \x01(\x0e\x32%.sira.experiments.v1.AssignmentReason\x12\x35\n\x07variant\x18\x04 \x01(\x0b\x32$.sira.experiments.v1.AssignedVariant\x12\x12\n\npropensity\x18\x05 \x01(\x01\x12/\n\x0b\x61ssign_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etracking_token\x18\x07 \x01(\t\"A\n\x0e\x41ssignResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.sira.experiments.v1.Decision\"\\\n\x10\x41ssignAllRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x34\n\x07\x63ontext\x18\x02 \x01(\x0b\x32#.sira.experiments.v1.SubjectContext\"E\n\x11\x41ssignAllResponse\x12\x30\n\tdecisions\x18\x01 \x03(\x0b\x32\x1d.sira.experiments.v1.Decision*\xd6\x01\n\x10\x41ssignmentReason\x12!\n\x1d\x41SSIGNMENT_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41SSIGNMENT_REASON_NEW\x10\x01\x12\x1c\n\x18\x41SSIGNMENT_REASON_STICKY\x10\x02\x12\"\n\x1e\x41SSIGNMENT_REASON_NOT_ELIGIBLE\x10\x03\x12!\n\x1d\x41SSIGNMENT_REASON_NOT_EXPOSED\x10\x04\x12\x1f\n\x1b\x41SSIGNMENT_REASON_CONCLUDED\x10\x05\x32\xc2\x01\n\x11\x41ssignmentService\x12Q\n\x06\x41ssign\x12\".sira.experiments.v1.AssignRequest\x1a#.sira.experiments.v1.AssignResponse\x12Z\n\tAssignAll\x12%.sira.experiments.v1.AssignAllRequest\x1a&.sira.experiments.v1.AssignAllResponseB.Z,github.com/sira/experiments/v1;experimentsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,sira/experiments/v1/assignment_service.proto\x12\x13sira.experiments.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&sira/experiments/v1/error_reason.proto\"\x8b\x02\n\x0eSubjectContext\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x10\n\x08language\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x14\n\x0cuser_segment\x18\x04 \x01(\t\x12\x1e\n\x11transaction_count\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12G\n\nattributes\x18\x06 \x03(\x0b\x32\x33.sira.experiments.v1.SubjectContext.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x14\n\x12_transaction_count\"m\n\rAssignRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\x34\n\x07\x63ontext\x18\x03 \x01(\x0b\x32#.sira.experiments.v1.SubjectContext\"u\n\x0f\x41ssignedVariant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nis_control\x18\x05 \x01(\x08\"\x84\x02\n\x08\x44\x65\x63ision\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65xperiment_key\x18\x02 \x01(\t\x12\x35\n\x06reason\x18\x03 \x01(\x0e\x32%.sira.experiments.v1.AssignmentReason\x12\x35\n\x07variant\x18\x04 \x01(\x0b\x32$.sira.experiments.v1.AssignedVariant\x12\x12\n\npropensity\x18\x05 \x01(\x01\x12/\n\x0b\x61ssign_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0etracking_token\x18\x07 \x01(\t\"A\n\x0e\x41ssignResponse\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x1d.sira.experiments.v1.Decision\"\\\n\x10\x41ssignAllRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x34\n\x07\x63ontext\x18\x02 \x01(\x0b\x32#.sira.experiments.v1.SubjectContext\"z\n\x11\x41ssignAllResponse\x12\x30\n\tdecisions\x18\x01 \x03(\x0b\x32\x1d.sira.experiments.v1.Decision\x12\x33\n\x06\x65rrors\x18\x02 \x03(\x0b\x32#.sira.experiments.v1.AssignAllError\"\x90\x01\n\x0e\x41ssignAllError\x12\x15\n\rexperiment_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65xperiment_key\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x30\n\x06reason\x18\x04 \x01(\x0e\x32 .sira.experiments.v1.ErrorReason\x12\x0f\n\x07message\x18\x05 \x01(\t*\xd6\x01\n\x10\x41ssignmentReason\x12!\n\x1d\x41SSIGNMENT_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41SSIGNMENT_REASON_NEW\x10\x01\x12\x1c\n\x18\x41SSIGNMENT_REASON_STICKY\x10\x02\x12\"\n\x1e\x41SSIGNMENT_REASON_NOT_ELIGIBLE\x10\x03\x12!\n\x1d\x41SSIGNMENT_REASON_NOT_EXPOSED\x10\x04\x12\x1f\n\x1b\x41SSIGNMENT_REASON_CONCLUDED\x10\x05\x32\xc2\x01\n\x11\x41ssignmentService\x12Q\n\x06\x41ssign\x12\".sira.experiments.v1.AssignRequest\x1a#.sira.experiments.v1.AssignResponse\x12Z\n\tAssignAll\x12%.sira.experiments.v1.AssignAllRequest\x1a&.sira.experiments.v1.AssignAllResponseB.Z,github.com/sira/experiments/v1;experimentsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +37,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z,github.com/sira/experiments/v1;experimentsv1'
   _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTREASON']._serialized_start=1128
-  _globals['_ASSIGNMENTREASON']._serialized_end=1342
-  _globals['_SUBJECTCONTEXT']._serialized_start=133
-  _globals['_SUBJECTCONTEXT']._serialized_end=400
-  _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._serialized_start=329
-  _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._serialized_end=378
-  _globals['_ASSIGNREQUEST']._serialized_start=402
-  _globals['_ASSIGNREQUEST']._serialized_end=511
-  _globals['_ASSIGNEDVARIANT']._serialized_start=513
-  _globals['_ASSIGNEDVARIANT']._serialized_end=630
-  _globals['_DECISION']._serialized_start=633
-  _globals['_DECISION']._serialized_end=893
-  _globals['_ASSIGNRESPONSE']._serialized_start=895
-  _globals['_ASSIGNRESPONSE']._serialized_end=960
-  _globals['_ASSIGNALLREQUEST']._serialized_start=962
-  _globals['_ASSIGNALLREQUEST']._serialized_end=1054
-  _globals['_ASSIGNALLRESPONSE']._serialized_start=1056
-  _globals['_ASSIGNALLRESPONSE']._serialized_end=1125
-  _globals['_ASSIGNMENTSERVICE']._serialized_start=1345
-  _globals['_ASSIGNMENTSERVICE']._serialized_end=1539
+  _globals['_ASSIGNMENTREASON']._serialized_start=1368
+  _globals['_ASSIGNMENTREASON']._serialized_end=1582
+  _globals['_SUBJECTCONTEXT']._serialized_start=173
+  _globals['_SUBJECTCONTEXT']._serialized_end=440
+  _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._serialized_start=369
+  _globals['_SUBJECTCONTEXT_ATTRIBUTESENTRY']._serialized_end=418
+  _globals['_ASSIGNREQUEST']._serialized_start=442
+  _globals['_ASSIGNREQUEST']._serialized_end=551
+  _globals['_ASSIGNEDVARIANT']._serialized_start=553
+  _globals['_ASSIGNEDVARIANT']._serialized_end=670
+  _globals['_DECISION']._serialized_start=673
+  _globals['_DECISION']._serialized_end=933
+  _globals['_ASSIGNRESPONSE']._serialized_start=935
+  _globals['_ASSIGNRESPONSE']._serialized_end=1000
+  _globals['_ASSIGNALLREQUEST']._serialized_start=1002
+  _globals['_ASSIGNALLREQUEST']._serialized_end=1094
+  _globals['_ASSIGNALLRESPONSE']._serialized_start=1096
+  _globals['_ASSIGNALLRESPONSE']._serialized_end=1218
+  _globals['_ASSIGNALLERROR']._serialized_start=1221
+  _globals['_ASSIGNALLERROR']._serialized_end=1365
+  _globals['_ASSIGNMENTSERVICE']._serialized_start=1585
+  _globals['_ASSIGNMENTSERVICE']._serialized_end=1779
 # @@protoc_insertion_point(module_scope)

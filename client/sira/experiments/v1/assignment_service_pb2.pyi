@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from sira.experiments.v1 import error_reason_pb2 as _error_reason_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -287,6 +288,7 @@ class AssignAllResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DECISIONS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
         """One decision per live experiment that gives the subject a variant: running
@@ -295,15 +297,58 @@ class AssignAllResponse(_message.Message):
         the subject are left out.
         """
 
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignAllError]:
+        """Experiments that may give the subject a variant but could not decide now (a
+        store was unavailable). The decisions above stand; call again for these (the
+        first decision stays the only one). Empty in the normal case. When no
+        experiment could decide at all, the call fails with UNAVAILABLE instead.
+        """
+
     def __init__(
         self,
         *,
         decisions: _abc.Iterable[Global___Decision] | None = ...,
+        errors: _abc.Iterable[Global___AssignAllError] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "errors", b"errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignAllResponse: _TypeAlias = AssignAllResponse  # noqa: Y015
+
+@_typing.final
+class AssignAllError(_message.Message):
+    """One experiment of an AssignAll that could not decide."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    experiment_key: _builtins.str
+    code: _builtins.int
+    """gRPC status code number (14 UNAVAILABLE)."""
+    reason: _error_reason_pb2.ErrorReason.ValueType
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        experiment_key: _builtins.str = ...,
+        code: _builtins.int = ...,
+        reason: _error_reason_pb2.ErrorReason.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "experiment_id", b"experiment_id", "experiment_key", b"experiment_key", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignAllError: _TypeAlias = AssignAllError  # noqa: Y015

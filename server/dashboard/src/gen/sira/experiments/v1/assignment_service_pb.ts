@@ -6,13 +6,15 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { ErrorReason } from "./error_reason_pb";
+import { file_sira_experiments_v1_error_reason } from "./error_reason_pb";
 import type { JsonObject, Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file sira/experiments/v1/assignment_service.proto.
  */
 export const file_sira_experiments_v1_assignment_service: GenFile = /*@__PURE__*/
-  fileDesc("CixzaXJhL2V4cGVyaW1lbnRzL3YxL2Fzc2lnbm1lbnRfc2VydmljZS5wcm90bxITc2lyYS5leHBlcmltZW50cy52MSKLAgoOU3ViamVjdENvbnRleHQSDwoHY291bnRyeRgBIAEoCRIQCghsYW5ndWFnZRgCIAEoCRIOCgZkZXZpY2UYAyABKAkSFAoMdXNlcl9zZWdtZW50GAQgASgJEh4KEXRyYW5zYWN0aW9uX2NvdW50GAUgASgDSACIAQESRwoKYXR0cmlidXRlcxgGIAMoCzIzLnNpcmEuZXhwZXJpbWVudHMudjEuU3ViamVjdENvbnRleHQuQXR0cmlidXRlc0VudHJ5GjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhQKEl90cmFuc2FjdGlvbl9jb3VudCJtCg1Bc3NpZ25SZXF1ZXN0EhIKCmV4cGVyaW1lbnQYASABKAkSEgoKc3ViamVjdF9pZBgCIAEoCRI0Cgdjb250ZXh0GAMgASgLMiMuc2lyYS5leHBlcmltZW50cy52MS5TdWJqZWN0Q29udGV4dCJ1Cg9Bc3NpZ25lZFZhcmlhbnQSCgoCaWQYASABKAkSCwoDa2V5GAIgASgJEgwKBG5hbWUYAyABKAkSJwoGY29uZmlnGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBISCgppc19jb250cm9sGAUgASgIIoQCCghEZWNpc2lvbhIVCg1leHBlcmltZW50X2lkGAEgASgJEhYKDmV4cGVyaW1lbnRfa2V5GAIgASgJEjUKBnJlYXNvbhgDIAEoDjIlLnNpcmEuZXhwZXJpbWVudHMudjEuQXNzaWdubWVudFJlYXNvbhI1Cgd2YXJpYW50GAQgASgLMiQuc2lyYS5leHBlcmltZW50cy52MS5Bc3NpZ25lZFZhcmlhbnQSEgoKcHJvcGVuc2l0eRgFIAEoARIvCgthc3NpZ25fdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdHJhY2tpbmdfdG9rZW4YByABKAkiQQoOQXNzaWduUmVzcG9uc2USLwoIZGVjaXNpb24YASABKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uIlwKEEFzc2lnbkFsbFJlcXVlc3QSEgoKc3ViamVjdF9pZBgBIAEoCRI0Cgdjb250ZXh0GAIgASgLMiMuc2lyYS5leHBlcmltZW50cy52MS5TdWJqZWN0Q29udGV4dCJFChFBc3NpZ25BbGxSZXNwb25zZRIwCglkZWNpc2lvbnMYASADKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uKtYBChBBc3NpZ25tZW50UmVhc29uEiEKHUFTU0lHTk1FTlRfUkVBU09OX1VOU1BFQ0lGSUVEEAASGQoVQVNTSUdOTUVOVF9SRUFTT05fTkVXEAESHAoYQVNTSUdOTUVOVF9SRUFTT05fU1RJQ0tZEAISIgoeQVNTSUdOTUVOVF9SRUFTT05fTk9UX0VMSUdJQkxFEAMSIQodQVNTSUdOTUVOVF9SRUFTT05fTk9UX0VYUE9TRUQQBBIfChtBU1NJR05NRU5UX1JFQVNPTl9DT05DTFVERUQQBTLCAQoRQXNzaWdubWVudFNlcnZpY2USUQoGQXNzaWduEiIuc2lyYS5leHBlcmltZW50cy52MS5Bc3NpZ25SZXF1ZXN0GiMuc2lyYS5leHBlcmltZW50cy52MS5Bc3NpZ25SZXNwb25zZRJaCglBc3NpZ25BbGwSJS5zaXJhLmV4cGVyaW1lbnRzLnYxLkFzc2lnbkFsbFJlcXVlc3QaJi5zaXJhLmV4cGVyaW1lbnRzLnYxLkFzc2lnbkFsbFJlc3BvbnNlQi5aLGdpdGh1Yi5jb20vc2lyYS9leHBlcmltZW50cy92MTtleHBlcmltZW50c3YxYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("CixzaXJhL2V4cGVyaW1lbnRzL3YxL2Fzc2lnbm1lbnRfc2VydmljZS5wcm90bxITc2lyYS5leHBlcmltZW50cy52MSKLAgoOU3ViamVjdENvbnRleHQSDwoHY291bnRyeRgBIAEoCRIQCghsYW5ndWFnZRgCIAEoCRIOCgZkZXZpY2UYAyABKAkSFAoMdXNlcl9zZWdtZW50GAQgASgJEh4KEXRyYW5zYWN0aW9uX2NvdW50GAUgASgDSACIAQESRwoKYXR0cmlidXRlcxgGIAMoCzIzLnNpcmEuZXhwZXJpbWVudHMudjEuU3ViamVjdENvbnRleHQuQXR0cmlidXRlc0VudHJ5GjEKD0F0dHJpYnV0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQhQKEl90cmFuc2FjdGlvbl9jb3VudCJtCg1Bc3NpZ25SZXF1ZXN0EhIKCmV4cGVyaW1lbnQYASABKAkSEgoKc3ViamVjdF9pZBgCIAEoCRI0Cgdjb250ZXh0GAMgASgLMiMuc2lyYS5leHBlcmltZW50cy52MS5TdWJqZWN0Q29udGV4dCJ1Cg9Bc3NpZ25lZFZhcmlhbnQSCgoCaWQYASABKAkSCwoDa2V5GAIgASgJEgwKBG5hbWUYAyABKAkSJwoGY29uZmlnGAQgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBISCgppc19jb250cm9sGAUgASgIIoQCCghEZWNpc2lvbhIVCg1leHBlcmltZW50X2lkGAEgASgJEhYKDmV4cGVyaW1lbnRfa2V5GAIgASgJEjUKBnJlYXNvbhgDIAEoDjIlLnNpcmEuZXhwZXJpbWVudHMudjEuQXNzaWdubWVudFJlYXNvbhI1Cgd2YXJpYW50GAQgASgLMiQuc2lyYS5leHBlcmltZW50cy52MS5Bc3NpZ25lZFZhcmlhbnQSEgoKcHJvcGVuc2l0eRgFIAEoARIvCgthc3NpZ25fdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOdHJhY2tpbmdfdG9rZW4YByABKAkiQQoOQXNzaWduUmVzcG9uc2USLwoIZGVjaXNpb24YASABKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uIlwKEEFzc2lnbkFsbFJlcXVlc3QSEgoKc3ViamVjdF9pZBgBIAEoCRI0Cgdjb250ZXh0GAIgASgLMiMuc2lyYS5leHBlcmltZW50cy52MS5TdWJqZWN0Q29udGV4dCJ6ChFBc3NpZ25BbGxSZXNwb25zZRIwCglkZWNpc2lvbnMYASADKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkRlY2lzaW9uEjMKBmVycm9ycxgCIAMoCzIjLnNpcmEuZXhwZXJpbWVudHMudjEuQXNzaWduQWxsRXJyb3IikAEKDkFzc2lnbkFsbEVycm9yEhUKDWV4cGVyaW1lbnRfaWQYASABKAkSFgoOZXhwZXJpbWVudF9rZXkYAiABKAkSDAoEY29kZRgDIAEoBRIwCgZyZWFzb24YBCABKA4yIC5zaXJhLmV4cGVyaW1lbnRzLnYxLkVycm9yUmVhc29uEg8KB21lc3NhZ2UYBSABKAkq1gEKEEFzc2lnbm1lbnRSZWFzb24SIQodQVNTSUdOTUVOVF9SRUFTT05fVU5TUEVDSUZJRUQQABIZChVBU1NJR05NRU5UX1JFQVNPTl9ORVcQARIcChhBU1NJR05NRU5UX1JFQVNPTl9TVElDS1kQAhIiCh5BU1NJR05NRU5UX1JFQVNPTl9OT1RfRUxJR0lCTEUQAxIhCh1BU1NJR05NRU5UX1JFQVNPTl9OT1RfRVhQT1NFRBAEEh8KG0FTU0lHTk1FTlRfUkVBU09OX0NPTkNMVURFRBAFMsIBChFBc3NpZ25tZW50U2VydmljZRJRCgZBc3NpZ24SIi5zaXJhLmV4cGVyaW1lbnRzLnYxLkFzc2lnblJlcXVlc3QaIy5zaXJhLmV4cGVyaW1lbnRzLnYxLkFzc2lnblJlc3BvbnNlEloKCUFzc2lnbkFsbBIlLnNpcmEuZXhwZXJpbWVudHMudjEuQXNzaWduQWxsUmVxdWVzdBomLnNpcmEuZXhwZXJpbWVudHMudjEuQXNzaWduQWxsUmVzcG9uc2VCLlosZ2l0aHViLmNvbS9zaXJhL2V4cGVyaW1lbnRzL3YxO2V4cGVyaW1lbnRzdjFiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_sira_experiments_v1_error_reason]);
 
 /**
  * What the caller knows about the subject; matched against targeting.
@@ -256,6 +258,16 @@ export type AssignAllResponse = Message<"sira.experiments.v1.AssignAllResponse">
    * @generated from field: repeated sira.experiments.v1.Decision decisions = 1;
    */
   decisions: Decision[];
+
+  /**
+   * Experiments that may give the subject a variant but could not decide now (a
+   * store was unavailable). The decisions above stand; call again for these (the
+   * first decision stays the only one). Empty in the normal case. When no
+   * experiment could decide at all, the call fails with UNAVAILABLE instead.
+   *
+   * @generated from field: repeated sira.experiments.v1.AssignAllError errors = 2;
+   */
+  errors: AssignAllError[];
 };
 
 /**
@@ -264,6 +276,47 @@ export type AssignAllResponse = Message<"sira.experiments.v1.AssignAllResponse">
  */
 export const AssignAllResponseSchema: GenMessage<AssignAllResponse> = /*@__PURE__*/
   messageDesc(file_sira_experiments_v1_assignment_service, 6);
+
+/**
+ * One experiment of an AssignAll that could not decide.
+ *
+ * @generated from message sira.experiments.v1.AssignAllError
+ */
+export type AssignAllError = Message<"sira.experiments.v1.AssignAllError"> & {
+  /**
+   * @generated from field: string experiment_id = 1;
+   */
+  experimentId: string;
+
+  /**
+   * @generated from field: string experiment_key = 2;
+   */
+  experimentKey: string;
+
+  /**
+   * gRPC status code number (14 UNAVAILABLE).
+   *
+   * @generated from field: int32 code = 3;
+   */
+  code: number;
+
+  /**
+   * @generated from field: sira.experiments.v1.ErrorReason reason = 4;
+   */
+  reason: ErrorReason;
+
+  /**
+   * @generated from field: string message = 5;
+   */
+  message: string;
+};
+
+/**
+ * Describes the message sira.experiments.v1.AssignAllError.
+ * Use `create(AssignAllErrorSchema)` to create a new message.
+ */
+export const AssignAllErrorSchema: GenMessage<AssignAllError> = /*@__PURE__*/
+  messageDesc(file_sira_experiments_v1_assignment_service, 7);
 
 /**
  * Why the decision is what it is.
