@@ -58,6 +58,7 @@ from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
+from sira_server.store.script_transport import default_transport
 from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
 
 log = logging.getLogger("sira_server")
@@ -155,7 +156,7 @@ class SiraServer:
         self.hot = HotState(
             stores.redis,
             stores.pool,
-            pipelined_scripts=True,
+            transport=default_transport(stores.redis, settings.script_transport, timeouts),
             applied=self.metrics,
             timeouts=timeouts,
         )

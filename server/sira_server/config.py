@@ -119,6 +119,10 @@ class Settings:
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
     timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
+    script_transport: str = "pipeline"
+    """SIRA_SCRIPT_TRANSPORT: how the Lua scripts reach Redis, `pipeline` (redis-py) or
+    `channel` (the hand-written script channel, kept for the benchmark that compares
+    them: docs/design.md)."""
 
     @property
     def embedded(self) -> bool:
@@ -188,7 +192,13 @@ class Settings:
                 "set both SIRA_DATABASE_URL and SIRA_REDIS_URL, or neither for the embedded "
                 "Postgres and Redis"
             )
+        script_transport = text("SIRA_SCRIPT_TRANSPORT") or "pipeline"
+        if script_transport not in ("pipeline", "channel"):
+            raise ConfigError(
+                f"SIRA_SCRIPT_TRANSPORT must be pipeline or channel, got {script_transport!r}"
+            )
         return cls(
+            script_transport=script_transport,
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),
             grpc_host=text("SIRA_GRPC_HOST") or "127.0.0.1",

@@ -1,8 +1,9 @@
 """Store faults as domain errors, and deadlines on store waits: one map for every path.
 
-Every Redis reply error and connection failure, whichever path it took (the pipelined
-script channel, redis-py pipelines, `LuaScript.call`), is classified here with
-redis-py's own error classes (`parse_redis_error` is the parser redis-py itself uses):
+Every Redis reply error and connection failure, whichever path it took (a script
+transport, `store.script_transport`, or a plain redis-py command), is classified here
+with redis-py's own error classes (`parse_redis_error` is the parser redis-py itself
+uses), by `domain_error` (one call's error reply) and `redis_call` (a block of waits):
 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
@@ -82,6 +83,14 @@ def redis_unavailable(exc: BaseException) -> Unavailable:
     )
 
 
+def domain_error(exc: BaseException) -> BaseException:
+    """What a Redis failure means: Unavailable (``store=redis``) when the store may
+    recover, else `exc` itself (a bug, reported as INTERNAL)."""
+    if is_redis_unavailable(exc):
+        return redis_unavailable(exc)
+    return exc
+
+
 @asynccontextmanager
 async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
     """The Redis waits inside take at most `seconds` (None: no deadline here); a
@@ -93,12 +102,11 @@ async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
         raise redis_unavailable(
             redis_errors.TimeoutError(f"no answer within {seconds:g}s")
         ) from exc
-    except redis_errors.RedisError as exc:
-        if is_redis_unavailable(exc):
-            raise redis_unavailable(exc) from exc
-        raise
-    except OSError as exc:
-        raise redis_unavailable(exc) from exc
+    except (redis_errors.RedisError, OSError) as exc:
+        mapped = domain_error(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
 
 
 _background: set[asyncio.Future[Any]] = set()

@@ -35,6 +35,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from sira_server.errors import Unavailable
 from sira_server.store.hot_keys import (
     FLUSHER_GROUP,
     STREAM_REGISTRY,
@@ -46,6 +47,7 @@ from sira_server.store.hot_keys import (
 )
 from sira_server.store.hot_state import read_posteriors
 from sira_server.store.lua_scripts import ACK_SCRIPT
+from sira_server.store.script_transport import default_transport, run_scripts
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     # "cannot switch to state ...": a connection broken mid-operation (Postgres stopped).
     asyncpg.InternalClientError,
     redis_errors.RedisError,
+    Unavailable,  # a Redis failure as `store.faults` maps it (the ack script's path)
 )
 """Failures a pass reports and `run` retries with backoff; entries stay pending."""
 
@@ -385,7 +388,10 @@ class WriteBehindFlusher:
             for start in range(0, len(ids), 1000):  # Lua unpack() stack limit
                 calls.append(((stream,), (FLUSHER_GROUP, *ids[start : start + 1000])))
         if calls:
-            await ACK_SCRIPT.call_many(self.redis, calls)
+            replies = await run_scripts(default_transport(self.redis), ACK_SCRIPT, calls)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
 
     # --- observability and snapshots ---
 

@@ -1,0 +1,201 @@
+"""Benchmark: how the Lua scripts reach Redis, redis-py pipelines vs the script channel.
+
+Both transports (`SIRA_SCRIPT_TRANSPORT=pipeline|channel`, coalescing on in both) serve
+the same data: one `sira-server` is restarted on one data directory for each side, the
+sides alternate round by round (ABBA...), and each round measures Assign and Track at
+concurrency 16 and 64 through the real server. Reported: medians over the rounds of
+calls/s, p50, p99 and the server process's own CPU per call (the embedded stores are
+its children and not counted), and the channel's ratio to the pipeline from the same run.
+
+    python -m sira_loadtest.bench_transport [--rounds 3] [--duration 5] [--write]
+
+`--write` replaces the section between the markers in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sira_loadtest.bench import (
+    BenchOptions,
+    _launch_sira,
+    _sira_env,
+    mint_token,
+    seed_experiment,
+)
+from sira_loadtest.bench_report import replace_section
+from sira_loadtest.config import LoadConfig
+from sira_loadtest.machine import describe_machine
+from sira_loadtest.runner import preassign, run_load_detailed
+
+TRANSPORTS = ("pipeline", "channel")
+BASELINE = "pipeline"
+WORKLOADS = (("Assign", "assign-heavy"), ("Track", "track-heavy"))
+CONCURRENCIES = (16, 64)
+START = "<!-- bench-transport:start -->"
+END = "<!-- bench-transport:end -->"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Sample:
+    transport: str
+    workload: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_call: float
+    ok_share: float
+    errors: str = ""
+
+
+def _own_ticks(pid: int) -> int:
+    """utime + stime of one process (not its children)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def _measure(
+    pid: int, config: LoadConfig, transport: str, workload: str, warmup: float
+) -> Sample:
+    await run_load_detailed(replace(config, duration=warmup), setup_scenario=False)
+    ticks = _own_ticks(pid)
+    report = (await run_load_detailed(config, setup_scenario=False)).report
+    cpu_seconds = (_own_ticks(pid) - ticks) / CLOCK_TICKS
+    statuses = report.status_code_distribution
+    calls = max(report.count, 1)
+    return Sample(
+        transport=transport,
+        workload=workload,
+        concurrency=config.concurrency,
+        rps=report.rps,
+        p50_ms=(report.latency_ns(50) or 0) / 1e6,
+        p99_ms=(report.latency_ns(99) or 0) / 1e6,
+        cpu_us_per_call=cpu_seconds * 1e6 / calls,
+        ok_share=statuses.get("OK", 0) / calls,
+        errors=str(dict(list(report.error_distribution.items())[:2])),
+    )
+
+
+async def run(rounds: int, duration: float, warmup: float, subjects: int) -> list[Sample]:
+    options = BenchOptions(duration=duration, warmup=warmup, startup_timeout=240.0)
+    secret = secrets.token_urlsafe(32)
+    experiment = f"bench-transport-{secrets.token_hex(4)}"
+    samples: list[Sample] = []
+    with tempfile.TemporaryDirectory(prefix="sira-bench-transport-") as tmp:
+        tmp_dir = Path(tmp)
+        base_env = _sira_env(tmp_dir, secret)
+        preassigned: tuple[tuple[str, str], ...] = ()
+        metadata = (("authorization", f"Bearer {mint_token(secret, 'pay_module')}"),)
+        for round_index in range(rounds):
+            order = TRANSPORTS if round_index % 2 == 0 else TRANSPORTS[::-1]
+            for transport in order:
+                env = {**base_env, "SIRA_SCRIPT_TRANSPORT": transport}
+                print(f"round {round_index + 1}/{rounds}: {transport}", file=sys.stderr)
+                with ExitStack() as stack:
+                    log = tmp_dir / f"sira-{round_index}-{transport}.log"
+                    server = _launch_sira(stack, env, log, options)
+                    config = LoadConfig(
+                        target=server.address,
+                        experiment=experiment,
+                        metadata=metadata,
+                        returning_subjects=subjects,
+                        timeout=10.0,
+                        duration=duration,
+                        duration_stop="wait",  # calls in flight at the end complete
+                    )
+                    if not preassigned:
+                        await seed_experiment(
+                            server.address, mint_token(secret, "ops_admin"), experiment
+                        )
+                        preassigned, _ = await preassign(replace(config, scenario="assign-heavy"))
+                    config = replace(config, preassigned=preassigned)
+                    for workload, scenario in WORKLOADS:
+                        for concurrency in CONCURRENCIES:
+                            sample = await _measure(
+                                server.process.pid,
+                                replace(config, scenario=scenario, concurrency=concurrency),
+                                transport,
+                                workload,
+                                warmup,
+                            )
+                            print(f"  {sample}", file=sys.stderr)
+                            samples.append(sample)
+    return samples
+
+
+def _median(samples: Sequence[Sample], attribute: str) -> float:
+    return float(statistics.median(float(getattr(s, attribute)) for s in samples))
+
+
+def render(samples: Sequence[Sample], rounds: int, duration: float) -> str:
+    machine = describe_machine()
+    lines = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine['cpu']}, "
+        f"{machine['cores']} cores (shared with other work); "
+        f"{rounds} rounds of {duration:g} s per cell, sides alternating; medians. "
+        "CPU: the sira-server process only, per call. Ratio: channel / pipeline "
+        "(calls/s; above 1 the channel is faster).",
+        "",
+        "| call | c | transport | calls/s | p50 ms | p99 ms | server CPU µs/call | ratio |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for workload, _ in WORKLOADS:
+        for concurrency in CONCURRENCIES:
+            base_rps = 0.0
+            for transport in TRANSPORTS:
+                cell = [
+                    s
+                    for s in samples
+                    if (s.transport, s.workload, s.concurrency)
+                    == (transport, workload, concurrency)
+                ]
+                if not cell:
+                    continue
+                rps = _median(cell, "rps")
+                if transport == BASELINE:
+                    base_rps = rps
+                ratio = f"{rps / base_rps:.2f}" if base_rps else ""
+                failed = min(s.ok_share for s in cell) < 1.0
+                lines.append(
+                    f"| {workload} | {concurrency} | {transport} | {rps:,.0f}"
+                    f"{' (errors)' if failed else ''} | {_median(cell, 'p50_ms'):.2f} | "
+                    f"{_median(cell, 'p99_ms'):.2f} | {_median(cell, 'cpu_us_per_call'):.0f} | "
+                    f"{ratio} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sira_loadtest.bench_transport")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--subjects", type=int, default=1000)
+    parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/design.md"))
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    samples = asyncio.run(run(args.rounds, args.duration, args.warmup, args.subjects))
+    body = render(samples, args.rounds, args.duration)
+    print(body)
+    print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.write is not None:
+        replace_section(args.write, body, start=START, end=END)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""How the Lua scripts reach Redis: one small injectable interface, as httpx's transports.
+
+A `ScriptTransport` runs one or many EVALSHA calls of one script in one round trip and
+answers per call: the script's reply, or the exception redis-py raises for that call's
+error reply (parsed by redis-py's own parser). A NOSCRIPT reply means the call did not
+run: the transport loads the script and re-runs only those calls, once. A failure of the
+round trip itself (connection lost, refused) is raised and fails every call.
+
+Transports only move bytes: what a Redis failure *means* is decided in one place,
+`run_scripts` with `store.faults` (Unavailable with ``store=redis``, or a bug), whatever
+the transport. The production default is chosen once, in `default_transport`.
+
+`PipelineTransport` is redis-py's pipeline and nothing else, so it works unchanged with
+`redis.asyncio.cluster.RedisCluster`: its pipeline routes each EVALSHA by the slot of its
+keys, and every key of one call carries the experiment's hash tag ``{exp:<id>}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from sira_server.config import StoreTimeouts
+from sira_server.store.faults import domain_error, redis_call
+from sira_server.store.lua_scripts import LuaScript
+
+ScriptCall = tuple[Sequence[str], Sequence[Any]]
+"""The keys and arguments of one EVALSHA."""
+
+
+class ScriptTransport(Protocol):
+    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One reply per call, in order: the script's reply, or the `RedisError` its
+        error reply stands for. Raises when the round trip itself failed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the transport holds (not the redis client it was given)."""
+        ...
+
+
+class PipelineTransport:
+    """redis-py: a single call is one EVALSHA, several are one non-transactional
+    pipeline (also a `RedisCluster` pipeline)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            results = await self._send(script, [calls[index] for index in todo])
+            missing = []
+            for index, result in zip(todo, results, strict=True):
+                if isinstance(result, redis_errors.NoScriptError) and attempt == 0:
+                    missing.append(index)
+                else:
+                    replies[index] = result
+            if not missing:
+                break
+            await script.load(self.redis)
+            todo = missing
+        return replies
+
+    async def _send(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        if len(calls) == 1:  # no pipeline object for the common idle case
+            keys, args = calls[0]
+            try:
+                return [await self.redis.evalsha(script.sha, len(keys), *keys, *args)]
+            except redis_errors.ResponseError as exc:  # an error reply: this call's answer
+                return [exc]
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def aclose(self) -> None:
+        return None
+
+
+TRANSPORTS = ("pipeline", "channel")
+"""`SIRA_SCRIPT_TRANSPORT` values; ``pipeline`` is the default."""
+
+
+def default_transport(
+    redis: aioredis.Redis, kind: str = "pipeline", timeouts: StoreTimeouts | None = None
+) -> ScriptTransport:
+    """The transport production uses (and every HotState not given another): redis-py's
+    pipelines; ``channel`` is the hand-written `ScriptChannel`, kept to compare against."""
+    if kind == "pipeline":
+        return PipelineTransport(redis)
+    if kind == "channel":
+        from sira_server.store.script_channel import channel_transport
+
+        return channel_transport(redis, timeouts or StoreTimeouts())
+    raise ValueError(f"unknown script transport {kind!r}; one of {', '.join(TRANSPORTS)}")
+
+
+async def run_scripts(
+    transport: ScriptTransport,
+    script: LuaScript,
+    calls: Sequence[ScriptCall],
+    seconds: float | None = None,
+) -> list[Any]:
+    """`transport.run` with every Redis failure mapped by `store.faults`: a failed round
+    trip (or one past `seconds`) raises Unavailable; a call's error reply becomes that
+    call's domain error (Unavailable, or the RedisError of a bug) in its place."""
+    async with redis_call(seconds):
+        replies = await transport.run(script, calls)
+    return [domain_error(reply) if isinstance(reply, BaseException) else reply for reply in replies]
+
+
+async def run_script(
+    transport: ScriptTransport,
+    script: LuaScript,
+    keys: Sequence[str],
+    args: Sequence[Any],
+    seconds: float | None = None,
+) -> Any:
+    """One call through `run_scripts`; its domain error raised."""
+    (reply,) = await run_scripts(transport, script, [(keys, args)], seconds)
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
