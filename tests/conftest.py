@@ -30,6 +30,7 @@ from sira_server.embedded import EmbeddedPostgres, EmbeddedRedis
 from sira_server.store.hot_state import HotState
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.postgres import create_pool, with_database
+from sira_server.store.script_transport import TRANSPORTS, default_transport
 
 LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -217,10 +218,17 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-@pytest.fixture
-async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
-    """The hot state over the test Redis and a fresh migrated database."""
-    return HotState(redis, migrated_pool)
+@pytest.fixture(params=TRANSPORTS)
+async def hot(
+    request: pytest.FixtureRequest, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> AsyncIterator[HotState]:
+    """The hot state over the test Redis and a fresh migrated database, once per script
+    transport (`store.script_transport`; the first is production's default)."""
+    hot = HotState(redis, migrated_pool, transport=default_transport(redis, request.param))
+    try:
+        yield hot
+    finally:
+        await hot.close()
 
 
 # The lead's gRPC-server fixtures, once that module exists.

@@ -20,11 +20,11 @@ from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_state import (
     STREAM_REGISTRY,
     HotState,
-    LuaScript,
     TrackStatus,
     VariantCounters,
     experiment_keys,
 )
+from sira_server.store.lua_scripts import LuaScript
 
 # --- fixtures and helpers --------------------------------------------------------------
 
@@ -340,24 +340,28 @@ async def test_drop_experiment_removes_every_key(
 # --- scripts and failures --------------------------------------------------------------
 
 
+def unseen_script(name: str) -> LuaScript:
+    """A variant of the script Redis has never seen (SCRIPT FLUSH would hit other tests)."""
+    script = LuaScript(name)
+    script.source += f"\n-- {uuid.uuid4()}\n"
+    script.sha = hashlib.sha1(script.source.encode()).hexdigest()
+    return script
+
+
 async def test_scripts_are_reloaded_after_noscript(
     hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
 ) -> None:
+    """On the transport itself, single call and batch: NOSCRIPT loads the script and
+    re-runs only the calls that did not run."""
     experiment_id, (a, _) = await started(hot, migrated_pool)
     keys = experiment_keys(experiment_id)
-    # A variant of the script Redis has never seen (SCRIPT FLUSH would hit other tests).
-    script = LuaScript("assign.lua")
-    script.source += f"\n-- {uuid.uuid4()}\n"
-    script.sha = hashlib.sha1(script.source.encode()).hexdigest()
-    args = ("u1", a, "0.5", 1, "{}")
-    reply = await script.call(redis, (keys.meta, keys.asg, keys.trials, keys.wb), args)
-    assert reply[0] == b"C"
-    fresh = LuaScript("assign.lua")
-    fresh.source += f"\n-- {uuid.uuid4()}\n"
-    fresh.sha = hashlib.sha1(fresh.source.encode()).hexdigest()
     assign_keys = (keys.meta, keys.asg, keys.trials, keys.wb)
+    single = await hot.transport.run(
+        unseen_script("assign.lua"), [(assign_keys, ("u1", a, "0.5", 1, "{}"))]
+    )
+    assert single[0][0] == b"C"
     calls = [(assign_keys, ("u1", a, "0.5", 1, "{}")), (assign_keys, ("u9", a, "0.5", 1, "{}"))]
-    replies = await fresh.call_many(redis, calls)
+    replies = await hot.transport.run(unseen_script("assign.lua"), calls)
     assert [r[0] for r in replies] == [b"E", b"C"]
 
 
