@@ -430,6 +430,40 @@ async def test_frozen_redis_is_answered_unavailable_then_recovers(
         await pay.close()
 
 
+async def test_track_batch_answers_each_event_when_its_redis_turns_replica(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    """A failover seen from the old master: it became a replica, so a script that writes
+    gets READONLY. TrackBatch answers each event on its own: that event UNAVAILABLE (retry
+    it), the others what they are (not assigned, unknown variant), the call itself OK."""
+    other = RedisServer(short_tmp / "other")
+    other.start("--replicaof", "127.0.0.1", str(own_redis.port))
+    try:
+        with run_sira_server(database, own_redis.url, short_tmp / "server") as server:
+            admin, pay = clients(server)
+            experiment = await launch(admin)
+            held = await pay.assign(experiment.key, "s1")
+            assigned = experiment_keys(experiment.id).asg
+            await _until(other, lambda c: c.hexists(assigned, "s1"), "the replica has s1")
+            other.client().replicaof("NO", "ONE")
+            own_redis.client().replicaof("127.0.0.1", other.port)
+            await _until(own_redis, _synced_replica, "demoted and in sync (no more LOADING)")
+            stored, not_assigned, unknown = await pay.track_batch(
+                [
+                    conversion(experiment, "s1", held.variant.id),
+                    conversion(experiment, "never-assigned", held.variant.id),
+                    conversion(experiment, "s1", "no-such-variant"),
+                ]
+            )
+            assert all_unavailable([stored])
+            assert not_assigned.error.reason == erpb.ERROR_REASON_SUBJECT_NOT_ASSIGNED
+            assert unknown.error.reason == erpb.ERROR_REASON_VARIANT_NOT_FOUND
+            await admin.close()
+            await pay.close()
+    finally:
+        other.stop()
+
+
 async def test_loading_redis_is_answered_unavailable_by_the_server(
     database: str, own_redis: RedisServer, short_tmp: Path
 ) -> None:
@@ -600,6 +634,11 @@ def _replies(client: Any, code: str) -> bool:
             code == "LOADING" and isinstance(exc, redis_errors.BusyLoadingError)
         )
     return False
+
+
+def _synced_replica(client: Any) -> bool:
+    replication = client.info("replication")
+    return bool(replication["role"] == "slave" and replication.get("master_link_status") == "up")
 
 
 def _master_down(client: Any) -> bool:

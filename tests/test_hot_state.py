@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -19,12 +20,14 @@ from store_helpers import create_experiment, event
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_state import (
     STREAM_REGISTRY,
+    AssignRequest,
     HotState,
     TrackStatus,
     VariantCounters,
     experiment_keys,
 )
 from sira_server.store.lua_scripts import LuaScript
+from sira_server.store.script_transport import ScriptCall, ScriptTransport
 
 # --- fixtures and helpers --------------------------------------------------------------
 
@@ -384,3 +387,63 @@ async def test_redis_down_raises_unavailable(migrated_pool: asyncpg.Pool) -> Non
 async def test_unknown_experiment_without_state_is_not_found(hot: HotState) -> None:
     with pytest.raises(NotFound):
         await hot.assign(str(uuid.uuid4()), "u1", str(uuid.uuid4()), 0.5)
+
+
+# --- one send path for Track and TrackBatch ------------------------------------------------
+
+
+class CountingTransport:
+    """A real transport that records how many calls each round trip carried."""
+
+    def __init__(self, inner: ScriptTransport) -> None:
+        self.inner = inner
+        self.round_trips: list[int] = []
+
+    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        self.round_trips.append(len(calls))
+        return await self.inner.run(script, calls)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_track_and_track_batch_events_share_one_round_trip(
+    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    """`track` (Track) and `track_each` (TrackBatch) join the same per-experiment batches:
+    while two round trips are on the wire, a Track and a TrackBatch's events that arrive
+    leave together in the third."""
+    experiment_id, (a, b) = await started(hot, migrated_pool)
+    for subject in ("u1", "u2", "u3"):
+        await hot.assign(experiment_id, subject, a, 0.5)
+    counting = CountingTransport(hot.transport)
+    shared = HotState(redis, migrated_pool, transport=counting)
+    first, second, third, batch = await asyncio.gather(
+        shared.track(experiment_id, event("u1", a)),
+        shared.track(experiment_id, event("u2", a)),
+        shared.track(experiment_id, event("u3", a)),
+        shared.track_each(
+            [(experiment_id, event("u1", a, "refund")), (experiment_id, event("u2", b))]
+        ),
+    )
+    assert counting.round_trips == [1, 1, 3]
+    assert {first.status, second.status, third.status} == {TrackStatus.ACCEPTED}
+    refund, mismatch = batch
+    assert refund.status is TrackStatus.ACCEPTED
+    assert mismatch.status is TrackStatus.MISMATCH  # answered on its own
+    assert (await hot.counters(experiment_id))[a].refunds == 1
+
+
+async def test_assign_many_and_track_many_answer_per_item(
+    hot: HotState, migrated_pool: asyncpg.Pool
+) -> None:
+    experiment_id, (a, _) = await started(hot, migrated_pool)
+    outcomes = await hot.assign_many(
+        experiment_id,
+        [AssignRequest("u1", a, 0.5), AssignRequest("u2", "no-such-variant", 0.5)],
+    )
+    assert outcomes[0].created
+    assert isinstance(outcomes[1], NotFound)
+    accepted, not_assigned = await hot.track_many(experiment_id, [event("u1", a), event("u2", a)])
+    assert accepted.status is TrackStatus.ACCEPTED
+    assert not_assigned.status is TrackStatus.NOT_ASSIGNED
