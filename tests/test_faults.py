@@ -55,7 +55,12 @@ from sira_server.store.hot_state import (
 )
 from sira_server.store.lua_scripts import LOCK_SCRIPT
 from sira_server.store.redis_conn import create_redis
-from sira_server.store.script_transport import TRANSPORTS, default_transport, run_script
+from sira_server.store.script_transport import (
+    TRANSPORTS,
+    PipelineTransport,
+    default_transport,
+    run_script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -274,7 +279,7 @@ async def test_a_read_only_replica_is_unavailable_for_writes_only(
     hots = hot_states(redis, migrated_pool)
     try:
         experiment_id, (a, b) = await create_experiment(migrated_pool)
-        writer = HotState(master, migrated_pool)
+        writer = HotState(master, migrated_pool, transport=PipelineTransport(master))
         await writer.init_experiment(experiment_id, [a, b], "conversion")
         await writer.assign(experiment_id, "s1", a, 0.5)
         await master.set("{t}:lock", "token")  # so that extending it writes
@@ -316,7 +321,7 @@ async def test_a_replica_cut_from_its_master_is_unavailable_on_every_path(
     hots = hot_states(redis, migrated_pool)
     try:
         experiment_id, (a, b) = await create_experiment(migrated_pool)
-        writer = HotState(master, migrated_pool)
+        writer = HotState(master, migrated_pool, transport=PipelineTransport(master))
         await writer.init_experiment(experiment_id, [a, b], "conversion")
         await writer.assign(experiment_id, "s1", a, 0.5)
         synced = experiment_keys(experiment_id).asg

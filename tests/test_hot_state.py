@@ -132,6 +132,7 @@ async def main():
         hot.assign(experiment_id, subject, random.choice(variants), 0.5) for _ in range(int(n))
     ))
     print(json.dumps([[o.created, o.variant_id] for o in outcomes]), flush=True)
+    await hot.close()
     await client.aclose()
 
 asyncio.run(main())
@@ -381,6 +382,7 @@ async def test_redis_down_raises_unavailable(migrated_pool: asyncpg.Pool) -> Non
         with pytest.raises(Unavailable):
             await hot.posteriors([str(uuid.uuid4())])
     finally:
+        await hot.close()
         await client.aclose()
 
 

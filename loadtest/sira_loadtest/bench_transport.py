@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
 from sira_loadtest.bench import (
     BenchOptions,
     _launch_sira,
@@ -39,6 +41,15 @@ from sira_loadtest.bench_report import replace_section
 from sira_loadtest.config import LoadConfig
 from sira_loadtest.machine import describe_machine
 from sira_loadtest.runner import preassign, run_load_detailed
+from sira_server.store.hot_state import (
+    STREAM_REGISTRY,
+    HotState,
+    TrackEvent,
+    ensure_stream,
+    experiment_keys,
+)
+from sira_server.store.redis_conn import create_redis
+from sira_server.store.script_transport import default_transport
 
 TRANSPORTS = ("pipeline", "channel")
 BASELINE = "pipeline"
@@ -138,6 +149,118 @@ async def run(rounds: int, duration: float, warmup: float, subjects: int) -> lis
     return samples
 
 
+# --- the transport alone: HotState in this process ---------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    transport: str
+    call: str
+    concurrency: int
+    rps: float
+    cpu_us_per_call: float
+
+
+async def _ready_experiment(redis: aioredis.Redis, variants: Sequence[str]) -> str:
+    """An experiment's hot state as `init_experiment` leaves it, without Postgres."""
+    experiment_id = f"bench-{secrets.token_hex(6)}"
+    keys = experiment_keys(experiment_id)
+    await redis.hset(keys.trials, mapping=dict.fromkeys(variants, 0))
+    await redis.hset(keys.succ, mapping=dict.fromkeys(variants, 0))
+    await ensure_stream(redis, keys)
+    await redis.hset(keys.meta, mapping={"reward": "conversion", "ready": 1})
+    return experiment_id
+
+
+async def _hot_state_run(
+    redis: aioredis.Redis, transport: str, concurrency: int, calls: int
+) -> list[CpuSample]:
+    """`concurrency` callers, each making Assign then Track calls one after another through
+    `HotState` (coalescing on): process CPU per call, the transport's cost on the server."""
+    hot = HotState(redis, None, transport=default_transport(redis, transport))
+    variants = ("a", "b")
+    experiment_id = await _ready_experiment(redis, variants)
+    per_caller = calls // concurrency
+    samples = []
+    try:
+        await hot.assign(experiment_id, "warm", "a", 0.5)  # connect, load the scripts
+        await hot.track(
+            experiment_id, TrackEvent("warm", "a", "conversion", "warm", int(time.time() * 1000))
+        )
+
+        async def assign(caller: int) -> None:
+            for i in range(per_caller):
+                await hot.assign(experiment_id, f"s{caller}-{i}", variants[i % 2], 0.5)
+
+        async def track(caller: int) -> None:
+            now = int(time.time() * 1000)
+            for i in range(per_caller):
+                event = TrackEvent(
+                    f"s{caller}-{i}", variants[i % 2], "conversion", f"e{caller}-{i}", now
+                )
+                await hot.track(experiment_id, event)
+
+        for name, work in (("Assign", assign), ("Track", track)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(work(c) for c in range(concurrency)))
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            total = per_caller * concurrency
+            samples.append(CpuSample(transport, name, concurrency, total / wall, cpu * 1e6 / total))
+    finally:
+        await hot.close()
+        await redis.delete(*experiment_keys(experiment_id).all)
+        await redis.srem(STREAM_REGISTRY, experiment_keys(experiment_id).wb)
+    return samples
+
+
+async def run_hot_state(redis_url: str, rounds: int, calls: int) -> list[CpuSample]:
+    redis = create_redis(redis_url)
+    samples: list[CpuSample] = []
+    try:
+        for round_index in range(rounds):
+            order = TRANSPORTS if round_index % 2 == 0 else TRANSPORTS[::-1]
+            for transport in order:
+                for concurrency in CONCURRENCIES:
+                    got = await _hot_state_run(redis, transport, concurrency, calls)
+                    print(f"  {got}", file=sys.stderr)
+                    samples += got
+    finally:
+        await redis.aclose()
+    return samples
+
+
+def render_hot_state(samples: Sequence[CpuSample], rounds: int, calls: int) -> str:
+    lines = [
+        "",
+        f"The transport alone: `HotState` in one process, {calls} calls per cell, "
+        f"{rounds} rounds, medians. CPU: this process's CPU time per call (what the "
+        "transport costs a server); ratio: channel / pipeline CPU (below 1 the channel is "
+        "cheaper).",
+        "",
+        "| call | c | transport | calls/s | CPU µs/call | CPU ratio |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for call in ("Assign", "Track"):
+        for concurrency in CONCURRENCIES:
+            base = 0.0
+            for transport in TRANSPORTS:
+                cell = [
+                    s
+                    for s in samples
+                    if (s.transport, s.call, s.concurrency) == (transport, call, concurrency)
+                ]
+                if not cell:
+                    continue
+                cpu = statistics.median(s.cpu_us_per_call for s in cell)
+                base = cpu if transport == BASELINE else base
+                lines.append(
+                    f"| {call} | {concurrency} | {transport} | "
+                    f"{statistics.median(s.rps for s in cell):,.0f} | {cpu:.0f} | "
+                    f"{cpu / base if base else 0:.2f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def _median(samples: Sequence[Sample], attribute: str) -> float:
     return float(statistics.median(float(getattr(s, attribute)) for s in samples))
 
@@ -187,10 +310,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--subjects", type=int, default=1000)
     parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/design.md"))
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("SIRA_REDIS_URL"),
+        help="for the in-process part (default SIRA_REDIS_URL; none: that part is skipped)",
+    )
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--server", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     started = time.monotonic()
-    samples = asyncio.run(run(args.rounds, args.duration, args.warmup, args.subjects))
-    body = render(samples, args.rounds, args.duration)
+    body = ""
+    if args.server:
+        samples = asyncio.run(run(args.rounds, args.duration, args.warmup, args.subjects))
+        body += render(samples, args.rounds, args.duration)
+    if args.redis_url:
+        cpu = asyncio.run(run_hot_state(args.redis_url, args.rounds, args.calls))
+        body += render_hot_state(cpu, args.rounds, args.calls)
     print(body)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
     if args.write is not None:

@@ -119,10 +119,10 @@ class Settings:
     """Tracking tokens, caps, rate, input and connection limits (`limit_settings`)."""
     listen: ListenSettings = field(default_factory=ListenSettings)
     timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
-    script_transport: str = "pipeline"
-    """SIRA_SCRIPT_TRANSPORT: how the Lua scripts reach Redis, `pipeline` (redis-py) or
-    `channel` (the hand-written script channel, kept for the benchmark that compares
-    them: docs/design.md)."""
+    script_transport: str = "channel"
+    """SIRA_SCRIPT_TRANSPORT: how the Lua scripts reach Redis: `channel` (the pipelined
+    script channel, where it can connect: one node, no TLS; redis-py's pipelines
+    otherwise) or `pipeline` (always redis-py). docs/design.md, "Scripts"."""
 
     @property
     def embedded(self) -> bool:
@@ -192,10 +192,10 @@ class Settings:
                 "set both SIRA_DATABASE_URL and SIRA_REDIS_URL, or neither for the embedded "
                 "Postgres and Redis"
             )
-        script_transport = text("SIRA_SCRIPT_TRANSPORT") or "pipeline"
-        if script_transport not in ("pipeline", "channel"):
+        script_transport = text("SIRA_SCRIPT_TRANSPORT") or "channel"
+        if script_transport not in ("channel", "pipeline"):
             raise ConfigError(
-                f"SIRA_SCRIPT_TRANSPORT must be pipeline or channel, got {script_transport!r}"
+                f"SIRA_SCRIPT_TRANSPORT must be channel or pipeline, got {script_transport!r}"
             )
         return cls(
             script_transport=script_transport,

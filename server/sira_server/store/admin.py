@@ -35,8 +35,11 @@ async def rebuild_hot_state(database_url: str, redis_url: str, ref: str) -> Rebu
     try:
         experiment = await ExperimentRepository(pool).get(ref)
         hot = HotState(redis, pool)
-        await hot.ensure_ready(experiment.id, force=True)
-        counters = await hot.counters(experiment.id)
+        try:
+            await hot.ensure_ready(experiment.id, force=True)
+            counters = await hot.counters(experiment.id)
+        finally:
+            await hot.close()
         return RebuildReport(
             experiment.id,
             experiment.key,

@@ -47,7 +47,7 @@ from sira_server.store.hot_keys import (
 )
 from sira_server.store.hot_state import read_posteriors
 from sira_server.store.lua_scripts import ACK_SCRIPT
-from sira_server.store.script_transport import default_transport, run_scripts
+from sira_server.store.script_transport import PipelineTransport, run_scripts
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class WriteBehindFlusher:
             for start in range(0, len(ids), 1000):  # Lua unpack() stack limit
                 calls.append(((stream,), (FLUSHER_GROUP, *ids[start : start + 1000])))
         if calls:
-            replies = await run_scripts(default_transport(self.redis), ACK_SCRIPT, calls)
+            replies = await run_scripts(PipelineTransport(self.redis), ACK_SCRIPT, calls)
             for reply in replies:
                 if isinstance(reply, BaseException):
                     raise reply

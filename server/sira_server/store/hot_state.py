@@ -227,7 +227,7 @@ class HotState:
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self.timeouts = timeouts or StoreTimeouts()
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
-        self.transport = transport or default_transport(redis)
+        self.transport = transport or default_transport(redis, timeouts=self.timeouts)
         self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
         self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self.track_many)
 

@@ -45,7 +45,7 @@ from sira_server.store.hot_state import (
     ensure_stream,
 )
 from sira_server.store.lua_scripts import LOCK_SCRIPT
-from sira_server.store.script_transport import default_transport, run_script
+from sira_server.store.script_transport import PipelineTransport, run_script
 
 WRITE_CHUNK = 1000
 """Fields or members per Redis command when writing the image."""
@@ -273,7 +273,7 @@ async def rebuild_experiment(
         await _write_image(redis, keys, image, token, lock_ms)
         return True
     finally:
-        await run_script(default_transport(redis), LOCK_SCRIPT, (keys.lock,), (token, "release", 0))
+        await run_script(PipelineTransport(redis), LOCK_SCRIPT, (keys.lock,), (token, "release", 0))
 
 
 async def _unflushed_records(
@@ -374,7 +374,7 @@ async def _write_image(
 async def _keep_lock(redis: aioredis.Redis, keys: ExperimentKeys, token: str, lock_ms: int) -> None:
     """Extend the lock; if it expired and another process took over, stop writing."""
     lock = (keys.lock,), (token, "extend", lock_ms)
-    if not await run_script(default_transport(redis), LOCK_SCRIPT, *lock):
+    if not await run_script(PipelineTransport(redis), LOCK_SCRIPT, *lock):
         raise Unavailable(
             f"lost the rebuild lock of experiment {keys.experiment_id}; retry",
             metadata={"store": "redis", "experiment_id": keys.experiment_id},

@@ -283,11 +283,12 @@ class ChannelTransport:
         await self._channel.close()
 
 
-def channel_transport(redis: aioredis.Redis, timeouts: StoreTimeouts) -> ChannelTransport:
-    """A channel to where `redis` connects (ValueError when it cannot: TLS, a cluster)."""
+def channel_transport(redis: aioredis.Redis, timeouts: StoreTimeouts) -> ChannelTransport | None:
+    """A channel to where `redis` connects; None when it cannot speak to it (TLS, a
+    cluster client): the channel speaks plain TCP or a unix socket to one node."""
     endpoint = endpoint_of(redis)
     if endpoint is None:
-        raise ValueError("the script channel speaks plain TCP or a unix socket to one node")
+        return None
     channel = ScriptChannel(
         endpoint,
         connect_timeout=timeouts.redis_seconds,

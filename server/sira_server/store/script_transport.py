@@ -2,17 +2,21 @@
 
 A `ScriptTransport` runs one or many EVALSHA calls of one script in one round trip and
 answers per call: the script's reply, or the exception redis-py raises for that call's
-error reply (parsed by redis-py's own parser). A NOSCRIPT reply means the call did not
-run: the transport loads the script and re-runs only those calls, once. A failure of the
-round trip itself (connection lost, refused) is raised and fails every call.
+error reply (redis-py's classes, parsed by redis-py's parser). A NOSCRIPT reply means the
+call did not run: the transport loads the script and re-runs only those calls, once. A
+failure of the round trip itself (connection lost, refused) is raised and fails every
+call of it.
 
 Transports only move bytes: what a Redis failure *means* is decided in one place,
 `run_scripts` with `store.faults` (Unavailable with ``store=redis``, or a bug), whatever
-the transport. The production default is chosen once, in `default_transport`.
+the transport. Production's transport is chosen once, in `default_transport`:
 
-`PipelineTransport` is redis-py's pipeline and nothing else, so it works unchanged with
-`redis.asyncio.cluster.RedisCluster`: its pipeline routes each EVALSHA by the slot of its
-keys, and every key of one call carries the experiment's hash tag ``{exp:<id>}``.
+- `ChannelTransport` (`store.script_channel`): the calls written on one pipelined
+  connection; the cheapest per call (measured: docs/design.md, "Scripts"), one node only;
+- `PipelineTransport`: redis-py's pipeline and nothing else, so it works unchanged with
+  `redis.asyncio.cluster.RedisCluster` (its pipeline routes each EVALSHA by the slot of
+  its keys, and every key of one call carries the experiment's hash tag ``{exp:<id>}``):
+  TLS, Redis Cluster, and the background scripts (rebuild lock, flusher ack).
 """
 
 from __future__ import annotations
@@ -82,22 +86,26 @@ class PipelineTransport:
         return None
 
 
-TRANSPORTS = ("pipeline", "channel")
-"""`SIRA_SCRIPT_TRANSPORT` values; ``pipeline`` is the default."""
+TRANSPORTS = ("channel", "pipeline")
+"""`SIRA_SCRIPT_TRANSPORT` values, production's default first."""
 
 
 def default_transport(
-    redis: aioredis.Redis, kind: str = "pipeline", timeouts: StoreTimeouts | None = None
+    redis: aioredis.Redis, kind: str = "channel", timeouts: StoreTimeouts | None = None
 ) -> ScriptTransport:
-    """The transport production uses (and every HotState not given another): redis-py's
-    pipelines; ``channel`` is the hand-written `ScriptChannel`, kept to compare against."""
-    if kind == "pipeline":
-        return PipelineTransport(redis)
+    """Production's transport, chosen here only: the script channel wherever it can speak
+    to Redis (one node, plain TCP or a unix socket), redis-py's pipelines otherwise (TLS,
+    Redis Cluster) or when `kind` is ``pipeline``. Why the channel: docs/design.md,
+    "Scripts"."""
+    if kind not in TRANSPORTS:
+        raise ValueError(f"unknown script transport {kind!r}; one of {', '.join(TRANSPORTS)}")
     if kind == "channel":
         from sira_server.store.script_channel import channel_transport
 
-        return channel_transport(redis, timeouts or StoreTimeouts())
-    raise ValueError(f"unknown script transport {kind!r}; one of {', '.join(TRANSPORTS)}")
+        channel = channel_transport(redis, timeouts or StoreTimeouts())
+        if channel is not None:
+            return channel
+    return PipelineTransport(redis)
 
 
 async def run_scripts(
