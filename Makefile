@@ -40,6 +40,7 @@ lint:
 
 bench: install
 	$(PY) -m sira_loadtest.bench
+	$(PY) -m sira_loadtest.bench_transport --write
 
 clean:
 	rm -rf $(VENV) .sira .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,9 @@ its children and not counted), and the channel's ratio to the pipeline from the 
 
     python -m sira_loadtest.bench_transport [--rounds 3] [--duration 5] [--write]
 
-`--write` replaces the section between the markers in docs/design.md.
+Then the transport alone: `HotState` in this process on a Redis (`--redis-url`, default
+SIRA_REDIS_URL, else an embedded one), process CPU time per call. `make bench` runs both
+parts; `--write` replaces the section between the markers in docs/design.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sira_loadtest.bench_report import replace_section
 from sira_loadtest.config import LoadConfig
 from sira_loadtest.machine import describe_machine
 from sira_loadtest.runner import preassign, run_load_detailed
+from sira_server.embedded import EmbeddedRedis
 from sira_server.store.hot_state import (
     STREAM_REGISTRY,
     HotState,
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("SIRA_REDIS_URL"),
-        help="for the in-process part (default SIRA_REDIS_URL; none: that part is skipped)",
+        help="Redis of the in-process part (default SIRA_REDIS_URL; none: an embedded one)",
     )
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--server", action=argparse.BooleanOptionalAction, default=True)
@@ -323,9 +326,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.server:
         samples = asyncio.run(run(args.rounds, args.duration, args.warmup, args.subjects))
         body += render(samples, args.rounds, args.duration)
-    if args.redis_url:
-        cpu = asyncio.run(run_hot_state(args.redis_url, args.rounds, args.calls))
-        body += render_hot_state(cpu, args.rounds, args.calls)
+    with tempfile.TemporaryDirectory(prefix="sira-bench-redis-") as tmp:
+        embedded = None if args.redis_url else EmbeddedRedis(Path(tmp))
+        url = args.redis_url if embedded is None else embedded.start()
+        try:
+            cpu = asyncio.run(run_hot_state(url, args.rounds, args.calls))
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    body += render_hot_state(cpu, args.rounds, args.calls)
     print(body)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
     if args.write is not None:
