@@ -51,3 +51,10 @@ def test_external_stores_and_jwt_settings_are_read() -> None:
 def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(env)
+
+
+def test_script_transport_is_the_channel_unless_told() -> None:
+    assert Settings.from_env({}).script_transport == "channel"
+    assert Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "pipeline"}).script_transport == "pipeline"
+    with pytest.raises(ConfigError, match="SIRA_SCRIPT_TRANSPORT"):
+        Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "carrier-pigeon"})
