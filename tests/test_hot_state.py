@@ -449,3 +449,27 @@ async def test_assign_many_and_track_many_answer_per_item(
     accepted, not_assigned = await hot.track_many(experiment_id, [event("u1", a), event("u2", a)])
     assert accepted.status is TrackStatus.ACCEPTED
     assert not_assigned.status is TrackStatus.NOT_ASSIGNED
+
+
+async def test_a_batch_over_two_experiments_is_one_round_trip_each_answered_in_order(
+    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    first, (a, _) = await started(hot, migrated_pool)
+    second, (c, _) = await started(hot, migrated_pool)
+    await hot.assign(first, "u1", a, 0.5)
+    await hot.assign(second, "u1", c, 0.5)
+    counting = CountingTransport(hot.transport)
+    shared = HotState(redis, migrated_pool, transport=counting)
+    outcomes = await shared.track_each(
+        [
+            (first, event("u1", a, event_id="x")),
+            (second, event("u1", c, event_id="x")),
+            (first, event("u1", a, event_id="x")),  # the same id again: a duplicate
+        ]
+    )
+    assert [o.status for o in outcomes] == [
+        TrackStatus.ACCEPTED,
+        TrackStatus.ACCEPTED,
+        TrackStatus.DUPLICATE,
+    ]
+    assert sorted(counting.round_trips) == [1, 2]

@@ -401,12 +401,18 @@ class HotState:
         self, events: Sequence[tuple[str, TrackEvent]]
     ) -> list[TrackOutcome | BaseException]:
         """(experiment id, event) pairs, each answered on its own, in order: an outcome or
-        that event's error. They join the same batches as `track` calls (one round trip
-        per experiment while idle), in the order given."""
-        futures = [
-            self._tracks.enqueue(experiment_id, (event,))[0] for experiment_id, event in events
-        ]
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        that event's error. Each experiment's events join its next batch together, in the
+        order given, with the `track` calls waiting there (one round trip per experiment
+        while idle)."""
+        by_experiment: dict[str, list[int]] = {}
+        for index, (experiment_id, _) in enumerate(events):
+            by_experiment.setdefault(experiment_id, []).append(index)
+        queued: dict[int, asyncio.Future[TrackOutcome]] = {}
+        for experiment_id, indexes in by_experiment.items():
+            futures = self._tracks.enqueue(experiment_id, [events[i][1] for i in indexes])
+            queued.update(zip(indexes, futures, strict=True))
+        in_order = (queued[index] for index in range(len(events)))
+        return list(await asyncio.gather(*in_order, return_exceptions=True))
 
     async def track_many(
         self, experiment_id: str, events: Sequence[TrackEvent]
