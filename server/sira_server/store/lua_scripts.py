@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 _LUA_DIR = Path(__file__).with_name("lua")
 
@@ -22,7 +23,7 @@ class LuaScript:
         self.source = (_LUA_DIR / name).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, redis: aioredis.Redis) -> None:
+    async def load(self, redis: aioredis.Redis | RedisCluster) -> None:
         await redis.script_load(self.source)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from sira_server.config import StoreTimeouts
 from sira_server.store.faults import domain_error, redis_call
@@ -46,11 +47,15 @@ class ScriptTransport(Protocol):
         ...
 
 
+ScriptClient = aioredis.Redis | RedisCluster
+"""A redis-py client the pipeline transport runs on: one node, or a cluster."""
+
+
 class PipelineTransport:
     """redis-py: a single call is one EVALSHA, several are one non-transactional
     pipeline (also a `RedisCluster` pipeline)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: ScriptClient) -> None:
         self.redis = redis
 
     async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
