@@ -96,7 +96,7 @@ TRANSPORTS = ("channel", "pipeline")
 
 
 def default_transport(
-    redis: aioredis.Redis, kind: str = "channel", timeouts: StoreTimeouts | None = None
+    redis: ScriptClient, kind: str = "channel", timeouts: StoreTimeouts | None = None
 ) -> ScriptTransport:
     """Production's transport, chosen here only: the script channel wherever it can speak
     to Redis (one node, plain TCP or a unix socket), redis-py's pipelines otherwise (TLS,
@@ -104,7 +104,7 @@ def default_transport(
     "Scripts"."""
     if kind not in TRANSPORTS:
         raise ValueError(f"unknown script transport {kind!r}; one of {', '.join(TRANSPORTS)}")
-    if kind == "channel":
+    if kind == "channel" and isinstance(redis, aioredis.Redis):  # one node
         from sira_server.store.script_channel import channel_transport
 
         channel = channel_transport(redis, timeouts or StoreTimeouts())
