@@ -20,7 +20,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sira.experiments.v1 import (
@@ -57,7 +56,7 @@ from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
-from sira_server.store.redis_conn import create_redis
+from sira_server.store.redis_conn import RedisClient, create_redis
 from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
 
 log = logging.getLogger("sira_server")
@@ -93,7 +92,7 @@ async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool
 @dataclass
 class Stores:
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     admin_pool: asyncpg.Pool | None = None
     """Lifecycle and reports, with a statement timeout: admin traffic cannot take the
     decision path's connections (None: share `pool`)."""

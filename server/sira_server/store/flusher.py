@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from sira_server.store.hot_keys import (
@@ -46,6 +45,7 @@ from sira_server.store.hot_keys import (
 )
 from sira_server.store.hot_state import read_posteriors
 from sira_server.store.lua_scripts import ACK_SCRIPT
+from sira_server.store.redis_conn import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class WriteBehindFlusher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         consumer_name: str,
         *,

@@ -32,6 +32,8 @@ from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignm
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
 from sira_server.store.lua_scripts import LuaScript as LuaScript
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.replica_wait import ReplicaWait
 from sira_server.store.script_channel import ChannelBroken, ScriptChannel, endpoint_of
 
 REWARD_CONVERSION = "conversion"
@@ -135,7 +137,7 @@ def _int_hash(raw: Mapping[bytes, bytes]) -> dict[str, int]:
 
 
 async def read_posteriors(
-    redis: aioredis.Redis, experiment_ids: Sequence[str]
+    redis: RedisClient, experiment_ids: Sequence[str]
 ) -> tuple[Posteriors, list[str]]:
     """(trials, successes) per variant in one pipelined read, and the ids not ready.
 
@@ -208,7 +210,7 @@ class HotState:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         *,
         rebuild_lock_ms: int = 120_000,
@@ -216,10 +218,13 @@ class HotState:
         pipelined_scripts: bool = False,
         applied: AppliedWork | None = None,
         timeouts: StoreTimeouts | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
         """`pipelined_scripts`: single Assign/Track scripts go through a `ScriptChannel`
-        (the server's hot path; call `close()` when done) instead of redis-py.
-        `applied`: told of every new assignment and accepted event."""
+        (the server's hot path; call `close()` when done) instead of redis-py; not on
+        a cluster nor with `replica_wait`, which take redis-py's pipelines.
+        `applied`: told of every new assignment and accepted event.
+        `replica_wait`: WAIT for replicas after each round trip of scripts."""
         self.redis = redis
         self._applied = applied
         self.pool = pool
@@ -227,7 +232,12 @@ class HotState:
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self.timeouts = timeouts or StoreTimeouts()
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
-        endpoint = endpoint_of(redis) if pipelined_scripts else None
+        self._replica_wait = replica_wait
+        endpoint = (
+            endpoint_of(redis)
+            if pipelined_scripts and replica_wait is None and isinstance(redis, aioredis.Redis)
+            else None
+        )
         self._channel = (
             None
             if endpoint is None
@@ -252,7 +262,7 @@ class HotState:
         """The script's replies, in order: one call over the pipelined script channel (the
         hot path), several as one redis-py pipeline."""
         if len(calls) != 1 or self._channel is None:
-            return await script.call_many(self.redis, calls)
+            return await script.call_many(self.redis, calls, self._replica_wait)
         keys, args = calls[0]
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         reloaded = retried = False
@@ -520,7 +530,7 @@ class HotState:
         raise _not_rebuilt(experiment_id)
 
 
-async def ensure_stream(redis: aioredis.Redis, keys: ExperimentKeys) -> None:
+async def ensure_stream(redis: RedisClient, keys: ExperimentKeys) -> None:
     """Create the write-behind stream with its consumer group, and register it."""
     try:
         await redis.xgroup_create(keys.wb, FLUSHER_GROUP, id="0", mkstream=True)

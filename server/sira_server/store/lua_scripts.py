@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.replica_wait import ReplicaWait, add_wait, check_wait
 
 _LUA_DIR = Path(__file__).with_name("lua")
 
@@ -25,10 +27,10 @@ class LuaScript:
         self.source = (_LUA_DIR / name).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, redis: aioredis.Redis) -> None:
+    async def load(self, redis: RedisClient) -> None:
         await redis.script_load(self.source)
 
-    async def call(self, redis: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def call(self, redis: RedisClient, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except redis_errors.NoScriptError:
@@ -36,11 +38,16 @@ class LuaScript:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
     async def call_many(
-        self, redis: aioredis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+        self,
+        redis: RedisClient,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        wait: ReplicaWait | None = None,
     ) -> list[Any]:
         """Run every call in one pipelined round trip; replies in call order.
 
         A NOSCRIPT reply means that call did not run, so only those are re-run.
+        `wait`: WAIT for replicas after the scripts, on their connection (the calls
+        must share one slot, `store.replica_wait`); too few raise NOREPLICAS.
         """
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -49,7 +56,12 @@ class LuaScript:
             for index in todo:
                 keys, args = calls[index]
                 pipe.evalsha(self.sha, len(keys), *keys, *args)
+            if wait is not None:
+                key = calls[todo[0]][0][0]
+                node = add_wait(pipe, redis, key, wait)
             results = await pipe.execute(raise_on_error=False)
+            if wait is not None:
+                check_wait(results.pop(), redis, key, node, wait)
             missing = []
             for index, result in zip(todo, results, strict=True):
                 if isinstance(result, redis_errors.NoScriptError) and attempt == 0:
