@@ -157,6 +157,7 @@ class SiraServer:
             pipelined_scripts=True,
             applied=self.metrics,
             timeouts=timeouts,
+            replica_wait=settings.replica_wait,
         )
         self.repository = ExperimentRepository(
             stores.pool, on_change=self._changed, acquire_timeout=timeouts.command_seconds
@@ -379,6 +380,8 @@ async def open_stores(
     redis_url: str,
     limits: LimitSettings | None = None,
     timeouts: StoreTimeouts | None = None,
+    *,
+    redis_cluster: bool = False,
 ) -> Stores:
     limits = limits or LimitSettings()
     timeouts = timeouts or StoreTimeouts()
@@ -392,7 +395,7 @@ async def open_stores(
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
+    redis = create_redis(redis_url, cluster=redis_cluster, socket_timeout=timeouts.command_seconds)
     return Stores(
         pool=pool,
         redis=redis,
@@ -460,7 +463,11 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stores = await open_stores(
-        settings.database_url, settings.redis_url, settings.limits, settings.timeouts
+        settings.database_url,
+        settings.redis_url,
+        settings.limits,
+        settings.timeouts,
+        redis_cluster=settings.redis_cluster,
     )
     try:
         metrics = Metrics()

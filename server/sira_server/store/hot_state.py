@@ -310,9 +310,9 @@ class HotState:
                 return
             await ensure_stream(self.redis, keys)
             pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
-            for variant_id in variant_ids:
-                pipe.hsetnx(keys.trials, variant_id, 0)
-                pipe.hsetnx(keys.succ, variant_id, 0)
+            for variant_id in variant_ids:  # raw commands: see `counters`
+                pipe.execute_command("HSETNX", keys.trials, variant_id, 0)
+                pipe.execute_command("HSETNX", keys.succ, variant_id, 0)
             await pipe.execute()
 
     async def drop_experiment(self, experiment_id: str) -> None:
@@ -518,10 +518,12 @@ class HotState:
         for _ in range(MAX_REBUILD_ATTEMPTS):
             async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
-                pipe.hexists(keys.meta, "ready")
-                pipe.hgetall(keys.trials)
-                pipe.hgetall(keys.succ)
-                pipe.hgetall(keys.cnt)
+                # Raw commands: redis-py 8.1's cluster MULTI passes a command method's
+                # keyword arguments to the reply callbacks, which refuse them.
+                pipe.execute_command("HEXISTS", keys.meta, "ready")
+                pipe.execute_command("HGETALL", keys.trials)
+                pipe.execute_command("HGETALL", keys.succ)
+                pipe.execute_command("HGETALL", keys.cnt)
                 ready, trials, succ, cnt = await pipe.execute()
             if not ready:
                 await self.ensure_ready(experiment_id)

@@ -55,7 +55,9 @@ class LuaScript:
             pipe = redis.pipeline(transaction=False)
             for index in todo:
                 keys, args = calls[index]
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
+                # Not pipe.evalsha(): redis-py's cluster pipeline blocks that method
+                # (an old list), while it routes the raw command by its keys' slot.
+                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
             if wait is not None:
                 key = calls[todo[0]][0][0]
                 node = add_wait(pipe, redis, key, wait)

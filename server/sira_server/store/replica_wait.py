@@ -18,21 +18,13 @@ confirmed the wrong node: the call is refused the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from sira_server.config import ReplicaWait as ReplicaWait
 from sira_server.store.redis_conn import RedisClient
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaWait:
-    """SIRA_REDIS_WAIT_REPLICAS / SIRA_REDIS_WAIT_TIMEOUT_MS."""
-
-    replicas: int
-    timeout_ms: int
 
 
 def add_wait(pipe: Any, redis: RedisClient, key: str, wait: ReplicaWait) -> ClusterNode | None:
