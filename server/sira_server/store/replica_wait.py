@@ -41,6 +41,9 @@ def check_wait(
     reply: Any, redis: RedisClient, key: str, node: ClusterNode | None, wait: ReplicaWait
 ) -> None:
     """Raise unless `reply` (WAIT's) says enough replicas of the right node confirmed."""
+    if isinstance(reply, redis_errors.ResponseError):
+        # "WAIT cannot be used with replica instances": the node was demoted (failover).
+        raise redis_errors.ResponseError(f"NOREPLICAS WAIT refused: {reply}") from reply
     if isinstance(reply, Exception):
         raise reply
     if node is not None and isinstance(redis, RedisCluster):
