@@ -540,9 +540,14 @@ async def _write_batch(
         await conn.copy_records_to_table(
             "sira_wb_metrics", records=metrics, columns=_METRIC_COLUMNS
         )
-        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
+        # Orphans first, then the insert: each statement sees the assignments committed
+        # when it starts (READ COMMITTED), and another consumer may commit a metric's
+        # assignment in between. Asked after the insert, a metric the insert skipped
+        # could look written, be acknowledged and be lost. Asked before, an orphan the
+        # insert did write stays pending once more, and its replay is a no-op.
         for ord_, variant_exists in await conn.fetch(_UNWRITTEN_METRICS):
             (out.orphans if variant_exists else out.discarded).add(ord_)
+        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
 
 
 async def _write_one_by_one(
