@@ -7,7 +7,8 @@ redis-py's own error classes (`parse_redis_error` is the parser redis-py itself 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
   ``MISCONF``, ``OOM``, ``NOREPLICAS``): `Unavailable` with metadata ``store=redis``,
-  the caller retries (Assign is sticky and Track idempotent, so a retry is safe);
+  the caller retries (Assign is sticky and Track idempotent, so a retry is safe); so is
+  redis-py's leak of a closed connection as AttributeError (`is_closed_writer_race`);
 - anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
   reported as INTERNAL with the real cause logged.
 
@@ -74,6 +75,24 @@ def _reply_code(exc: redis_errors.ResponseError) -> str:
     return text.split(" ", 1)[0]
 
 
+def is_closed_writer_race(exc: BaseException) -> bool:
+    """redis-py 8.1 lets a write on a connection closed under it (a peer reset; the
+    cluster client dropping a node's connections after a failover) escape as the
+    transport's AttributeError/TypeError instead of ConnectionError (redis/redis-py
+    #4287, #3546). Only that: raised inside redis-py's asyncio connection module."""
+    if not isinstance(exc, AttributeError | TypeError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION_MODULE):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+_REDIS_CONNECTION_MODULE = "/redis/asyncio/connection.py"
+
+
 def redis_unavailable(exc: BaseException) -> Unavailable:
     detail = str(exc) or type(exc).__name__
     return Unavailable(
@@ -99,6 +118,10 @@ async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
         raise
     except OSError as exc:
         raise redis_unavailable(exc) from exc
+    except (AttributeError, TypeError) as exc:
+        if is_closed_writer_race(exc):
+            raise redis_unavailable(redis_errors.ConnectionError("connection closed")) from exc
+        raise
 
 
 _background: set[asyncio.Future[Any]] = set()
