@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-NODE_TIMEOUT_MS = 1000
+NODE_TIMEOUT_MS = 500
 READY_SECONDS = 30.0
 
 
