@@ -398,7 +398,7 @@ async def _failover_run(
         load = asyncio.ensure_future(
             asyncio.to_thread(_load, channel, key, ledger, stop, f"{failure}{wait_replicas}")
         )
-        await asyncio.sleep(0.5)  # under load
+        await asyncio.sleep(1.0)  # at full speed when it hits
 
         master = cluster.master_of(stream)
         if failure == "kill":
