@@ -281,6 +281,7 @@ async def test_a_lost_experiment_is_rebuilt_from_postgres(
 THREADS = 8
 ROUNDS = 2
 ROUND_SECONDS = 1.0
+LOADED_CALLS = 400
 
 
 @dataclass
@@ -398,7 +399,11 @@ async def _failover_run(
         load = asyncio.ensure_future(
             asyncio.to_thread(_load, channel, key, ledger, stop, f"{failure}{wait_replicas}")
         )
-        await asyncio.sleep(1.0)  # at full speed when it hits
+
+        async def at_speed() -> bool:  # the failure hits calls in flight
+            return len(ledger.ok_between(0.0, time.monotonic())) >= LOADED_CALLS
+
+        await _until("the load running", at_speed)
 
         master = cluster.master_of(stream)
         if failure == "kill":
