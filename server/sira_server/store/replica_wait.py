@@ -13,7 +13,9 @@ connection. A cluster: redis-py splits a pipeline per node and sends each node's
 on one connection, so WAIT is routed explicitly (``target_nodes``) to the master of
 the scripts' slot (one round trip's scripts share a slot: `Coalescer` batches per
 experiment). If the slot changed masters during the call (failover, MOVED), WAIT
-confirmed the wrong node: the call is refused the same way.
+confirmed the wrong node: the call is refused the same way. Not covered: a script
+redirected with ASK while its slot is being migrated (resharding) runs on the target
+node, and WAIT still confirms the source's replicas.
 """
 
 from __future__ import annotations
