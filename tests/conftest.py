@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis_cluster import LocalRedisCluster, cluster_binaries_missing
 
 from sira_server.embedded import EmbeddedPostgres, EmbeddedRedis
 from sira_server.store.hot_state import HotState
@@ -234,3 +235,27 @@ async def hot(
 # The lead's gRPC-server fixtures, once that module exists.
 if os.path.exists(os.path.join(os.path.dirname(__file__), "server_fixtures.py")):
     pytest_plugins = ["server_fixtures"]
+
+
+# --- redis cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real local Redis Cluster (3 masters + 3 replicas, free ports), for the session.
+
+    Skipped, with the reason, where `redis-server` / `redis-cli` are not installed.
+    Tests that kill a master restart it (it rejoins as a replica), so the cluster
+    stays 3 + 3, in whatever layout the failovers left.
+    """
+    missing = cluster_binaries_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    directory = Path(tempfile.mkdtemp(prefix="sira-cluster-"))
+    cluster = LocalRedisCluster(directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)

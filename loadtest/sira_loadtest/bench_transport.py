@@ -30,8 +30,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import redis.asyncio as aioredis
-
 from sira_loadtest.bench import (
     BenchOptions,
     _launch_sira,
@@ -51,7 +49,7 @@ from sira_server.store.hot_state import (
     ensure_stream,
     experiment_keys,
 )
-from sira_server.store.redis_conn import create_redis
+from sira_server.store.redis_conn import RedisClient, create_redis
 from sira_server.store.script_transport import default_transport
 
 TRANSPORTS = ("pipeline", "channel")
@@ -164,7 +162,7 @@ class CpuSample:
     cpu_us_per_call: float
 
 
-async def _ready_experiment(redis: aioredis.Redis, variants: Sequence[str]) -> str:
+async def _ready_experiment(redis: RedisClient, variants: Sequence[str]) -> str:
     """An experiment's hot state as `init_experiment` leaves it, without Postgres."""
     experiment_id = f"bench-{secrets.token_hex(6)}"
     keys = experiment_keys(experiment_id)
@@ -176,7 +174,7 @@ async def _ready_experiment(redis: aioredis.Redis, variants: Sequence[str]) -> s
 
 
 async def _hot_state_run(
-    redis: aioredis.Redis, transport: str, concurrency: int, calls: int
+    redis: RedisClient, transport: str, concurrency: int, calls: int
 ) -> list[CpuSample]:
     """`concurrency` callers, each making Assign then Track calls one after another through
     `HotState` (coalescing on): process CPU per call, the transport's cost on the server."""

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sira.experiments.v1 import (
@@ -57,7 +56,7 @@ from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
-from sira_server.store.redis_conn import create_redis
+from sira_server.store.redis_conn import RedisClient, create_redis
 from sira_server.store.script_transport import default_transport
 from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
 
@@ -94,7 +93,7 @@ async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool
 @dataclass
 class Stores:
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     admin_pool: asyncpg.Pool | None = None
     """Lifecycle and reports, with a statement timeout: admin traffic cannot take the
     decision path's connections (None: share `pool`)."""
@@ -156,7 +155,9 @@ class SiraServer:
         self.hot = HotState(
             stores.redis,
             stores.pool,
-            transport=default_transport(stores.redis, settings.script_transport, timeouts),
+            transport=default_transport(
+                stores.redis, settings.script_transport, timeouts, settings.replica_wait
+            ),
             applied=self.metrics,
             timeouts=timeouts,
         )
@@ -381,6 +382,8 @@ async def open_stores(
     redis_url: str,
     limits: LimitSettings | None = None,
     timeouts: StoreTimeouts | None = None,
+    *,
+    redis_cluster: bool = False,
 ) -> Stores:
     limits = limits or LimitSettings()
     timeouts = timeouts or StoreTimeouts()
@@ -394,7 +397,7 @@ async def open_stores(
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
+    redis = create_redis(redis_url, cluster=redis_cluster, socket_timeout=timeouts.command_seconds)
     return Stores(
         pool=pool,
         redis=redis,
@@ -462,7 +465,11 @@ async def serve(settings: Settings, on_ready: Callable[[int], None]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stores = await open_stores(
-        settings.database_url, settings.redis_url, settings.limits, settings.timeouts
+        settings.database_url,
+        settings.redis_url,
+        settings.limits,
+        settings.timeouts,
+        redis_cluster=settings.redis_cluster,
     )
     try:
         metrics = Metrics()

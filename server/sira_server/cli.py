@@ -55,6 +55,12 @@ def _positive_int(text: str) -> int:
 
 
 def _store_urls(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    from sira_server.config import ConfigError, parse_flag
+
+    try:
+        cluster = parse_flag("SIRA_REDIS_CLUSTER", env.get("SIRA_REDIS_CLUSTER"))
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with the usage code
     parser.add_argument(
         "--database-url",
         default=env.get("SIRA_DATABASE_URL") or None,
@@ -64,6 +70,12 @@ def _store_urls(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None
         "--redis-url",
         default=env.get("SIRA_REDIS_URL") or None,
         help="Redis URL (env SIRA_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        action=argparse.BooleanOptionalAction,
+        default=cluster,
+        help="the Redis URL names a node of a Redis Cluster (env SIRA_REDIS_CLUSTER)",
     )
 
 
@@ -176,7 +188,11 @@ def _cmd_rebuild(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _need_stores(args, "rebuild")
     from sira_server.store.admin import rebuild_hot_state
 
-    report = asyncio.run(rebuild_hot_state(args.database_url, args.redis_url, args.experiment))
+    report = asyncio.run(
+        rebuild_hot_state(
+            args.database_url, args.redis_url, args.experiment, redis_cluster=args.redis_cluster
+        )
+    )
     if args.json:
         _print_json(
             {
@@ -200,11 +216,23 @@ def _cmd_deadletter(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     if args.action == "list":
         views = asyncio.run(
-            admin.list_dead(args.database_url, args.redis_url, args.experiment, limit=args.limit)
+            admin.list_dead(
+                args.database_url,
+                args.redis_url,
+                args.experiment,
+                limit=args.limit,
+                redis_cluster=args.redis_cluster,
+            )
         )
         return _show_dead(views, args.json)
     report = asyncio.run(
-        admin.replay_dead(args.database_url, args.redis_url, args.experiment, entry_ids=args.ids)
+        admin.replay_dead(
+            args.database_url,
+            args.redis_url,
+            args.experiment,
+            entry_ids=args.ids,
+            redis_cluster=args.redis_cluster,
+        )
     )
     if args.json:
         _print_json(

@@ -41,7 +41,11 @@ async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stores = await open_stores(
-        settings.database_url, settings.redis_url, settings.limits, settings.timeouts
+        settings.database_url,
+        settings.redis_url,
+        settings.limits,
+        settings.timeouts,
+        redis_cluster=settings.redis_cluster,
     )
     try:
         metrics = Metrics()

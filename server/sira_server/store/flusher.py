@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from sira_server.errors import Unavailable
@@ -47,6 +46,7 @@ from sira_server.store.hot_keys import (
 )
 from sira_server.store.hot_state import read_posteriors
 from sira_server.store.lua_scripts import ACK_SCRIPT
+from sira_server.store.redis_conn import RedisClient
 from sira_server.store.script_transport import PipelineTransport, run_scripts
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class WriteBehindFlusher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         consumer_name: str,
         *,
@@ -546,9 +546,14 @@ async def _write_batch(
         await conn.copy_records_to_table(
             "sira_wb_metrics", records=metrics, columns=_METRIC_COLUMNS
         )
-        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
+        # Orphans first, then the insert: each statement sees the assignments committed
+        # when it starts (READ COMMITTED), and another consumer may commit a metric's
+        # assignment in between. Asked after the insert, a metric the insert skipped
+        # could look written, be acknowledged and be lost. Asked before, an orphan the
+        # insert did write stays pending once more, and its replay is a no-op.
         for ord_, variant_exists in await conn.fetch(_UNWRITTEN_METRICS):
             (out.orphans if variant_exists else out.discarded).add(ord_)
+        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
 
 
 async def _write_one_by_one(

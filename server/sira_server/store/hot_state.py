@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from sira_server.config import StoreTimeouts
@@ -32,6 +31,7 @@ from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
 from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
+from sira_server.store.redis_conn import RedisClient
 from sira_server.store.script_transport import ScriptTransport, default_transport, run_scripts
 
 REWARD_CONVERSION = "conversion"
@@ -135,7 +135,7 @@ def _int_hash(raw: Mapping[bytes, bytes]) -> dict[str, int]:
 
 
 async def read_posteriors(
-    redis: aioredis.Redis, experiment_ids: Sequence[str]
+    redis: RedisClient, experiment_ids: Sequence[str]
 ) -> tuple[Posteriors, list[str]]:
     """(trials, successes) per variant in one pipelined read, and the ids not ready.
 
@@ -208,7 +208,7 @@ class HotState:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         *,
         transport: ScriptTransport | None = None,
@@ -265,9 +265,9 @@ class HotState:
                 return
             await ensure_stream(self.redis, keys)
             pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
-            for variant_id in variant_ids:
-                pipe.hsetnx(keys.trials, variant_id, 0)
-                pipe.hsetnx(keys.succ, variant_id, 0)
+            for variant_id in variant_ids:  # raw commands: see `counters`
+                pipe.execute_command("HSETNX", keys.trials, variant_id, 0)
+                pipe.execute_command("HSETNX", keys.succ, variant_id, 0)
             await pipe.execute()
 
     async def drop_experiment(self, experiment_id: str) -> None:
@@ -493,10 +493,12 @@ class HotState:
         for _ in range(MAX_REBUILD_ATTEMPTS):
             async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
-                pipe.hexists(keys.meta, "ready")
-                pipe.hgetall(keys.trials)
-                pipe.hgetall(keys.succ)
-                pipe.hgetall(keys.cnt)
+                # Raw commands: redis-py 8.1's cluster MULTI passes a command method's
+                # keyword arguments to the reply callbacks, which refuse them.
+                pipe.execute_command("HEXISTS", keys.meta, "ready")
+                pipe.execute_command("HGETALL", keys.trials)
+                pipe.execute_command("HGETALL", keys.succ)
+                pipe.execute_command("HGETALL", keys.cnt)
                 ready, trials, succ, cnt = await pipe.execute()
             if not ready:
                 await self.ensure_ready(experiment_id)
@@ -505,7 +507,7 @@ class HotState:
         raise _not_rebuilt(experiment_id)
 
 
-async def ensure_stream(redis: aioredis.Redis, keys: ExperimentKeys) -> None:
+async def ensure_stream(redis: RedisClient, keys: ExperimentKeys) -> None:
     """Create the write-behind stream with its consumer group, and register it."""
     try:
         await redis.xgroup_create(keys.wb, FLUSHER_GROUP, id="0", mkstream=True)

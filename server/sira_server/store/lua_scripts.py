@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from sira_server.store.redis_conn import RedisClient
 
 _LUA_DIR = Path(__file__).with_name("lua")
 
@@ -23,7 +22,7 @@ class LuaScript:
         self.source = (_LUA_DIR / name).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, redis: aioredis.Redis | RedisCluster) -> None:
+    async def load(self, redis: RedisClient) -> None:
         await redis.script_load(self.source)
 
 

@@ -15,8 +15,10 @@ the transport. Production's transport is chosen once, in `default_transport`:
   connection; the cheapest per call (measured: docs/design.md, "Scripts"), one node only;
 - `PipelineTransport`: redis-py's pipeline and nothing else, so it works unchanged with
   `redis.asyncio.cluster.RedisCluster` (its pipeline routes each EVALSHA by the slot of
-  its keys, and every key of one call carries the experiment's hash tag ``{exp:<id>}``):
-  TLS, Redis Cluster, and the background scripts (rebuild lock, flusher ack).
+  its keys, and every key of one call carries the experiment's hash tag ``{exp:<id>}``),
+  and can end a round trip with ``WAIT`` for replicas (`store.replica_wait`): TLS, Redis
+  Cluster, SIRA_REDIS_WAIT_REPLICAS, and the background scripts (rebuild lock, flusher
+  ack).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
 
 from sira_server.config import StoreTimeouts
 from sira_server.store.faults import domain_error, redis_call
 from sira_server.store.lua_scripts import LuaScript
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.replica_wait import ReplicaWait, add_wait, check_wait
 
 ScriptCall = tuple[Sequence[str], Sequence[Any]]
 """The keys and arguments of one EVALSHA."""
@@ -47,16 +50,19 @@ class ScriptTransport(Protocol):
         ...
 
 
-ScriptClient = aioredis.Redis | RedisCluster
-"""A redis-py client the pipeline transport runs on: one node, or a cluster."""
-
-
 class PipelineTransport:
     """redis-py: a single call is one EVALSHA, several are one non-transactional
-    pipeline (also a `RedisCluster` pipeline)."""
+    pipeline (also a `RedisCluster` pipeline, split per node by redis-py).
 
-    def __init__(self, redis: ScriptClient) -> None:
+    `replica_wait`: every round trip is a pipeline ending with ``WAIT`` on the node that
+    ran the scripts (`store.replica_wait`; the calls of one run share a slot: HotState
+    runs one experiment's calls together). Too few replicas confirming in time: each call
+    that ran answers NOREPLICAS (`store.faults`: UNAVAILABLE; Assign is sticky and Track
+    idempotent, so the caller's retry is safe)."""
+
+    def __init__(self, redis: RedisClient, replica_wait: ReplicaWait | None = None) -> None:
         self.redis = redis
+        self.replica_wait = replica_wait
 
     async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
         replies: list[Any] = [None] * len(calls)
@@ -76,7 +82,8 @@ class PipelineTransport:
         return replies
 
     async def _send(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
-        if len(calls) == 1:  # no pipeline object for the common idle case
+        wait = self.replica_wait
+        if len(calls) == 1 and wait is None:  # no pipeline object for the common idle case
             keys, args = calls[0]
             try:
                 return [await self.redis.evalsha(script.sha, len(keys), *keys, *args)]
@@ -84,8 +91,19 @@ class PipelineTransport:
                 return [exc]
         pipe = self.redis.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        return list(await pipe.execute(raise_on_error=False))
+            # Not pipe.evalsha(): redis-py's cluster pipeline blocks that method (an old
+            # list), while it routes the raw command by its keys' slot.
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        if wait is None:
+            return list(await pipe.execute(raise_on_error=False))
+        key = calls[0][0][0]
+        node = add_wait(pipe, self.redis, key, wait)
+        results = list(await pipe.execute(raise_on_error=False))
+        try:
+            check_wait(results.pop(), self.redis, key, node, wait)
+        except redis_errors.RedisError as refused:  # ran, but not acknowledged
+            return [result if isinstance(result, Exception) else refused for result in results]
+        return results
 
     async def aclose(self) -> None:
         return None
@@ -96,21 +114,24 @@ TRANSPORTS = ("channel", "pipeline")
 
 
 def default_transport(
-    redis: ScriptClient, kind: str = "channel", timeouts: StoreTimeouts | None = None
+    redis: RedisClient,
+    kind: str = "channel",
+    timeouts: StoreTimeouts | None = None,
+    replica_wait: ReplicaWait | None = None,
 ) -> ScriptTransport:
     """Production's transport, chosen here only: the script channel wherever it can speak
-    to Redis (one node, plain TCP or a unix socket), redis-py's pipelines otherwise (TLS,
-    Redis Cluster) or when `kind` is ``pipeline``. Why the channel: docs/design.md,
-    "Scripts"."""
+    to Redis (one node, plain TCP or a unix socket) and no WAIT is asked, redis-py's
+    pipelines otherwise (TLS, Redis Cluster, `replica_wait`) or when `kind` is
+    ``pipeline``. Why the channel: docs/design.md, "Scripts"."""
     if kind not in TRANSPORTS:
         raise ValueError(f"unknown script transport {kind!r}; one of {', '.join(TRANSPORTS)}")
-    if kind == "channel" and isinstance(redis, aioredis.Redis):  # one node
+    if kind == "channel" and replica_wait is None and isinstance(redis, aioredis.Redis):
         from sira_server.store.script_channel import channel_transport
 
         channel = channel_transport(redis, timeouts or StoreTimeouts())
         if channel is not None:
             return channel
-    return PipelineTransport(redis)
+    return PipelineTransport(redis, replica_wait)
 
 
 async def run_scripts(
