@@ -45,7 +45,12 @@ from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
 from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.errors import Unavailable
-from sira_server.store.faults import is_redis_unavailable, parse_redis_error
+from sira_server.store.faults import (
+    domain_error,
+    is_redis_unavailable,
+    parse_redis_error,
+    redis_call,
+)
 from sira_server.store.hot_state import (
     AssignRequest,
     HotState,
@@ -116,6 +121,27 @@ def test_a_reply_annotated_by_a_pipeline_keeps_its_class() -> None:
 )
 def test_other_replies_are_bugs_not_unavailable(reply: str) -> None:
     assert not is_redis_unavailable(parse_redis_error(reply))
+
+
+async def test_redis_pys_closed_writer_race_is_unavailable() -> None:
+    """redis/redis-py#4287: a write on a connection closed under it leaks the missing
+    writer as AttributeError from redis-py's asyncio connection module. Here redis-py's
+    own write path meets a connection without a writer (what the race leaves)."""
+    closed = aioredis.Connection()
+    with pytest.raises(AttributeError) as leaked:
+        await closed._send_packed_command([b"PING"])
+    mapped = domain_error(leaked.value)
+    assert isinstance(mapped, Unavailable)
+    assert mapped.metadata == {"store": "redis"}
+    with pytest.raises(Unavailable):
+        async with redis_call():
+            await closed._send_packed_command([b"PING"])
+
+    ours = AttributeError("a bug of ours")  # anywhere else: a bug, left as it is
+    assert domain_error(ours) is ours
+    with pytest.raises(AttributeError):
+        async with redis_call():
+            raise ours
 
 
 def test_store_timeouts_come_from_the_environment() -> None:
