@@ -47,6 +47,7 @@ lint:
 
 bench: install
 	$(PY) -m sira_loadtest.bench
+	$(PY) -m sira_loadtest.bench_transport --write
 
 # Per-decision CPU, Redis and Postgres costs for docs/scaling.md (needs redis-server and
 # a Postgres server: SIRA_CAPACITY_POSTGRES, default the local one).

@@ -25,11 +25,13 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis_cluster import LocalRedisCluster, cluster_binaries_missing
 
 from sira_server.embedded import EmbeddedPostgres, EmbeddedRedis
 from sira_server.store.hot_state import HotState
 from sira_server.store.migrate import apply_migrations
 from sira_server.store.postgres import create_pool, with_database
+from sira_server.store.script_transport import TRANSPORTS, default_transport
 
 LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -217,12 +219,43 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-@pytest.fixture
-async def hot(redis: aioredis.Redis, migrated_pool: asyncpg.Pool) -> HotState:
-    """The hot state over the test Redis and a fresh migrated database."""
-    return HotState(redis, migrated_pool)
+@pytest.fixture(params=TRANSPORTS)
+async def hot(
+    request: pytest.FixtureRequest, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> AsyncIterator[HotState]:
+    """The hot state over the test Redis and a fresh migrated database, once per script
+    transport (`store.script_transport`; the first is production's default)."""
+    hot = HotState(redis, migrated_pool, transport=default_transport(redis, request.param))
+    try:
+        yield hot
+    finally:
+        await hot.close()
 
 
 # The lead's gRPC-server fixtures, once that module exists.
 if os.path.exists(os.path.join(os.path.dirname(__file__), "server_fixtures.py")):
     pytest_plugins = ["server_fixtures"]
+
+
+# --- redis cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A real local Redis Cluster (3 masters + 3 replicas, free ports), for the session.
+
+    Skipped, with the reason, where `redis-server` / `redis-cli` are not installed.
+    Tests that kill a master restart it (it rejoins as a replica), so the cluster
+    stays 3 + 3, in whatever layout the failovers left.
+    """
+    missing = cluster_binaries_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    directory = Path(tempfile.mkdtemp(prefix="sira-cluster-"))
+    cluster = LocalRedisCluster(directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)

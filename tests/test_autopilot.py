@@ -277,6 +277,7 @@ async def engine(migrated_pool: asyncpg.Pool, redis_url: str) -> AsyncIterator[E
             FailFastAutopilot(catalog, book, repository, migrated_pool),
         )
     finally:
+        await hot.close()
         await redis.aclose()
 
 

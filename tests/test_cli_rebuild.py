@@ -22,9 +22,9 @@ async def test_rebuild_restores_the_counters_postgres_holds(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
+    hot = HotState(redis, migrated_pool)
     try:
         experiment_id, variants = await create_experiment(migrated_pool)
-        hot = HotState(redis, migrated_pool)
         await hot.init_experiment(experiment_id, variants, "conversion")
         for n in range(12):
             await hot.assign(experiment_id, f"s{n}", variants[n % 2], 0.5)
@@ -56,6 +56,7 @@ async def test_rebuild_restores_the_counters_postgres_holds(
         assert report["successes"] == 4
         assert await hot.counters(experiment_id) == before
     finally:
+        await hot.close()
         await redis.aclose()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sira_server.config import ConfigError, Settings
+from sira_server.config import ConfigError, ReplicaWait, Settings
 
 
 def test_defaults_are_the_embedded_development_setup() -> None:
@@ -68,8 +68,36 @@ def test_external_stores_and_jwt_settings_are_read() -> None:
         ({"SIRA_HTTP_CORS_ORIGINS": "https://*.example.com"}, "SIRA_HTTP_CORS_ORIGINS"),
         ({"SIRA_HTTP_CORS_ORIGINS": "https://ops.example.com/app"}, "SIRA_HTTP_CORS_ORIGINS"),
         ({"SIRA_HTTP_CORS_ORIGINS": "ops.example.com"}, "SIRA_HTTP_CORS_ORIGINS"),
+        # A cluster is never embedded: it needs the URL of one of its nodes.
+        ({"SIRA_REDIS_CLUSTER": "1"}, "SIRA_REDIS_URL"),
+        ({"SIRA_REDIS_CLUSTER": "maybe"}, "SIRA_REDIS_CLUSTER"),
+        ({"SIRA_REDIS_WAIT_REPLICAS": "-1"}, "SIRA_REDIS_WAIT_REPLICAS"),
+        ({"SIRA_REDIS_WAIT_TIMEOUT_MS": "0"}, "SIRA_REDIS_WAIT_TIMEOUT_MS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(env)
+
+
+def test_script_transport_is_the_channel_unless_told() -> None:
+    assert Settings.from_env({}).script_transport == "channel"
+    assert Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "pipeline"}).script_transport == "pipeline"
+    with pytest.raises(ConfigError, match="SIRA_SCRIPT_TRANSPORT"):
+        Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "carrier-pigeon"})
+
+
+def test_redis_cluster_and_replica_wait_are_read() -> None:
+    external = {"SIRA_DATABASE_URL": "postgresql://db/sira", "SIRA_REDIS_URL": "redis://n1:7000"}
+    plain = Settings.from_env(external)
+    assert (plain.redis_cluster, plain.replica_wait) == (False, None)
+    s = Settings.from_env(
+        {
+            **external,
+            "SIRA_REDIS_CLUSTER": "true",
+            "SIRA_REDIS_WAIT_REPLICAS": "1",
+            "SIRA_REDIS_WAIT_TIMEOUT_MS": "250",
+        }
+    )
+    assert s.redis_cluster
+    assert s.replica_wait == ReplicaWait(replicas=1, timeout_ms=250)

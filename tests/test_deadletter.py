@@ -64,9 +64,9 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
+    hot = HotState(redis, migrated_pool)
     try:
         experiment_id, variants = await create_experiment(migrated_pool)
-        hot = HotState(redis, migrated_pool)
         await hot.init_experiment(experiment_id, variants, "conversion")
         for n in range(3):
             await hot.assign(experiment_id, f"s{n}", variants[0], 0.5)
@@ -124,6 +124,7 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
         assert await _cli("deadletter", "replay", *urls) == 0
         assert await migrated_pool.fetchval("SELECT count(*) FROM experiment_metrics") == 2
     finally:
+        await hot.close()
         await redis.aclose()
 
 

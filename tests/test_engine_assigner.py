@@ -4,6 +4,7 @@ the server (repository commit -> catalog reload -> listeners)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -34,7 +35,7 @@ class Wired:
 
 
 @pytest.fixture
-async def wired(migrated_pool: asyncpg.Pool, redis: aioredis.Redis) -> Wired:
+async def wired(migrated_pool: asyncpg.Pool, redis: aioredis.Redis) -> AsyncIterator[Wired]:
     catalog: ExperimentCatalog | None = None
 
     async def on_change(experiment_id: str) -> None:
@@ -52,7 +53,10 @@ async def wired(migrated_pool: asyncpg.Pool, redis: aioredis.Redis) -> Wired:
         return variant.key
 
     assigner = Assigner(catalog, PosteriorBook(catalog, hot), hot, migrated_pool, render)
-    return Wired(repository, catalog, assigner, rendered, redis)
+    try:
+        yield Wired(repository, catalog, assigner, rendered, redis)
+    finally:
+        await hot.close()
 
 
 async def started(wired: Wired, key: str) -> str:

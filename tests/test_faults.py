@@ -46,11 +46,27 @@ from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
 from sira_server.config import ConfigError, Settings, StoreTimeouts
 from sira_server.errors import Unavailable
-from sira_server.store.faults import is_redis_unavailable, parse_redis_error
-from sira_server.store.hot_keys import experiment_keys
-from sira_server.store.hot_state import HotState
+from sira_server.store.faults import (
+    domain_error,
+    is_redis_unavailable,
+    parse_redis_error,
+    redis_call,
+)
+from sira_server.store.hot_state import (
+    AssignRequest,
+    HotState,
+    TrackOutcome,
+    TrackStatus,
+    experiment_keys,
+)
 from sira_server.store.lua_scripts import LOCK_SCRIPT
 from sira_server.store.redis_conn import create_redis
+from sira_server.store.script_transport import (
+    TRANSPORTS,
+    PipelineTransport,
+    default_transport,
+    run_script,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +80,11 @@ ACCEPTED = tpb.TRACK_OUTCOME_ACCEPTED
 LOADING_KEYS = 50_000
 LOAD_DELAY_MICROSECONDS = "20"
 """Per key while loading (Redis's own `key-load-delay`): LOADING lasts seconds."""
+MANY_LOADING_KEYS = 200_000
+LOADING_SLOWLY = ("--key-load-delay", "40")
+"""With `MANY_LOADING_KEYS`: LOADING for ~8 s. Redis answers between every 1024 commands
+of the file (~40 ms here), and a redis-py call takes a few round trips (reconnect, CLIENT
+SETINFO, the command): room for a dozen calls."""
 
 
 # --- the one error map ------------------------------------------------------------------
@@ -101,6 +122,27 @@ def test_a_reply_annotated_by_a_pipeline_keeps_its_class() -> None:
 )
 def test_other_replies_are_bugs_not_unavailable(reply: str) -> None:
     assert not is_redis_unavailable(parse_redis_error(reply))
+
+
+async def test_redis_pys_closed_writer_race_is_unavailable() -> None:
+    """redis/redis-py#4287: a write on a connection closed under it leaks the missing
+    writer as AttributeError from redis-py's asyncio connection module. Here redis-py's
+    own write path meets a connection without a writer (what the race leaves)."""
+    closed = aioredis.Connection()
+    with pytest.raises(AttributeError) as leaked:
+        await closed._send_packed_command([b"PING"])
+    mapped = domain_error(leaked.value)
+    assert isinstance(mapped, Unavailable)
+    assert mapped.metadata == {"store": "redis"}
+    with pytest.raises(Unavailable):
+        async with redis_call():
+            await closed._send_packed_command([b"PING"])
+
+    ours = AttributeError("a bug of ours")  # anywhere else: a bug, left as it is
+    assert domain_error(ours) is ours
+    with pytest.raises(AttributeError):
+        async with redis_call():
+            raise ours
 
 
 def test_store_timeouts_come_from_the_environment() -> None:
@@ -151,51 +193,73 @@ async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
         await drop_database(postgres_server_dsn, url)
 
 
-def hot_states(redis: aioredis.Redis, pool: asyncpg.Pool) -> tuple[HotState, HotState]:
-    """The server's path (single scripts over the pipelined channel) and redis-py's."""
-    return HotState(redis, pool, pipelined_scripts=True), HotState(redis, pool)
+def hot_states(redis: aioredis.Redis, pool: asyncpg.Pool) -> list[HotState]:
+    """One per script transport, production's (`default_transport`) first."""
+    return [HotState(redis, pool, transport=default_transport(redis, kind)) for kind in TRANSPORTS]
 
 
-async def every_path_is_unavailable(
-    channel: HotState, pipelined: HotState, experiment_id: str, variant: str
-) -> None:
-    """Single call over the channel, batch over a redis-py pipeline, LuaScript.call."""
-    calls: list[Callable[[], Awaitable[Any]]] = [
-        lambda: channel.assign(experiment_id, f"new-{uuid.uuid4().hex}", variant, 0.5),
-        lambda: channel.track(experiment_id, event("s1", variant)),
-        lambda: pipelined.track_many(experiment_id, [event("s1", variant)] * 2),
-        lambda: channel.get_assignment(experiment_id, "s1"),
-        lambda: channel.counters(experiment_id),
+async def unavailable(call: Callable[[], Awaitable[Any]]) -> None:
+    """`call` raises Unavailable (store=redis); a batch may instead answer Unavailable for
+    each of its items (an error reply per call rather than a failed round trip)."""
+    try:
+        answer = await asyncio.wait_for(call(), CLIENT_DEADLINE_SECONDS)
+    except Unavailable as exc:
+        answer = [exc]
+    assert isinstance(answer, list), f"answered {answer!r}"
+    for item in answer:
+        assert isinstance(item, Unavailable), f"answered {item!r}"
+        assert item.metadata["store"] == "redis"
+
+
+def write_paths(hot: HotState, experiment_id: str, variant: str) -> list[Callable[[], Any]]:
+    """Single calls and batches of both scripts (new subjects, new event ids: writes)."""
+
+    def fresh() -> str:
+        return f"new-{uuid.uuid4().hex}"
+
+    return [
+        lambda: hot.assign(experiment_id, fresh(), variant, 0.5),
+        lambda: hot.assign_many(experiment_id, [AssignRequest(fresh(), variant, 0.5)] * 2),
+        lambda: hot.track(experiment_id, event("s1", variant)),
+        lambda: hot.track_many(experiment_id, [event("s1", variant), event("s1", variant)]),
+        lambda: hot.track_each([(experiment_id, event("s1", variant))] * 2),  # TrackBatch's
+        lambda: run_script(hot.transport, LOCK_SCRIPT, ("{t}:lock",), ("token", "extend", 1000)),
     ]
-    for call in calls:
-        with pytest.raises(Unavailable) as caught:
-            await asyncio.wait_for(call(), CLIENT_DEADLINE_SECONDS)
-        assert caught.value.metadata["store"] == "redis"
-    with pytest.raises(redis_errors.RedisError) as raw:  # the lock's path, before mapping
-        await LOCK_SCRIPT.call(channel.redis, ("{t}:lock",), ("token", "extend", 1000))
-    assert is_redis_unavailable(raw.value)
+
+
+async def every_path_is_unavailable(hot: HotState, experiment_id: str, variant: str) -> None:
+    for call in [
+        *write_paths(hot, experiment_id, variant),
+        lambda: hot.get_assignment(experiment_id, "s1"),
+        lambda: hot.counters(experiment_id),
+    ]:
+        await unavailable(call)
 
 
 async def test_loading_after_a_restart_is_unavailable_on_every_path(
     own_redis: RedisServer, migrated_pool: asyncpg.Pool
 ) -> None:
     redis = create_redis(own_redis.url)
-    channel, pipelined = hot_states(redis, migrated_pool)
+    hots = hot_states(redis, migrated_pool)
     try:
-        experiment_id, (a, _) = await create_experiment(migrated_pool)
-        await channel.init_experiment(experiment_id, [a, _], "conversion")
-        assert (await channel.assign(experiment_id, "s1", a, 0.5)).created
-        fill(own_redis.client(), LOADING_KEYS)  # a long append-only file to replay
+        experiment_id, (a, b) = await create_experiment(migrated_pool)
+        await hots[0].init_experiment(experiment_id, [a, b], "conversion")
+        assert (await hots[0].assign(experiment_id, "s1", a, 0.5)).created
+        fill(own_redis.client(), MANY_LOADING_KEYS)  # a long append-only file to replay
         own_redis.stop()
-        own_redis.start("--key-load-delay", LOAD_DELAY_MICROSECONDS, wait=False)
+        own_redis.start(*LOADING_SLOWLY, wait=False)
         await _until_loading(own_redis)
-        await every_path_is_unavailable(channel, pipelined, experiment_id, a)
+        for hot in hots:
+            await every_path_is_unavailable(hot, experiment_id, a)
         # Loaded: the same calls work again, and nothing acknowledged was lost.
-        outcome = await _eventually(lambda: channel.assign(experiment_id, "s1", a, 0.5))
-        assert not outcome.created
-        assert (await pipelined.track_many(experiment_id, [event("s1", a)]))[0].first_conversion
+        for hot in hots:
+            outcome = await _eventually(lambda hot=hot: hot.assign(experiment_id, "s1", a, 0.5))
+            assert not outcome.created
+        (first,) = await hots[-1].track_many(experiment_id, [event("s1", a)])
+        assert first.first_conversion
     finally:
-        await channel.close()
+        for hot in hots:
+            await hot.close()
         await redis.aclose()
 
 
@@ -205,12 +269,12 @@ async def test_busy_redis_is_unavailable_on_every_path(
     server = RedisServer(short_tmp / "busy")
     server.start("--lua-time-limit", "50")  # busy-reply-threshold's old name
     redis = create_redis(server.url)
-    channel, pipelined = hot_states(redis, migrated_pool)
+    hots = hot_states(redis, migrated_pool)
     spinner: threading.Thread | None = None
     try:
         experiment_id, (a, b) = await create_experiment(migrated_pool)
-        await channel.init_experiment(experiment_id, [a, b], "conversion")
-        await channel.assign(experiment_id, "s1", a, 0.5)
+        await hots[0].init_experiment(experiment_id, [a, b], "conversion")
+        await hots[0].assign(experiment_id, "s1", a, 0.5)
         spin = (  # read-only, so SCRIPT KILL can end it
             "local t0 = redis.call('TIME')[1] while redis.call('TIME')[1] - t0 < 30 do end"
         )
@@ -218,14 +282,87 @@ async def test_busy_redis_is_unavailable_on_every_path(
         spinner = threading.Thread(target=lambda: _quietly(busy.eval, spin, 0), daemon=True)
         spinner.start()
         await _until(server, lambda c: _replies(c, "BUSY"), "BUSY")
-        await every_path_is_unavailable(channel, pipelined, experiment_id, a)
+        for hot in hots:
+            await every_path_is_unavailable(hot, experiment_id, a)
     finally:
         _quietly(server.client().script_kill)
         if spinner is not None:
             spinner.join(30)
-        await channel.close()
+        for hot in hots:
+            await hot.close()
         await redis.aclose()
         server.stop()
+
+
+async def test_a_read_only_replica_is_unavailable_for_writes_only(
+    own_redis: RedisServer, short_tmp: Path, migrated_pool: asyncpg.Pool
+) -> None:
+    """READONLY comes back as the error reply of one script call (the write inside it):
+    that call is Unavailable, the calls of the same batch that did not write are answered."""
+    master = create_redis(own_redis.url)
+    replica = RedisServer(short_tmp / "replica")
+    replica.start("--replicaof", "127.0.0.1", str(own_redis.port))
+    redis = create_redis(replica.url)
+    hots = hot_states(redis, migrated_pool)
+    try:
+        experiment_id, (a, b) = await create_experiment(migrated_pool)
+        writer = HotState(master, migrated_pool, transport=PipelineTransport(master))
+        await writer.init_experiment(experiment_id, [a, b], "conversion")
+        await writer.assign(experiment_id, "s1", a, 0.5)
+        await master.set("{t}:lock", "token")  # so that extending it writes
+        synced = experiment_keys(experiment_id).asg
+        await _until(replica, lambda c: c.hexists(synced, "s1") and c.exists("{t}:lock"), "sync")
+        for hot in hots:
+            for call in write_paths(hot, experiment_id, a):
+                await unavailable(call)
+            assert (await hot.get_assignment(experiment_id, "s1")) is not None  # reads work
+            stored, not_assigned, mismatch = await hot.track_each(
+                [
+                    (experiment_id, event("s1", a)),  # writes: READONLY
+                    (experiment_id, event("ghost", a)),  # answered without a write
+                    (experiment_id, event("s1", b)),
+                ]
+            )
+            assert isinstance(stored, Unavailable)
+            assert stored.metadata["store"] == "redis"
+            assert not_assigned == TrackOutcome(TrackStatus.NOT_ASSIGNED)
+            assert mismatch == TrackOutcome(TrackStatus.MISMATCH, assigned_variant_id=a)
+    finally:
+        for hot in hots:
+            await hot.close()
+        await redis.aclose()
+        await master.aclose()
+        replica.stop()
+
+
+async def test_a_replica_cut_from_its_master_is_unavailable_on_every_path(
+    own_redis: RedisServer, short_tmp: Path, migrated_pool: asyncpg.Pool
+) -> None:
+    """MASTERDOWN: a replica told not to serve stale data once its master is gone."""
+    master = create_redis(own_redis.url)
+    replica = RedisServer(short_tmp / "replica")
+    replica.start(
+        "--replicaof", "127.0.0.1", str(own_redis.port), "--replica-serve-stale-data", "no"
+    )
+    redis = create_redis(replica.url)
+    hots = hot_states(redis, migrated_pool)
+    try:
+        experiment_id, (a, b) = await create_experiment(migrated_pool)
+        writer = HotState(master, migrated_pool, transport=PipelineTransport(master))
+        await writer.init_experiment(experiment_id, [a, b], "conversion")
+        await writer.assign(experiment_id, "s1", a, 0.5)
+        synced = experiment_keys(experiment_id).asg
+        await _until(replica, lambda c: c.hexists(synced, "s1"), "sync")
+        own_redis.stop()
+        await _until(replica, _master_down, "MASTERDOWN")
+        for hot in hots:
+            await every_path_is_unavailable(hot, experiment_id, a)
+    finally:
+        for hot in hots:
+            await hot.close()
+        await redis.aclose()
+        await master.aclose()
+        replica.stop()
 
 
 # --- a sira-server on stores of its own -------------------------------------------------
@@ -246,6 +383,16 @@ def clients(server: RunningServer) -> tuple[AsyncClient, AsyncClient]:
             retry=NO_RETRY,
             timeout=CLIENT_DEADLINE_SECONDS,
         ),
+    )
+
+
+def all_unavailable(results: list[tpb.TrackBatchResult]) -> bool:
+    """Every event of a batch answered UNAVAILABLE (store_unavailable) on its own."""
+    return bool(results) and all(
+        r.WhichOneof("result") == "error"
+        and r.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        and r.error.reason == erpb.ERROR_REASON_STORE_UNAVAILABLE
+        for r in results
     )
 
 
@@ -296,10 +443,10 @@ async def test_frozen_redis_is_answered_unavailable_then_recovers(
             assert caught.value.metadata["store"] == "redis"
             with pytest.raises(UnavailableError):
                 await pay.assign(experiment.key, "new-while-frozen")
-            with pytest.raises(UnavailableError):
-                await pay.track_batch(
-                    [conversion(experiment, "s1", held.variant.id) for _ in range(2)]
-                )
+            batch = await pay.track_batch(
+                [conversion(experiment, "s1", held.variant.id) for _ in range(2)]
+            )
+            assert all_unavailable(batch)
             with pytest.raises(UnavailableError):
                 await admin.get_results(experiment.key)
             sticky = await pay.assign(experiment.key, "s1")  # the in-process LRU
@@ -315,6 +462,40 @@ async def test_frozen_redis_is_answered_unavailable_then_recovers(
         await pay.close()
 
 
+async def test_track_batch_answers_each_event_when_its_redis_turns_replica(
+    database: str, own_redis: RedisServer, short_tmp: Path
+) -> None:
+    """A failover seen from the old master: it became a replica, so a script that writes
+    gets READONLY. TrackBatch answers each event on its own: that event UNAVAILABLE (retry
+    it), the others what they are (not assigned, unknown variant), the call itself OK."""
+    other = RedisServer(short_tmp / "other")
+    other.start("--replicaof", "127.0.0.1", str(own_redis.port))
+    try:
+        with run_sira_server(database, own_redis.url, short_tmp / "server") as server:
+            admin, pay = clients(server)
+            experiment = await launch(admin)
+            held = await pay.assign(experiment.key, "s1")
+            assigned = experiment_keys(experiment.id).asg
+            await _until(other, lambda c: c.hexists(assigned, "s1"), "the replica has s1")
+            other.client().replicaof("NO", "ONE")
+            own_redis.client().replicaof("127.0.0.1", other.port)
+            await _until(own_redis, _synced_replica, "demoted and in sync (no more LOADING)")
+            stored, not_assigned, unknown = await pay.track_batch(
+                [
+                    conversion(experiment, "s1", held.variant.id),
+                    conversion(experiment, "never-assigned", held.variant.id),
+                    conversion(experiment, "s1", "no-such-variant"),
+                ]
+            )
+            assert all_unavailable([stored])
+            assert not_assigned.error.reason == erpb.ERROR_REASON_SUBJECT_NOT_ASSIGNED
+            assert unknown.error.reason == erpb.ERROR_REASON_VARIANT_NOT_FOUND
+            await admin.close()
+            await pay.close()
+    finally:
+        other.stop()
+
+
 async def test_loading_redis_is_answered_unavailable_by_the_server(
     database: str, own_redis: RedisServer, short_tmp: Path
 ) -> None:
@@ -326,9 +507,10 @@ async def test_loading_redis_is_answered_unavailable_by_the_server(
         own_redis.stop()
         own_redis.start("--key-load-delay", LOAD_DELAY_MICROSECONDS, wait=False)
         await _until_loading(own_redis)
+        batch = await pay.track_batch([conversion(experiment, "s1", held.variant.id)] * 2)
+        assert all_unavailable(batch)  # answered per event
         for call in (
             lambda: pay.track(conversion(experiment, "s1", held.variant.id)),
-            lambda: pay.track_batch([conversion(experiment, "s1", held.variant.id)] * 2),
             lambda: pay.assign(experiment.key, "new-while-loading"),
             lambda: admin.get_results(experiment.key),
         ):
@@ -535,6 +717,19 @@ def _replies(client: Any, code: str) -> bool:
         return str(exc).startswith(code) or (
             code == "LOADING" and isinstance(exc, redis_errors.BusyLoadingError)
         )
+    return False
+
+
+def _synced_replica(client: Any) -> bool:
+    replication = client.info("replication")
+    return bool(replication["role"] == "slave" and replication.get("master_link_status") == "up")
+
+
+def _master_down(client: Any) -> bool:
+    try:
+        client.get("{t}:probe")
+    except redis_errors.MasterDownError:
+        return True
     return False
 
 

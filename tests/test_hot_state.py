@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -19,12 +20,14 @@ from store_helpers import create_experiment, event
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_state import (
     STREAM_REGISTRY,
+    AssignRequest,
     HotState,
-    LuaScript,
     TrackStatus,
     VariantCounters,
     experiment_keys,
 )
+from sira_server.store.lua_scripts import LuaScript
+from sira_server.store.script_transport import ScriptCall, ScriptTransport
 
 # --- fixtures and helpers --------------------------------------------------------------
 
@@ -129,6 +132,7 @@ async def main():
         hot.assign(experiment_id, subject, random.choice(variants), 0.5) for _ in range(int(n))
     ))
     print(json.dumps([[o.created, o.variant_id] for o in outcomes]), flush=True)
+    await hot.close()
     await client.aclose()
 
 asyncio.run(main())
@@ -340,24 +344,28 @@ async def test_drop_experiment_removes_every_key(
 # --- scripts and failures --------------------------------------------------------------
 
 
+def unseen_script(name: str) -> LuaScript:
+    """A variant of the script Redis has never seen (SCRIPT FLUSH would hit other tests)."""
+    script = LuaScript(name)
+    script.source += f"\n-- {uuid.uuid4()}\n"
+    script.sha = hashlib.sha1(script.source.encode()).hexdigest()
+    return script
+
+
 async def test_scripts_are_reloaded_after_noscript(
     hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
 ) -> None:
+    """On the transport itself, single call and batch: NOSCRIPT loads the script and
+    re-runs only the calls that did not run."""
     experiment_id, (a, _) = await started(hot, migrated_pool)
     keys = experiment_keys(experiment_id)
-    # A variant of the script Redis has never seen (SCRIPT FLUSH would hit other tests).
-    script = LuaScript("assign.lua")
-    script.source += f"\n-- {uuid.uuid4()}\n"
-    script.sha = hashlib.sha1(script.source.encode()).hexdigest()
-    args = ("u1", a, "0.5", 1, "{}")
-    reply = await script.call(redis, (keys.meta, keys.asg, keys.trials, keys.wb), args)
-    assert reply[0] == b"C"
-    fresh = LuaScript("assign.lua")
-    fresh.source += f"\n-- {uuid.uuid4()}\n"
-    fresh.sha = hashlib.sha1(fresh.source.encode()).hexdigest()
     assign_keys = (keys.meta, keys.asg, keys.trials, keys.wb)
+    single = await hot.transport.run(
+        unseen_script("assign.lua"), [(assign_keys, ("u1", a, "0.5", 1, "{}"))]
+    )
+    assert single[0][0] == b"C"
     calls = [(assign_keys, ("u1", a, "0.5", 1, "{}")), (assign_keys, ("u9", a, "0.5", 1, "{}"))]
-    replies = await fresh.call_many(redis, calls)
+    replies = await hot.transport.run(unseen_script("assign.lua"), calls)
     assert [r[0] for r in replies] == [b"E", b"C"]
 
 
@@ -374,9 +382,94 @@ async def test_redis_down_raises_unavailable(migrated_pool: asyncpg.Pool) -> Non
         with pytest.raises(Unavailable):
             await hot.posteriors([str(uuid.uuid4())])
     finally:
+        await hot.close()
         await client.aclose()
 
 
 async def test_unknown_experiment_without_state_is_not_found(hot: HotState) -> None:
     with pytest.raises(NotFound):
         await hot.assign(str(uuid.uuid4()), "u1", str(uuid.uuid4()), 0.5)
+
+
+# --- one send path for Track and TrackBatch ------------------------------------------------
+
+
+class CountingTransport:
+    """A real transport that records how many calls each round trip carried."""
+
+    def __init__(self, inner: ScriptTransport) -> None:
+        self.inner = inner
+        self.round_trips: list[int] = []
+
+    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        self.round_trips.append(len(calls))
+        return await self.inner.run(script, calls)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_track_and_track_batch_events_share_one_round_trip(
+    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    """`track` (Track) and `track_each` (TrackBatch) join the same per-experiment batches:
+    while two round trips are on the wire, a Track and a TrackBatch's events that arrive
+    leave together in the third."""
+    experiment_id, (a, b) = await started(hot, migrated_pool)
+    for subject in ("u1", "u2", "u3"):
+        await hot.assign(experiment_id, subject, a, 0.5)
+    counting = CountingTransport(hot.transport)
+    shared = HotState(redis, migrated_pool, transport=counting)
+    first, second, third, batch = await asyncio.gather(
+        shared.track(experiment_id, event("u1", a)),
+        shared.track(experiment_id, event("u2", a)),
+        shared.track(experiment_id, event("u3", a)),
+        shared.track_each(
+            [(experiment_id, event("u1", a, "refund")), (experiment_id, event("u2", b))]
+        ),
+    )
+    assert counting.round_trips == [1, 1, 3]
+    assert {first.status, second.status, third.status} == {TrackStatus.ACCEPTED}
+    refund, mismatch = batch
+    assert refund.status is TrackStatus.ACCEPTED
+    assert mismatch.status is TrackStatus.MISMATCH  # answered on its own
+    assert (await hot.counters(experiment_id))[a].refunds == 1
+
+
+async def test_assign_many_and_track_many_answer_per_item(
+    hot: HotState, migrated_pool: asyncpg.Pool
+) -> None:
+    experiment_id, (a, _) = await started(hot, migrated_pool)
+    outcomes = await hot.assign_many(
+        experiment_id,
+        [AssignRequest("u1", a, 0.5), AssignRequest("u2", "no-such-variant", 0.5)],
+    )
+    assert outcomes[0].created
+    assert isinstance(outcomes[1], NotFound)
+    accepted, not_assigned = await hot.track_many(experiment_id, [event("u1", a), event("u2", a)])
+    assert accepted.status is TrackStatus.ACCEPTED
+    assert not_assigned.status is TrackStatus.NOT_ASSIGNED
+
+
+async def test_a_batch_over_two_experiments_is_one_round_trip_each_answered_in_order(
+    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    first, (a, _) = await started(hot, migrated_pool)
+    second, (c, _) = await started(hot, migrated_pool)
+    await hot.assign(first, "u1", a, 0.5)
+    await hot.assign(second, "u1", c, 0.5)
+    counting = CountingTransport(hot.transport)
+    shared = HotState(redis, migrated_pool, transport=counting)
+    outcomes = await shared.track_each(
+        [
+            (first, event("u1", a, event_id="x")),
+            (second, event("u1", c, event_id="x")),
+            (first, event("u1", a, event_id="x")),  # the same id again: a duplicate
+        ]
+    )
+    assert [o.status for o in outcomes] == [
+        TrackStatus.ACCEPTED,
+        TrackStatus.ACCEPTED,
+        TrackStatus.DUPLICATE,
+    ]
+    assert sorted(counting.round_trips) == [1, 2]

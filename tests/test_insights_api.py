@@ -322,6 +322,7 @@ async def test_srm_flags_a_split_that_does_not_match_the_weights(
         for i in range(200):
             outcome = await hot.assign(started.id, f"{key}-extra{i}", blue, 0.5)
             assert outcome.created
+        await hot.close()
     finally:
         await redis.aclose()
         await pool.close()

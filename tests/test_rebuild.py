@@ -290,8 +290,11 @@ async def test_rebuild_without_postgres_is_unavailable(
     closed = await create_pool(database_url, min_size=0, max_size=1)
     await closed.close()
     hot = HotState(redis, closed)
-    with pytest.raises(Unavailable) as info:
-        await hot.assign(experiment_id, "u1", variants[0], 0.5)
+    try:
+        with pytest.raises(Unavailable) as info:
+            await hot.assign(experiment_id, "u1", variants[0], 0.5)
+    finally:
+        await hot.close()
     assert info.value.metadata["store"] == "postgres"
     assert await redis.get(experiment_keys(experiment_id).lock) is None
 

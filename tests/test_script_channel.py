@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
 from sira_server.store.script_channel import ScriptChannel, encode, endpoint_of
+from sira_server.store.script_transport import PipelineTransport, default_transport
 
 ECHO_SCRIPT = "return {ARGV[1], redis.call('INCR', KEYS[1])}"
 
@@ -74,3 +76,12 @@ async def test_it_selects_the_clients_database(
 ) -> None:
     await redis.set("{t}:db-probe", "here")
     assert await channel.call("GET", "{t}:db-probe") == b"here"
+
+
+def test_a_cluster_client_gets_redis_py_pipelines() -> None:
+    """The channel speaks to one node; a RedisCluster client (never connected here) gets
+    the pipeline transport, whose pipelines route each call by its slot."""
+    cluster = RedisCluster(host="127.0.0.1", port=7000)
+    transport = default_transport(cluster)
+    assert isinstance(transport, PipelineTransport)
+    assert transport.redis is cluster

@@ -26,16 +26,21 @@ from rich.console import Console, RenderableType
 
 from sira import render
 from sira.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, Client
+from sira.command_line import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    one_line,
+    run_command_line,
+)
 from sira.errors import SiraError
 from sira.experiments.v1 import experiment_pb2, lifecycle_service_pb2
 from sira.spec_file import SpecFileError, load_experiment
 
 __all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_SERVER = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_SERVER = EXIT_FAILED
+"""The server answered an error (or could not be reached)."""
 
 STATUSES = ("draft", "running", "stopped", "archived")
 
@@ -348,15 +353,11 @@ _SERVER_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, Output], int]]
 # -- errors -------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def describe(error: SiraError, address: str) -> list[str]:
     """The lines printed for a failed call: the error, then one per field violation."""
     code = error.code_name
     reason = f" ({error.reason})" if error.reason else ""
-    message = _one_line(error.message)
+    message = one_line(error.message)
     if error.code == grpc.StatusCode.UNAVAILABLE and not error.reason:
         message = f"cannot reach the SIRA server at {address}: {message}"
     elif error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -366,7 +367,7 @@ def describe(error: SiraError, address: str) -> list[str]:
     elif error.reason == "ERROR_REASON_TOKEN_MISSING":
         message += " (pass --token or set SIRA_TOKEN; `sira-server token --role ROLE` mints one)"
     lines = [f"error: {code}{reason}: {message}"]
-    lines += [f"  {field}: {_one_line(description)}" for field, description in error.violations]
+    lines += [f"  {field}: {one_line(description)}" for field, description in error.violations]
     return lines
 
 
@@ -375,21 +376,7 @@ def describe(error: SiraError, address: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the process exit code."""
-    try:
-        return _run(list(sys.argv[1:] if argv is None else argv), os.environ)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK  # `sira list | head`: the reader left, nothing to report
-    except Exception as exc:  # a bug: still one line, the traceback only on request
-        if os.environ.get("SIRA_DEBUG"):
-            raise
-        sys.stderr.write(
-            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
-            "(SIRA_DEBUG=1 shows the traceback)\n"
-        )
-        return EXIT_SERVER
+    return run_command_line(_run, argv)
 
 
 def _run(argv: list[str], env: Mapping[str, str]) -> int:
@@ -410,7 +397,7 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
             sys.stderr.write(line + "\n")
         return EXIT_SERVER
     except (SpecFileError, UsageError) as exc:
-        sys.stderr.write(f"error: {_one_line(str(exc))}\n")
+        sys.stderr.write(f"error: {one_line(str(exc))}\n")
         return EXIT_USAGE
 
 

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import asyncpg
 import grpc
-import redis.asyncio as aioredis
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -60,7 +59,8 @@ from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState
 from sira_server.store.postgres import create_pool
-from sira_server.store.redis_conn import create_redis
+from sira_server.store.redis_conn import RedisClient, create_redis
+from sira_server.store.script_transport import default_transport
 from sira_server.tracking_token import TrackingTokens, derive_key, ensure_key_file
 from sira_server.web.http_server import HttpServer, open_http_server
 
@@ -101,7 +101,7 @@ async def _answers(store: str, probe: Awaitable[object], seconds: float) -> bool
 @dataclass
 class Stores:
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     admin_pool: asyncpg.Pool | None = None
     """Lifecycle and reports, with a statement timeout: admin traffic cannot take the
     decision path's connections (None: share `pool`)."""
@@ -163,7 +163,9 @@ class SiraServer:
         self.hot = HotState(
             stores.redis,
             stores.pool,
-            pipelined_scripts=True,
+            transport=default_transport(
+                stores.redis, settings.script_transport, timeouts, settings.replica_wait
+            ),
             applied=self.metrics,
             timeouts=timeouts,
         )
@@ -395,6 +397,7 @@ async def open_stores(
     postgres: PostgresSettings | None = None,
     *,
     admin_pool: bool = True,
+    redis_cluster: bool = False,
 ) -> Stores:
     """The pools of one process (`postgres_budget` counts them); without `admin_pool`
     (the flusher role) lifecycle and reports would share the decision path's pool."""
@@ -430,7 +433,7 @@ async def open_stores(
             )
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigError(f"cannot connect to Postgres (SIRA_DATABASE_URL): {exc}") from exc
-    redis = create_redis(redis_url, socket_timeout=timeouts.command_seconds)
+    redis = create_redis(redis_url, cluster=redis_cluster, socket_timeout=timeouts.command_seconds)
     return Stores(
         pool=pool,
         redis=redis,
@@ -520,6 +523,7 @@ async def serve(settings: Settings, on_ready: Callable[[Ports], None]) -> None:
         settings.limits,
         settings.timeouts,
         settings.postgres,
+        redis_cluster=settings.redis_cluster,
     )
     http: HttpServer | None = None
     try:

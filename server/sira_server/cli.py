@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,10 +26,13 @@ from typing import Any
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from sira.command_line import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    one_line,
+    run_command_line,
+)
 
 COMMANDS = ("migrate", "rebuild", "deadletter", "token")
 
@@ -53,6 +55,12 @@ def _positive_int(text: str) -> int:
 
 
 def _store_urls(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    from sira_server.config import ConfigError, parse_flag
+
+    try:
+        cluster = parse_flag("SIRA_REDIS_CLUSTER", env.get("SIRA_REDIS_CLUSTER"))
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits with the usage code
     parser.add_argument(
         "--database-url",
         default=env.get("SIRA_DATABASE_URL") or None,
@@ -62,6 +70,12 @@ def _store_urls(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None
         "--redis-url",
         default=env.get("SIRA_REDIS_URL") or None,
         help="Redis URL (env SIRA_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        action=argparse.BooleanOptionalAction,
+        default=cluster,
+        help="the Redis URL names a node of a Redis Cluster (env SIRA_REDIS_CLUSTER)",
     )
 
 
@@ -126,10 +140,6 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 # -- output -------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _print_json(value: Mapping[str, Any]) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
@@ -154,7 +164,7 @@ def _cmd_migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a DB or file problem, reported as one line
-        sys.stderr.write(f"error: migration failed: {_one_line(str(exc)) or type(exc).__name__}\n")
+        sys.stderr.write(f"error: migration failed: {one_line(str(exc)) or type(exc).__name__}\n")
         return EXIT_FAILED
     if args.json:
         _print_json({"applied": list(applied)})
@@ -178,7 +188,11 @@ def _cmd_rebuild(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _need_stores(args, "rebuild")
     from sira_server.store.admin import rebuild_hot_state
 
-    report = asyncio.run(rebuild_hot_state(args.database_url, args.redis_url, args.experiment))
+    report = asyncio.run(
+        rebuild_hot_state(
+            args.database_url, args.redis_url, args.experiment, redis_cluster=args.redis_cluster
+        )
+    )
     if args.json:
         _print_json(
             {
@@ -202,11 +216,23 @@ def _cmd_deadletter(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     if args.action == "list":
         views = asyncio.run(
-            admin.list_dead(args.database_url, args.redis_url, args.experiment, limit=args.limit)
+            admin.list_dead(
+                args.database_url,
+                args.redis_url,
+                args.experiment,
+                limit=args.limit,
+                redis_cluster=args.redis_cluster,
+            )
         )
         return _show_dead(views, args.json)
     report = asyncio.run(
-        admin.replay_dead(args.database_url, args.redis_url, args.experiment, entry_ids=args.ids)
+        admin.replay_dead(
+            args.database_url,
+            args.redis_url,
+            args.experiment,
+            entry_ids=args.ids,
+            redis_cluster=args.redis_cluster,
+        )
     )
     if args.json:
         _print_json(
@@ -222,7 +248,7 @@ def _cmd_deadletter(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             f" (experiment deleted), {len(report.still_dead)} still rejected"
         )
         for entry_id, reason in report.still_dead.items():
-            _print(f"  {entry_id}: {_one_line(reason)[:200]}")
+            _print(f"  {entry_id}: {one_line(reason)[:200]}")
     return EXIT_FAILED if report.still_dead else EXIT_OK
 
 
@@ -252,7 +278,7 @@ def _show_dead(views: Sequence[Any], as_json: bool) -> int:
         letter = v.letter
         _print(
             f"  {v.experiment_key}  {letter.entry_id}  {letter.kind}  "
-            f"{letter.subject_id[:40]}  {_one_line(letter.reason)[:120]}"
+            f"{letter.subject_id[:40]}  {one_line(letter.reason)[:120]}"
         )
     return EXIT_OK
 
@@ -300,21 +326,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, Mapping[str, str]], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one operator command; return the process exit code."""
-    try:
-        return _run(list(sys.argv[1:] if argv is None else argv), os.environ)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
-    except Exception as exc:  # a bug: still one line, the traceback only on request
-        if os.environ.get("SIRA_DEBUG"):
-            raise
-        sys.stderr.write(
-            f"error: unexpected {type(exc).__name__}: {_one_line(str(exc))} "
-            "(SIRA_DEBUG=1 shows the traceback)\n"
-        )
-        return EXIT_FAILED
+    return run_command_line(_run, argv)
 
 
 def _run(argv: list[str], env: Mapping[str, str]) -> int:
@@ -327,11 +339,11 @@ def _run(argv: list[str], env: Mapping[str, str]) -> int:
     try:
         return _HANDLERS[args.command](args, env)
     except UsageError as exc:
-        sys.stderr.write(f"error: {_one_line(str(exc))}\n")
+        sys.stderr.write(f"error: {one_line(str(exc))}\n")
         return EXIT_USAGE
     except SiraError as exc:
-        sys.stderr.write(f"error: {exc.status_name}: {_one_line(exc.message)}\n")
+        sys.stderr.write(f"error: {exc.status_name}: {one_line(exc.message)}\n")
         return EXIT_FAILED
     except OSError as exc:
-        sys.stderr.write(f"error: cannot reach the stores: {_one_line(str(exc))}\n")
+        sys.stderr.write(f"error: cannot reach the stores: {one_line(str(exc))}\n")
         return EXIT_FAILED

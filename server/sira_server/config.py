@@ -131,6 +131,31 @@ ROLES = ("all", "serve", "flusher")
 """What one `sira-server` process does: see `Settings.role`."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaWait:
+    """SIRA_REDIS_WAIT_REPLICAS / SIRA_REDIS_WAIT_TIMEOUT_MS: after the Lua scripts of
+    each Assign/Track round trip, ``WAIT replicas timeout_ms`` on the same connection;
+    fewer replicas confirming in time means the call is not acknowledged (UNAVAILABLE,
+    the caller retries). See `store.replica_wait`."""
+
+    replicas: int
+    timeout_ms: int
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_flag(name: str, raw: str | None) -> bool:
+    """A boolean setting: 1/true/yes/on or 0/false/no/off (unset: false)."""
+    text = (raw or "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), got {text[:40]!r}")
+
+
 def parse_role(raw: str) -> str:
     role = raw.strip().lower()
     if role not in ROLES:
@@ -144,6 +169,11 @@ class Settings:
     """SIRA_DATABASE_URL: Postgres DSN. Unset: start the embedded Postgres."""
     redis_url: str | None = None
     """SIRA_REDIS_URL: Redis URL. Unset: start the embedded Redis."""
+    redis_cluster: bool = False
+    """SIRA_REDIS_CLUSTER: `SIRA_REDIS_URL` names a node of a Redis Cluster (redis-py's
+    cluster client: slot routing, MOVED/ASK, failover). Needs an external Redis."""
+    replica_wait: ReplicaWait | None = None
+    """SIRA_REDIS_WAIT_REPLICAS (0: None) and SIRA_REDIS_WAIT_TIMEOUT_MS."""
     grpc_host: str = "127.0.0.1"
     """SIRA_GRPC_HOST: interface the gRPC server binds. Loopback unless told otherwise
     (containers set 0.0.0.0: the Dockerfile and the k8s manifests)."""
@@ -177,6 +207,11 @@ class Settings:
     timeouts: StoreTimeouts = field(default_factory=StoreTimeouts)
     postgres: PostgresSettings = field(default_factory=PostgresSettings)
     """Pool size and PgBouncer mode (`postgres_budget`)."""
+    script_transport: str = "channel"
+    """SIRA_SCRIPT_TRANSPORT: how the Lua scripts reach Redis: `channel` (the pipelined
+    script channel, where it can connect: one node, no TLS, no replica WAIT; redis-py's
+    pipelines otherwise, so always with SIRA_REDIS_CLUSTER or SIRA_REDIS_WAIT_REPLICAS)
+    or `pipeline` (always redis-py). docs/design.md, "Scripts"."""
 
     @property
     def embedded(self) -> bool:
@@ -252,9 +287,27 @@ class Settings:
                 "set both SIRA_DATABASE_URL and SIRA_REDIS_URL, or neither for the embedded "
                 "Postgres and Redis"
             )
+        script_transport = text("SIRA_SCRIPT_TRANSPORT") or "channel"
+        if script_transport not in ("channel", "pipeline"):
+            raise ConfigError(
+                f"SIRA_SCRIPT_TRANSPORT must be channel or pipeline, got {script_transport!r}"
+            )
+        redis_cluster = parse_flag("SIRA_REDIS_CLUSTER", text("SIRA_REDIS_CLUSTER"))
+        if redis_cluster and text("SIRA_REDIS_URL") is None:
+            raise ConfigError(
+                "SIRA_REDIS_CLUSTER=1 needs SIRA_REDIS_URL (any node of the cluster) and "
+                "SIRA_DATABASE_URL: the embedded Redis is a single server, not a cluster"
+            )
+        wait_replicas = integer("SIRA_REDIS_WAIT_REPLICAS", 0)
+        wait_timeout_ms = integer("SIRA_REDIS_WAIT_TIMEOUT_MS", 100, minimum=1)
         return cls(
+            script_transport=script_transport,
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),
+            redis_cluster=redis_cluster,
+            replica_wait=(
+                ReplicaWait(wait_replicas, wait_timeout_ms) if wait_replicas > 0 else None
+            ),
             grpc_host=text("SIRA_GRPC_HOST") or "127.0.0.1",
             grpc_port=integer("SIRA_GRPC_PORT", 50051),
             metrics_port=metrics_port or None,

@@ -47,6 +47,7 @@ async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = 
         settings.timeouts,
         settings.postgres,
         admin_pool=False,  # no lifecycle calls here
+        redis_cluster=settings.redis_cluster,
     )
     try:
         metrics = Metrics()

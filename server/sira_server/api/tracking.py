@@ -18,7 +18,6 @@ import math
 import re
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -316,23 +315,35 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 [FieldViolation("events", f"1..{MAX_BATCH} events per batch")]
             )
         now_ms = int(time.time() * 1000)
-        results: list[pb.TrackBatchResult | None] = [None] * len(request.events)
-        by_experiment: dict[str, list[tuple[int, ValidEvent]]] = defaultdict(list)
-        for position, event in enumerate(request.events):
+        resolved: list[ValidEvent | pb.TrackBatchResult] = []
+        for event in request.events:  # in order, so the stores see them in order too
             try:
                 check_message(event, "event")  # the edge leaves each item to this loop
-                valid = await self._resolve(event, now_ms)
+                resolved.append(await self._resolve(event, now_ms))
             except SiraError as err:
-                results[position] = pb.TrackBatchResult(error=track_error(err))
-                continue
-            by_experiment[valid.live.id].append((position, valid))
-        for experiment_id, items in by_experiment.items():
-            outcomes = await self._hot.track_many(experiment_id, [v.event for _, v in items])
-            for (position, valid), outcome in zip(items, outcomes, strict=True):
-                try:
-                    answer = self._answer(valid, outcome)
-                except SiraError as err:
-                    results[position] = pb.TrackBatchResult(error=track_error(err))
-                else:
-                    results[position] = pb.TrackBatchResult(accepted=answer)
-        return pb.TrackBatchResponse(results=[r for r in results if r is not None])
+                resolved.append(pb.TrackBatchResult(error=track_error(err)))
+        # Each event goes the way of a Track call: events of one experiment leave together,
+        # with concurrent Track calls, in one round trip.
+        valid = [item for item in resolved if isinstance(item, ValidEvent)]
+        outcomes = iter(await self._hot.track_each([(v.live.id, v.event) for v in valid]))
+        return pb.TrackBatchResponse(
+            results=[
+                item
+                if isinstance(item, pb.TrackBatchResult)
+                else self._result(item, next(outcomes))
+                for item in resolved
+            ]
+        )
+
+    def _result(
+        self, valid: ValidEvent, outcome: TrackOutcome | BaseException
+    ) -> pb.TrackBatchResult:
+        """One event's answer: a refused event or a store that cannot take it now is its
+        result, never the batch's (a bug still fails the call, logged by the guard)."""
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            answer = self._answer(valid, outcome)
+        except SiraError as err:
+            return pb.TrackBatchResult(error=track_error(err))
+        return pb.TrackBatchResult(accepted=answer)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import asyncpg
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 
 from sira_server.domain.experiment import Experiment, ExperimentStatus
 from sira_server.domain.targeting import TargetingPredicate, compile_targeting
@@ -42,6 +41,7 @@ from sira_server.errors import FailedPrecondition, NotFound, SiraError, Unavaila
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.faults import bounded
 from sira_server.store.live import live_versions, status_counts
+from sira_server.store.redis_conn import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ExperimentCatalog:
         self,
         repository: ExperimentRepository,
         pool: asyncpg.Pool,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         version_check_seconds: float = 3.0,
         negative_ttl_seconds: float = 1.0,

@@ -28,15 +28,20 @@ class RebuildReport:
     successes: int
 
 
-async def rebuild_hot_state(database_url: str, redis_url: str, ref: str) -> RebuildReport:
+async def rebuild_hot_state(
+    database_url: str, redis_url: str, ref: str, *, redis_cluster: bool = False
+) -> RebuildReport:
     """Recompute an experiment's Redis state from Postgres (plus its unflushed stream)."""
     pool = await create_pool(database_url, max_size=2)
-    redis = create_redis(redis_url, max_connections=4)
+    redis = create_redis(redis_url, cluster=redis_cluster, max_connections=4)
     try:
         experiment = await ExperimentRepository(pool).get(ref)
         hot = HotState(redis, pool)
-        await hot.ensure_ready(experiment.id, force=True)
-        counters = await hot.counters(experiment.id)
+        try:
+            await hot.ensure_ready(experiment.id, force=True)
+            counters = await hot.counters(experiment.id)
+        finally:
+            await hot.close()
         return RebuildReport(
             experiment.id,
             experiment.key,
@@ -64,11 +69,16 @@ async def _experiment_ids(pool: asyncpg.Pool, ref: str) -> list[str] | None:
 
 
 async def list_dead(
-    database_url: str, redis_url: str, ref: str = "", *, limit: int = 100
+    database_url: str,
+    redis_url: str,
+    ref: str = "",
+    *,
+    limit: int = 100,
+    redis_cluster: bool = False,
 ) -> list[DeadLetterView]:
     """`sira-server deadletter list`: parked write-behind records with their experiment's key."""
     pool = await create_pool(database_url, max_size=2)
-    redis = create_redis(redis_url, max_connections=4)
+    redis = create_redis(redis_url, cluster=redis_cluster, max_connections=4)
     try:
         letters = await list_dead_letters(redis, await _experiment_ids(pool, ref), limit=limit)
         rows = await pool.fetch(
@@ -83,11 +93,16 @@ async def list_dead(
 
 
 async def replay_dead(
-    database_url: str, redis_url: str, ref: str = "", *, entry_ids: Sequence[str] = ()
+    database_url: str,
+    redis_url: str,
+    ref: str = "",
+    *,
+    entry_ids: Sequence[str] = (),
+    redis_cluster: bool = False,
 ) -> ReplayReport:
     """`sira-server deadletter replay`: write parked records again (see store.deadletter)."""
     pool = await create_pool(database_url, max_size=2)
-    redis = create_redis(redis_url, max_connections=4)
+    redis = create_redis(redis_url, cluster=redis_cluster, max_connections=4)
     try:
         return await replay_dead_letters(
             redis, pool, await _experiment_ids(pool, ref), entry_ids=entry_ids

@@ -12,7 +12,7 @@ its own, so the semantics are those of the calls made one by one, in order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -37,10 +37,17 @@ class Coalescer(Generic[K, T, R]):
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(key, []).append((item, future))
-        self._maybe_send(key)
+        (future,) = self.enqueue(key, (item,))
         return await future
+
+    def enqueue(self, key: K, items: Sequence[T]) -> list[asyncio.Future[R]]:
+        """Add `items` to `key`'s next batch, in order, at once (no wait in between);
+        their results come in the futures (a cancelled future is skipped)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._pending.setdefault(key, []).extend(zip(items, futures, strict=True))
+        self._maybe_send(key)
+        return futures
 
     def _maybe_send(self, key: K) -> None:
         if self._in_flight.get(key, 0) >= self._max_in_flight or not self._pending.get(key):

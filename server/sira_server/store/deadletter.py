@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from sira_server.store.flusher import WriteBehindEntry, WriteBehindFlusher, parse_entry
 from sira_server.store.hot_keys import STREAM_REGISTRY, experiment_id_of_stream, experiment_keys
+from sira_server.store.redis_conn import RedisClient
 
 DEAD_FIELDS = (b"reason", b"origin")
 """Fields the flusher adds to a dead record; the rest is the original entry."""
@@ -56,7 +56,7 @@ class ReplayReport:
     """Entry id -> why it still cannot be written; left in the dead stream."""
 
 
-async def dead_letter_experiments(redis: aioredis.Redis) -> list[str]:
+async def dead_letter_experiments(redis: RedisClient) -> list[str]:
     """Experiments with a write-behind stream (the flusher's registry), sorted."""
     ids = []
     for raw in await redis.smembers(STREAM_REGISTRY):
@@ -68,7 +68,7 @@ async def dead_letter_experiments(redis: aioredis.Redis) -> list[str]:
 
 
 async def count_dead_letters(
-    redis: aioredis.Redis, experiment_ids: Sequence[str] | None = None
+    redis: RedisClient, experiment_ids: Sequence[str] | None = None
 ) -> dict[str, int]:
     """Parked records per experiment (every registered experiment when not given)."""
     ids = (
@@ -84,7 +84,7 @@ async def count_dead_letters(
 
 
 async def list_dead_letters(
-    redis: aioredis.Redis, experiment_ids: Sequence[str] | None = None, *, limit: int = 1000
+    redis: RedisClient, experiment_ids: Sequence[str] | None = None, *, limit: int = 1000
 ) -> list[DeadLetter]:
     """Parked records, oldest first per experiment, at most `limit` in all."""
     ids = (
@@ -103,7 +103,7 @@ async def list_dead_letters(
 
 
 async def replay_dead_letters(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     pool: asyncpg.Pool,
     experiment_ids: Sequence[str] | None = None,
     *,
@@ -133,7 +133,7 @@ async def replay_dead_letters(
 
 
 async def _replay(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     flusher: WriteBehindFlusher,
     stream: str,
     dead_key: str,
@@ -163,7 +163,7 @@ async def _replay(
 
 
 async def _xrange(
-    redis: aioredis.Redis, key: str, start: str, count: int
+    redis: RedisClient, key: str, start: str, count: int
 ) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """XRANGE from `start` (inclusive, or exclusive with a leading "(")."""
     entries: Any = await redis.xrange(key, min=start, count=count)

@@ -1,13 +1,15 @@
 """Store faults as domain errors, and deadlines on store waits: one map for every path.
 
-Every Redis reply error and connection failure, whichever path it took (the pipelined
-script channel, redis-py pipelines, `LuaScript.call`), is classified here with
-redis-py's own error classes (`parse_redis_error` is the parser redis-py itself uses):
+Every Redis reply error and connection failure, whichever path it took (a script
+transport, `store.script_transport`, or a plain redis-py command), is classified here
+with redis-py's own error classes (`parse_redis_error` is the parser redis-py itself
+uses), by `domain_error` (one call's error reply) and `redis_call` (a block of waits):
 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
   ``MISCONF``, ``OOM``, ``NOREPLICAS``): `Unavailable` with metadata ``store=redis``,
-  the caller retries (Assign is sticky and Track idempotent, so a retry is safe);
+  the caller retries (Assign is sticky and Track idempotent, so a retry is safe); so is
+  redis-py's leak of a closed connection as AttributeError (`is_closed_writer_race`);
 - anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
   reported as INTERNAL with the real cause logged.
 
@@ -54,7 +56,7 @@ def parse_redis_error(message: str) -> redis_errors.RedisError:
 
 
 def is_redis_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, REDIS_UNAVAILABLE_ERRORS):
+    if isinstance(exc, REDIS_UNAVAILABLE_ERRORS) or is_closed_writer_race(exc):
         return True
     return isinstance(exc, redis_errors.ResponseError) and _reply_code(exc) in (
         REDIS_UNAVAILABLE_CODES
@@ -74,12 +76,40 @@ def _reply_code(exc: redis_errors.ResponseError) -> str:
     return text.split(" ", 1)[0]
 
 
+def is_closed_writer_race(exc: BaseException) -> bool:
+    """redis-py 8.1 lets a write on a connection closed under it (a peer reset; the
+    cluster client dropping a node's connections after a failover) escape as the
+    transport's AttributeError/TypeError instead of ConnectionError (redis/redis-py
+    #4287, #3546). Only that: raised inside redis-py's asyncio connection module."""
+    if not isinstance(exc, AttributeError | TypeError):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.endswith(_REDIS_CONNECTION_MODULE):
+            return True
+        frame = frame.tb_next
+    return False
+
+
+_REDIS_CONNECTION_MODULE = "/redis/asyncio/connection.py"
+
+
 def redis_unavailable(exc: BaseException) -> Unavailable:
     detail = str(exc) or type(exc).__name__
     return Unavailable(
         f"the hot state store (Redis) is unavailable: {detail[:200]}",
         metadata={"store": "redis"},
     )
+
+
+def domain_error(exc: BaseException) -> BaseException:
+    """What a Redis failure means: Unavailable (``store=redis``) when the store may
+    recover, else `exc` itself (a bug, reported as INTERNAL)."""
+    if is_closed_writer_race(exc):  # redis-py's own words would say nothing useful
+        return redis_unavailable(redis_errors.ConnectionError("connection closed"))
+    if is_redis_unavailable(exc):
+        return redis_unavailable(exc)
+    return exc
 
 
 @asynccontextmanager
@@ -93,12 +123,11 @@ async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
         raise redis_unavailable(
             redis_errors.TimeoutError(f"no answer within {seconds:g}s")
         ) from exc
-    except redis_errors.RedisError as exc:
-        if is_redis_unavailable(exc):
-            raise redis_unavailable(exc) from exc
-        raise
-    except OSError as exc:
-        raise redis_unavailable(exc) from exc
+    except (redis_errors.RedisError, OSError, AttributeError, TypeError) as exc:
+        mapped = domain_error(exc)
+        if mapped is exc:
+            raise
+        raise mapped from exc
 
 
 _background: set[asyncio.Future[Any]] = set()

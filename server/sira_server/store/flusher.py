@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from sira_server.errors import Unavailable
 from sira_server.store.hot_keys import (
     FLUSHER_GROUP,
     STREAM_REGISTRY,
@@ -46,6 +46,8 @@ from sira_server.store.hot_keys import (
 )
 from sira_server.store.hot_state import read_posteriors
 from sira_server.store.lua_scripts import ACK_SCRIPT
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.script_transport import PipelineTransport, run_scripts
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     # "cannot switch to state ...": a connection broken mid-operation (Postgres stopped).
     asyncpg.InternalClientError,
     redis_errors.RedisError,
+    Unavailable,  # a Redis failure as `store.faults` maps it (the ack script's path)
 )
 """Failures a pass reports and `run` retries with backoff; entries stay pending."""
 
@@ -147,7 +150,7 @@ class WriteBehindFlusher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         consumer_name: str,
         *,
@@ -392,7 +395,10 @@ class WriteBehindFlusher:
             for start in range(0, len(ids), 1000):  # Lua unpack() stack limit
                 calls.append(((stream,), (FLUSHER_GROUP, *ids[start : start + 1000])))
         if calls:
-            await ACK_SCRIPT.call_many(self.redis, calls)
+            replies = await run_scripts(PipelineTransport(self.redis), ACK_SCRIPT, calls)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
 
     # --- observability and snapshots ---
 
@@ -547,9 +553,14 @@ async def _write_batch(
         await conn.copy_records_to_table(
             "sira_wb_metrics", records=metrics, columns=_METRIC_COLUMNS
         )
-        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
+        # Orphans first, then the insert: each statement sees the assignments committed
+        # when it starts (READ COMMITTED), and another consumer may commit a metric's
+        # assignment in between. Asked after the insert, a metric the insert skipped
+        # could look written, be acknowledged and be lost. Asked before, an orphan the
+        # insert did write stays pending once more, and its replay is a no-op.
         for ord_, variant_exists in await conn.fetch(_UNWRITTEN_METRICS):
             (out.orphans if variant_exists else out.discarded).add(ord_)
+        out.metrics_inserted += _row_count(await conn.execute(_INSERT_METRICS))
 
 
 async def _write_one_by_one(

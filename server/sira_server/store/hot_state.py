@@ -1,7 +1,8 @@
 """Hot state of the decision path in Redis: sticky assignments, bandit counters.
 
 The keys and the formats stored under them are in `store.hot_keys`; the Lua
-scripts in `store.lua_scripts`. Each Assign / Track is one EVALSHA: the state
+scripts in `store.lua_scripts`, run through a `store.script_transport` (injectable; its
+error replies mapped by `store.faults`). Each Assign / Track is one EVALSHA: the state
 change and its write-behind record are one atomic step, which is what
 "acknowledged" means. When a script finds no ``ready`` marker (Redis lost its
 data), the state is rebuilt from Postgres under a lock and the call retried.
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from sira_server.config import StoreTimeouts
@@ -31,8 +31,8 @@ from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
 from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
-from sira_server.store.lua_scripts import LuaScript as LuaScript
-from sira_server.store.script_channel import ChannelBroken, ScriptChannel, endpoint_of
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.script_transport import ScriptTransport, default_transport, run_scripts
 
 REWARD_CONVERSION = "conversion"
 REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
@@ -135,7 +135,7 @@ def _int_hash(raw: Mapping[bytes, bytes]) -> dict[str, int]:
 
 
 async def read_posteriors(
-    redis: aioredis.Redis, experiment_ids: Sequence[str]
+    redis: RedisClient, experiment_ids: Sequence[str]
 ) -> tuple[Posteriors, list[str]]:
     """(trials, successes) per variant in one pipelined read, and the ids not ready.
 
@@ -208,17 +208,17 @@ class HotState:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         pool: asyncpg.Pool,
         *,
+        transport: ScriptTransport | None = None,
         rebuild_lock_ms: int = 120_000,
         rebuild_wait_seconds: float = 60.0,
-        pipelined_scripts: bool = False,
         applied: AppliedWork | None = None,
         timeouts: StoreTimeouts | None = None,
     ) -> None:
-        """`pipelined_scripts`: single Assign/Track scripts go through a `ScriptChannel`
-        (the server's hot path; call `close()` when done) instead of redis-py.
+        """`transport`: how the Assign/Track scripts reach Redis (default: production's,
+        `script_transport.default_transport`); closed by `close()`.
         `applied`: told of every new assignment and accepted event."""
         self.redis = redis
         self._applied = applied
@@ -227,47 +227,12 @@ class HotState:
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self.timeouts = timeouts or StoreTimeouts()
         self._rebuilds: dict[str, asyncio.Future[bool]] = {}
-        endpoint = endpoint_of(redis) if pipelined_scripts else None
-        self._channel = (
-            None
-            if endpoint is None
-            else ScriptChannel(
-                endpoint,
-                connect_timeout=self.timeouts.redis_seconds,
-                # Half the deadline: a call leaving at its deadline with nothing read
-                # meanwhile drops a frozen connection instead of queueing behind it.
-                stall_seconds=self.timeouts.redis_seconds / 2,
-            )
-        )
+        self.transport = transport or default_transport(redis, timeouts=self.timeouts)
         self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
-        self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self._track_batch)
+        self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self.track_many)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-
-    async def _eval(
-        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> list[Any]:
-        """The script's replies, in order: one call over the pipelined script channel (the
-        hot path), several as one redis-py pipeline."""
-        if len(calls) != 1 or self._channel is None:
-            return await script.call_many(self.redis, calls)
-        keys, args = calls[0]
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        reloaded = retried = False
-        while True:
-            try:
-                return [await self._channel.call(*command)]
-            except redis_errors.NoScriptError:
-                if reloaded:
-                    raise
-                reloaded = True
-                await script.load(self.redis)
-            except ChannelBroken:
-                if retried:
-                    raise
-                retried = True  # a connection gone stale (Redis restarted): once more
+        await self.transport.aclose()
 
     # --- lifecycle ---
 
@@ -300,9 +265,9 @@ class HotState:
                 return
             await ensure_stream(self.redis, keys)
             pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
-            for variant_id in variant_ids:
-                pipe.hsetnx(keys.trials, variant_id, 0)
-                pipe.hsetnx(keys.succ, variant_id, 0)
+            for variant_id in variant_ids:  # raw commands: see `counters`
+                pipe.execute_command("HSETNX", keys.trials, variant_id, 0)
+                pipe.execute_command("HSETNX", keys.succ, variant_id, 0)
             await pipe.execute()
 
     async def drop_experiment(self, experiment_id: str) -> None:
@@ -385,10 +350,14 @@ class HotState:
         todo = list(range(len(requests)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
             calls = [(script_keys, _assign_args(requests[i], now_ms)) for i in todo]
-            async with redis_call(self.timeouts.redis_seconds):
-                replies = await self._eval(ASSIGN_SCRIPT, calls)
+            replies = await run_scripts(
+                self.transport, ASSIGN_SCRIPT, calls, self.timeouts.redis_seconds
+            )
             retry = []
             for index, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, BaseException):  # fails this request only
+                    outcomes[index] = reply
+                    continue
                 tag = reply[0]
                 if tag == b"R":
                     retry.append(index)
@@ -424,19 +393,32 @@ class HotState:
     # --- tracking ---
 
     async def track(self, experiment_id: str, event: TrackEvent) -> TrackOutcome:
-        """One event; events of the same experiment that arrive together share one round
-        trip (`coalesce`)."""
+        """One event; events of the same experiment that arrive together (Track and
+        TrackBatch calls alike) share one round trip (`coalesce`)."""
         return await self._tracks.submit(experiment_id, event)
 
-    async def _track_batch(
-        self, experiment_id: str, events: list[TrackEvent]
+    async def track_each(
+        self, events: Sequence[tuple[str, TrackEvent]]
     ) -> list[TrackOutcome | BaseException]:
-        return list(await self.track_many(experiment_id, events))
+        """(experiment id, event) pairs, each answered on its own, in order: an outcome or
+        that event's error. Each experiment's events join its next batch together, in the
+        order given, with the `track` calls waiting there (one round trip per experiment
+        while idle)."""
+        by_experiment: dict[str, list[int]] = {}
+        for index, (experiment_id, _) in enumerate(events):
+            by_experiment.setdefault(experiment_id, []).append(index)
+        queued: dict[int, asyncio.Future[TrackOutcome]] = {}
+        for experiment_id, indexes in by_experiment.items():
+            futures = self._tracks.enqueue(experiment_id, [events[i][1] for i in indexes])
+            queued.update(zip(indexes, futures, strict=True))
+        in_order = (queued[index] for index in range(len(events)))
+        return list(await asyncio.gather(*in_order, return_exceptions=True))
 
     async def track_many(
         self, experiment_id: str, events: Sequence[TrackEvent]
-    ) -> list[TrackOutcome]:
-        """Apply the events in order, one pipelined round trip; one outcome each."""
+    ) -> list[TrackOutcome | BaseException]:
+        """Apply the events in order, one pipelined round trip; one outcome each, or the
+        error of that event alone (an error reply: Unavailable, or a bug)."""
         if not events:
             return []
         keys = experiment_keys(experiment_id)
@@ -453,7 +435,7 @@ class HotState:
             keys.outcome,
         )
         received_ms = _now_ms()
-        outcomes: list[TrackOutcome | None] = [None] * len(events)
+        outcomes: list[TrackOutcome | BaseException | None] = [None] * len(events)
         todo = list(range(len(events)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
             calls = [
@@ -463,11 +445,14 @@ class HotState:
                 )
                 for i in todo
             ]
-            async with redis_call(self.timeouts.redis_seconds):
-                replies = await self._eval(TRACK_SCRIPT, calls)
+            replies = await run_scripts(
+                self.transport, TRACK_SCRIPT, calls, self.timeouts.redis_seconds
+            )
             retry = []
             for index, reply in zip(todo, replies, strict=True):
-                if reply[0] == b"R":
+                if isinstance(reply, BaseException):
+                    outcomes[index] = reply
+                elif reply[0] == b"R":
                     retry.append(index)
                 else:
                     done = outcomes[index] = _track_outcome(reply)
@@ -508,10 +493,12 @@ class HotState:
         for _ in range(MAX_REBUILD_ATTEMPTS):
             async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
-                pipe.hexists(keys.meta, "ready")
-                pipe.hgetall(keys.trials)
-                pipe.hgetall(keys.succ)
-                pipe.hgetall(keys.cnt)
+                # Raw commands: redis-py 8.1's cluster MULTI passes a command method's
+                # keyword arguments to the reply callbacks, which refuse them.
+                pipe.execute_command("HEXISTS", keys.meta, "ready")
+                pipe.execute_command("HGETALL", keys.trials)
+                pipe.execute_command("HGETALL", keys.succ)
+                pipe.execute_command("HGETALL", keys.cnt)
                 ready, trials, succ, cnt = await pipe.execute()
             if not ready:
                 await self.ensure_ready(experiment_id)
@@ -520,7 +507,7 @@ class HotState:
         raise _not_rebuilt(experiment_id)
 
 
-async def ensure_stream(redis: aioredis.Redis, keys: ExperimentKeys) -> None:
+async def ensure_stream(redis: RedisClient, keys: ExperimentKeys) -> None:
     """Create the write-behind stream with its consumer group, and register it."""
     try:
         await redis.xgroup_create(keys.wb, FLUSHER_GROUP, id="0", mkstream=True)

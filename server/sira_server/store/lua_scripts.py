@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import redis.asyncio as aioredis
-from redis import exceptions as redis_errors
+from sira_server.store.redis_conn import RedisClient
 
 _LUA_DIR = Path(__file__).with_name("lua")
 
 
 class LuaScript:
-    """A script from ``store/lua/`` run with EVALSHA, reloaded on NOSCRIPT.
+    """A script from ``store/lua/``, run with EVALSHA by a `store.script_transport`.
 
-    Unlike redis-py's Script in a pipeline, this never adds a SCRIPT EXISTS
-    round trip: the script is loaded only after a NOSCRIPT reply.
+    Unlike redis-py's Script in a pipeline, that never adds a SCRIPT EXISTS round trip:
+    the script is loaded only after a NOSCRIPT reply.
     """
 
     def __init__(self, name: str) -> None:
@@ -25,44 +22,8 @@ class LuaScript:
         self.source = (_LUA_DIR / name).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, redis: aioredis.Redis) -> None:
+    async def load(self, redis: RedisClient) -> None:
         await redis.script_load(self.source)
-
-    async def call(self, redis: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            await self.load(redis)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
-
-    async def call_many(
-        self, redis: aioredis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
-    ) -> list[Any]:
-        """Run every call in one pipelined round trip; replies in call order.
-
-        A NOSCRIPT reply means that call did not run, so only those are re-run.
-        """
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            pipe = redis.pipeline(transaction=False)
-            for index in todo:
-                keys, args = calls[index]
-                pipe.evalsha(self.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for index, result in zip(todo, results, strict=True):
-                if isinstance(result, redis_errors.NoScriptError) and attempt == 0:
-                    missing.append(index)
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    replies[index] = result
-            if not missing:
-                break
-            await self.load(redis)
-            todo = missing
-        return replies
 
 
 ASSIGN_SCRIPT = LuaScript("assign.lua")

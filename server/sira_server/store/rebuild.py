@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_keys import (
@@ -45,6 +44,8 @@ from sira_server.store.hot_state import (
     ensure_stream,
 )
 from sira_server.store.lua_scripts import LOCK_SCRIPT
+from sira_server.store.redis_conn import RedisClient
+from sira_server.store.script_transport import PipelineTransport, run_script
 
 WRITE_CHUNK = 1000
 """Fields or members per Redis command when writing the image."""
@@ -188,7 +189,7 @@ async def load_experiment_shape(
 
 
 async def rebuild_from_postgres(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     pool: asyncpg.Pool,
     experiment_id: str,
     *,
@@ -222,7 +223,7 @@ async def rebuild_from_postgres(
 
 
 async def rebuild_experiment(
-    redis: aioredis.Redis,
+    redis: RedisClient,
     pool: asyncpg.Pool,
     experiment_id: str,
     variant_ids: Sequence[str],
@@ -272,11 +273,11 @@ async def rebuild_experiment(
         await _write_image(redis, keys, image, token, lock_ms)
         return True
     finally:
-        await LOCK_SCRIPT.call(redis, (keys.lock,), (token, "release", 0))
+        await run_script(PipelineTransport(redis), LOCK_SCRIPT, (keys.lock,), (token, "release", 0))
 
 
 async def _unflushed_records(
-    redis: aioredis.Redis, keys: ExperimentKeys
+    redis: RedisClient, keys: ExperimentKeys
 ) -> list[AssignmentRecord | MetricRecord]:
     records: list[AssignmentRecord | MetricRecord] = []
     start = "-"
@@ -353,7 +354,7 @@ def _number(value: float) -> str:
 
 
 async def _write_image(
-    redis: aioredis.Redis, keys: ExperimentKeys, image: HotImage, token: str, lock_ms: int
+    redis: RedisClient, keys: ExperimentKeys, image: HotImage, token: str, lock_ms: int
 ) -> None:
     """Replace the state keys with the image; the ready marker goes last."""
     await redis.delete(*keys.state)
@@ -370,9 +371,10 @@ async def _write_image(
     await redis.hset(keys.meta, mapping={"reward": image.reward, "ready": 1})
 
 
-async def _keep_lock(redis: aioredis.Redis, keys: ExperimentKeys, token: str, lock_ms: int) -> None:
+async def _keep_lock(redis: RedisClient, keys: ExperimentKeys, token: str, lock_ms: int) -> None:
     """Extend the lock; if it expired and another process took over, stop writing."""
-    if not await LOCK_SCRIPT.call(redis, (keys.lock,), (token, "extend", lock_ms)):
+    lock = (keys.lock,), (token, "extend", lock_ms)
+    if not await run_script(PipelineTransport(redis), LOCK_SCRIPT, *lock):
         raise Unavailable(
             f"lost the rebuild lock of experiment {keys.experiment_id}; retry",
             metadata={"store": "redis", "experiment_id": keys.experiment_id},

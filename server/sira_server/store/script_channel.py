@@ -29,7 +29,9 @@ import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from sira_server.config import StoreTimeouts
 from sira_server.store.faults import parse_redis_error
+from sira_server.store.lua_scripts import LuaScript
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 READ_CHUNK = 1 << 16
@@ -105,22 +107,31 @@ class ScriptChannel:
     async def call(self, *args: Any) -> Any:
         """Send one command; its reply. An error reply is raised as redis-py's exception
         for it (NoScriptError, BusyLoadingError, ResponseError...)."""
+        (reply,) = await self.call_many((args,))
+        if isinstance(reply, redis_errors.RedisError):
+            raise reply
+        return reply
+
+    async def call_many(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send the commands in one write; their replies in order, an error reply as the
+        exception redis-py raises for it (returned, not raised)."""
         started = time.monotonic()
         writer = self._writer
         if writer is None or writer.is_closing():
             writer = await self._connect()
-        waiting = self._waiting
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiting.append(future)
-        writer.write(encode(args))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        self._waiting.extend(futures)
+        writer.write(b"".join(encode(command) for command in commands))
         try:
-            reply = await future
+            return [await future for future in futures]
         except asyncio.CancelledError:
             self._drop_if_stalled(writer, started)
             raise
-        if isinstance(reply, redis_errors.RedisError):
-            raise reply
-        return reply
+        finally:
+            for future in futures:  # all failed together: the others' errors are seen
+                if future.done() and not future.cancelled():
+                    future.exception()
 
     def _drop_if_stalled(self, writer: asyncio.StreamWriter, started: float) -> None:
         stall = self._stall_seconds
@@ -227,3 +238,62 @@ async def _read_one(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any
             raise redis_errors.ConnectionError("redis closed the connection")
         parser.feed(data)
     return reply
+
+
+class ChannelTransport:
+    """A `store.script_transport.ScriptTransport` over one `ScriptChannel` (single node,
+    no TLS): every call of a run leaves in one write. A connection that broke under a
+    run is replaced and the run retried once (Assign is sticky, Track idempotent)."""
+
+    def __init__(self, redis: aioredis.Redis, channel: ScriptChannel) -> None:
+        self.redis = redis
+        """For SCRIPT LOAD after a NOSCRIPT reply."""
+        self._channel = channel
+
+    async def run(
+        self, script: LuaScript, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        reloaded = retried = False
+        while True:
+            commands = [
+                ("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo
+            ]
+            try:
+                results = await self._channel.call_many(commands)
+            except ChannelBroken:
+                if retried:
+                    raise
+                retried = True  # a connection gone stale (Redis restarted): once more
+                continue
+            missing = []
+            for index, result in zip(todo, results, strict=True):
+                if isinstance(result, redis_errors.NoScriptError) and not reloaded:
+                    missing.append(index)
+                else:
+                    replies[index] = result
+            if not missing:
+                return replies
+            reloaded = True
+            await script.load(self.redis)
+            todo = missing
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+
+def channel_transport(redis: aioredis.Redis, timeouts: StoreTimeouts) -> ChannelTransport | None:
+    """A channel to where `redis` connects; None when it cannot speak to it (TLS, a
+    cluster client): the channel speaks plain TCP or a unix socket to one node."""
+    endpoint = endpoint_of(redis)
+    if endpoint is None:
+        return None
+    channel = ScriptChannel(
+        endpoint,
+        connect_timeout=timeouts.redis_seconds,
+        # Half the deadline: a call leaving at its deadline with nothing read meanwhile
+        # drops a frozen connection instead of queueing behind it.
+        stall_seconds=timeouts.redis_seconds / 2,
+    )
+    return ChannelTransport(redis, channel)
