@@ -184,33 +184,9 @@ def _busy_ticks() -> int:
     return sum(values) - values[3] - values[4]  # minus idle and iowait
 
 
-def _process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, CPU ticks of the process and of its reaped children)."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
-    return table
-
-
 def tree_ticks(table: Mapping[int, tuple[int, int]], roots: set[int]) -> int:
-    """CPU ticks of `roots` and all their descendants in a `_process_table()`."""
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    seen: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += children.get(pid, [])
+    """CPU ticks of `roots` and all their descendants in a `bench_cpu.process_table()`."""
+    seen = set().union(*(bench_cpu.descendants(table, root) for root in roots))
     return sum(table[pid][1] for pid in seen if pid in table)
 
 
@@ -234,7 +210,7 @@ class OtherLoad:
         self._start: tuple[float, int, int] | None = None
 
     def _ours(self) -> int:
-        table = _process_table()
+        table = bench_cpu.process_table()
         roots = {os.getpid()}
         if self._marker:
             roots |= {pid for pid in table if _cmdline_has(pid, self._marker)}
