@@ -31,6 +31,7 @@ from sira.experiments.v1 import (
 from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import insights_service_pb2 as ipb
 from sira.experiments.v1 import lifecycle_service_pb2 as lpb
+from sira_server.domain.validation import ExperimentInput, VariantInput, validate_experiment
 from sira_server.engine.autopilot import FailFastAutopilot
 from sira_server.store.insights_history import MAX_KEPT_POINTS, VariantPoint, record_point
 from sira_server.store.roles import as_role
@@ -317,3 +318,47 @@ async def test_at_most_max_kept_points_are_kept(engine: Engine) -> None:
     assert len(rows) == MAX_KEPT_POINTS
     assert rows[-1][0] == newest
     assert rows[0][0] == start + timedelta(seconds=7)  # the 6 oldest pruned
+
+
+async def test_deleting_an_experiment_deletes_its_points(
+    api: Api, unique_key: str, history_database: str
+) -> None:
+    experiment = await started(api, unique_key)
+    await points_until(api, unique_key, lambda r: len(r.points) >= 1)
+    admin = api.auth("ops_admin")
+    await api.lifecycle.StopExperiment(
+        lpb.StopExperimentRequest(experiment=unique_key, reason="done"), metadata=admin
+    )
+    await api.lifecycle.DeleteExperiment(
+        lpb.DeleteExperimentRequest(experiment=unique_key), metadata=admin
+    )
+    conn = await asyncpg.connect(history_database)
+    try:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM insights_history WHERE experiment_id = $1",
+            uuid.UUID(experiment.id),
+        )
+    finally:
+        await conn.close()
+    assert left == 0
+
+
+async def test_a_lagging_catalog_skips_a_deleted_experiment(engine: Engine) -> None:
+    gone = await running_experiment(engine, auto_stop=False)
+    spec = validate_experiment(
+        ExperimentInput(
+            key="kept",
+            name="Kept",
+            variants=[
+                VariantInput(name="A", config={}, is_control=True),
+                VariantInput(name="B", config={}),
+            ],
+        )
+    )
+    created = await engine.repository.create(spec, actor="mia")
+    kept = await engine.repository.start(created.id, actor="mia")
+    # Deleted behind this process's back: its catalog still lists it as running.
+    await engine.pool.execute("DELETE FROM experiments WHERE id = $1", uuid.UUID(gone.id))
+    await engine.autopilot.round()
+    assert await history_rows(engine.pool, gone.id) == []
+    assert len(await history_rows(engine.pool, kept.id)) == len(kept.variants)

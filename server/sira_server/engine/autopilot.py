@@ -103,9 +103,14 @@ class FailFastAutopilot:
         for live in self._catalog.running():
             experiment = live.experiment
             cached = await self._book.compute(experiment)
-            await record_point(
-                conn, experiment.id, recorded_at, history_rows(experiment, cached.insights)
-            )
+            try:
+                async with conn.transaction():  # a savepoint: the others still commit
+                    await record_point(
+                        conn, experiment.id, recorded_at, history_rows(experiment, cached.insights)
+                    )
+            except asyncpg.ForeignKeyViolationError:
+                # Deleted since this replica's catalog saw it running: nothing to record.
+                log.info("history of %s skipped: experiment deleted", experiment.id)
         self._last_history_slot = slot
 
     def _report(self, outcome: RoundOutcome) -> None:
