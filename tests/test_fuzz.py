@@ -1,4 +1,4 @@
-"""Property-based fuzzing of all 16 RPCs against a real server, as a hostile caller would.
+"""Property-based fuzzing of all 17 RPCs against a real server, as a hostile caller would.
 
 Every request comes from strategies derived from the message descriptors
 (`fuzz_requests`), or is a valid request's bytes damaged and sent over a raw

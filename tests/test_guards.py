@@ -82,6 +82,7 @@ EXPECTED_TABLE: dict[str, set[str]] = {
     LIFECYCLE + "ListAuditEvents": READERS,
     INSIGHTS + "GetResults": READERS,
     INSIGHTS + "GetInsights": READERS,
+    INSIGHTS + "GetInsightsHistory": READERS,
     ASSIGNMENT + "Assign": MODULES,
     ASSIGNMENT + "AssignAll": MODULES,
     TRACKING + "Track": MODULES,
@@ -352,7 +353,7 @@ async def fails(
 
 def test_every_rpc_of_the_four_services_has_an_rbac_entry() -> None:
     methods = all_rpcs()
-    assert len(methods) == 16
+    assert len(methods) == 17
     assert methods == set(rbac.METHOD_ROLES)
     for method in methods:
         assert rbac.allowed_roles(method) is not None, method

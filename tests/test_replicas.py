@@ -58,7 +58,9 @@ pytestmark = pytest.mark.slow
 REPLICAS = 3
 SUBJECTS = 150
 CONVERTING = 50
-WAIT_SECONDS = 90.0  # a killed consumer's entries are reclaimed after 30 s idle
+WAIT_SECONDS = 90.0
+HISTORY_SECONDS = 2.0
+HISTORY_POINTS = 4  # a killed consumer's entries are reclaimed after 30 s idle
 
 
 @pytest.fixture
@@ -80,7 +82,11 @@ def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer
                     as_role(database),
                     redis_url,
                     tmp_path / f"r{i}",
-                    {"SIRA_METRICS_PORT": str(free_port())},
+                    {
+                        "SIRA_METRICS_PORT": str(free_port()),
+                        # The autopilot's own interval (2 s): its rounds are unchanged.
+                        "SIRA_INSIGHTS_HISTORY_SECONDS": str(HISTORY_SECONDS),
+                    },
                 )
             )
             for i in range(REPLICAS)
@@ -363,3 +369,36 @@ async def test_the_autopilot_acts_once_per_step_across_replicas(
 
     audit = await _sira_audit(database, started.id)
     assert Counter(audit) == {("variant_dropped", blue): 1, ("stopped", None): 1}, audit
+
+
+async def test_replicas_record_each_history_point_once(
+    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+) -> None:
+    """Every replica runs the round; each point (truncated to the interval) is written by
+    whichever holds the lock first, once, with a row per variant."""
+    servers, _redis_url = replicas
+    with _round_robin(servers) as channel:
+        experiment_id = _start_experiment(channel, unique_key)
+
+    async def points() -> list[tuple[float, int]]:
+        conn = await asyncpg.connect(database)
+        try:
+            rows = await conn.fetch(
+                "SELECT extract(epoch FROM recorded_at)::float8 AS at, count(*) AS n"
+                " FROM insights_history WHERE experiment_id = $1"
+                " GROUP BY recorded_at ORDER BY recorded_at",
+                uuid.UUID(experiment_id),
+            )
+        finally:
+            await conn.close()
+        return [(r["at"], r["n"]) for r in rows]
+
+    async def enough() -> bool:
+        return len(await points()) >= HISTORY_POINTS
+
+    await _until(f"{HISTORY_POINTS} history points", enough)
+    recorded = await points()
+    assert all(n == 2 for _, n in recorded), recorded  # one row per variant, never more
+    # Three replicas round every 2 s: without the truncation they would add points
+    # between the interval's.
+    assert all(at % HISTORY_SECONDS == 0 for at, _ in recorded), recorded

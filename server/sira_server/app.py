@@ -183,6 +183,7 @@ class SiraServer:
             self.insights,
             self.repository,
             stores.pool,
+            history_seconds=settings.insights_history_seconds,
             on_round=self.metrics.autopilot_round,
         )
         self.flusher = WriteBehindFlusher(
@@ -221,7 +222,14 @@ class SiraServer:
             guarded,
         )
         insights_service_pb2_grpc.add_InsightsServiceServicer_to_server(
-            InsightsServicer(self.catalog, admin, self.hot, self.insights),
+            InsightsServicer(
+                self.catalog,
+                admin,
+                self.hot,
+                self.insights,
+                stores.admin_pool or stores.pool,
+                history_seconds=settings.insights_history_seconds,
+            ),
             guarded,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -212,6 +212,9 @@ class Settings:
     script channel, where it can connect: one node, no TLS, no replica WAIT; redis-py's
     pipelines otherwise, so always with SIRA_REDIS_CLUSTER or SIRA_REDIS_WAIT_REPLICAS)
     or `pipeline` (always redis-py). docs/design.md, "Scripts"."""
+    insights_history_seconds: float = 60.0
+    """SIRA_INSIGHTS_HISTORY_SECONDS: interval between two recorded points of every
+    running experiment's allocation and P(best) (GetInsightsHistory)."""
 
     @property
     def embedded(self) -> bool:
@@ -302,6 +305,7 @@ class Settings:
         wait_timeout_ms = integer("SIRA_REDIS_WAIT_TIMEOUT_MS", 100, minimum=1)
         return cls(
             script_transport=script_transport,
+            insights_history_seconds=seconds("SIRA_INSIGHTS_HISTORY_SECONDS", 60.0),
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),
             redis_cluster=redis_cluster,

@@ -56,7 +56,7 @@ _TABLE: tuple[tuple[FileDescriptor, str, Mapping[str, frozenset[str]], frozenset
     (
         insights_service_pb2.DESCRIPTOR,
         "InsightsService",
-        {"GetResults": _READERS, "GetInsights": _READERS},
+        {"GetResults": _READERS, "GetInsights": _READERS, "GetInsightsHistory": _READERS},
         frozenset(),
     ),
     (

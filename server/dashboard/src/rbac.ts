@@ -16,6 +16,7 @@ export const METHOD_ROLES: Record<string, readonly string[]> = {
   "/sira.experiments.v1.LifecycleService/ListAuditEvents": ["data_science", "marketing", "ops_admin"],
   "/sira.experiments.v1.InsightsService/GetResults": ["data_science", "marketing", "ops_admin"],
   "/sira.experiments.v1.InsightsService/GetInsights": ["data_science", "marketing", "ops_admin"],
+  "/sira.experiments.v1.InsightsService/GetInsightsHistory": ["data_science", "marketing", "ops_admin"],
 };
 
 export type LifecycleAction =

@@ -139,6 +139,7 @@ FIELD_RULES: Mapping[str, Rule] = {
     # Insights
     f"{_V1}GetResultsRequest.experiment": _REFERENCE,
     f"{_V1}GetInsightsRequest.experiment": _REFERENCE,
+    f"{_V1}GetInsightsHistoryRequest.experiment": _REFERENCE,
 }
 """One rule per field, by full name; ``<field>[]`` is the rule of a repeated string's
 items. A test keeps this table complete."""

@@ -476,3 +476,137 @@ class GetInsightsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInsightsResponse: _TypeAlias = GetInsightsResponse  # noqa: Y015
+
+@_typing.final
+class GetInsightsHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_FIELD_NUMBER: _builtins.int
+    experiment: _builtins.str
+    """Experiment id (UUID) or key. At most 64 characters."""
+    max_points: _builtins.int
+    """1..1000, default 500 (0 means the default); when more points match, the
+    most recent ones. The server keeps at most 1000 points per experiment.
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only points recorded after this instant (exclusive); unset: from the
+        first kept point. Within 0001-01-01..9999-12-31.
+        """
+
+    def __init__(
+        self,
+        *,
+        experiment: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        max_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "max_points", b"max_points", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInsightsHistoryRequest: _TypeAlias = GetInsightsHistoryRequest  # noqa: Y015
+
+@_typing.final
+class VariantHistory(_message.Message):
+    """One variant at one recorded point."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_ID_FIELD_NUMBER: _builtins.int
+    TRIALS_FIELD_NUMBER: _builtins.int
+    SUCCESSES_FIELD_NUMBER: _builtins.int
+    PROB_BEST_FIELD_NUMBER: _builtins.int
+    ALLOCATION_FIELD_NUMBER: _builtins.int
+    variant_id: _builtins.str
+    trials: _builtins.int
+    """Assigned subjects (trials) so far."""
+    successes: _builtins.int
+    """Successes so far, as defined by the experiment's reward."""
+    prob_best: _builtins.float
+    """Probability this variant has the highest rate (0 for a dropped variant)."""
+    allocation: _builtins.float
+    """The weights in force: the probability that a new subject is assigned
+    this variant at that moment. Fixed weights: weight / sum of the active
+    variants' weights; Thompson sampling: prob_best (a subject goes to the
+    variant whose posterior draw is highest). 0 for a dropped variant. Always
+    defined, unlike the share of assignments between two points, which has no
+    value where no subject arrived.
+    """
+    def __init__(
+        self,
+        *,
+        variant_id: _builtins.str = ...,
+        trials: _builtins.int = ...,
+        successes: _builtins.int = ...,
+        prob_best: _builtins.float = ...,
+        allocation: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation", b"allocation", "prob_best", b"prob_best", "successes", b"successes", "trials", b"trials", "variant_id", b"variant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VariantHistory: _TypeAlias = VariantHistory  # noqa: Y015
+
+@_typing.final
+class InsightsHistoryPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """Truncated to SIRA_INSIGHTS_HISTORY_SECONDS."""
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___VariantHistory]:
+        """In the experiment's variant order."""
+
+    def __init__(
+        self,
+        *,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        variants: _abc.Iterable[Global___VariantHistory] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InsightsHistoryPoint: _TypeAlias = InsightsHistoryPoint  # noqa: Y015
+
+@_typing.final
+class GetInsightsHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    interval_seconds: _builtins.float
+    """Seconds between two recorded points (SIRA_INSIGHTS_HISTORY_SECONDS)."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___InsightsHistoryPoint]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        points: _abc.Iterable[Global___InsightsHistoryPoint] | None = ...,
+        interval_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "interval_seconds", b"interval_seconds", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetInsightsHistoryResponse: _TypeAlias = GetInsightsHistoryResponse  # noqa: Y015

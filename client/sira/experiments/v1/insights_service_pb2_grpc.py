@@ -51,6 +51,11 @@ class InsightsServiceStub:
                 request_serializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsRequest.SerializeToString,
                 response_deserializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsResponse.FromString,
                 _registered_method=True)
+        self.GetInsightsHistory = channel.unary_unary(
+                '/sira.experiments.v1.InsightsService/GetInsightsHistory',
+                request_serializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryRequest.SerializeToString,
+                response_deserializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class InsightsServiceServicer:
@@ -77,6 +82,14 @@ class InsightsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetInsightsHistory(self, request, context):
+        """Allocation and P(best) over time, as recorded by the server while the
+        experiment runs (one point per SIRA_INSIGHTS_HISTORY_SECONDS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InsightsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +102,11 @@ def add_InsightsServiceServicer_to_server(servicer, server):
                     servicer.GetInsights,
                     request_deserializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsRequest.FromString,
                     response_serializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsResponse.SerializeToString,
+            ),
+            'GetInsightsHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInsightsHistory,
+                    request_deserializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryRequest.FromString,
+                    response_serializer=sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -152,6 +170,33 @@ class InsightsService:
             '/sira.experiments.v1.InsightsService/GetInsights',
             sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsRequest.SerializeToString,
             sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInsightsHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sira.experiments.v1.InsightsService/GetInsightsHistory',
+            sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryRequest.SerializeToString,
+            sira_dot_experiments_dot_v1_dot_insights__service__pb2.GetInsightsHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class InsightsServiceStub:
     """Observed counts, rates and revenue per variant."""
     GetInsights: _grpc.UnaryUnaryMultiCallable[_insights_service_pb2.GetInsightsRequest, _insights_service_pb2.GetInsightsResponse]
     """Bayesian statistics, fail-fast verdict and a recommendation."""
+    GetInsightsHistory: _grpc.UnaryUnaryMultiCallable[_insights_service_pb2.GetInsightsHistoryRequest, _insights_service_pb2.GetInsightsHistoryResponse]
+    """Allocation and P(best) over time, as recorded by the server while the
+    experiment runs (one point per SIRA_INSIGHTS_HISTORY_SECONDS).
+    """
 
 @_typing.type_check_only
 class InsightsServiceAsyncStub(InsightsServiceStub):
@@ -61,6 +65,10 @@ class InsightsServiceAsyncStub(InsightsServiceStub):
     """Observed counts, rates and revenue per variant."""
     GetInsights: _aio.UnaryUnaryMultiCallable[_insights_service_pb2.GetInsightsRequest, _insights_service_pb2.GetInsightsResponse]  # type: ignore[assignment]
     """Bayesian statistics, fail-fast verdict and a recommendation."""
+    GetInsightsHistory: _aio.UnaryUnaryMultiCallable[_insights_service_pb2.GetInsightsHistoryRequest, _insights_service_pb2.GetInsightsHistoryResponse]  # type: ignore[assignment]
+    """Allocation and P(best) over time, as recorded by the server while the
+    experiment runs (one point per SIRA_INSIGHTS_HISTORY_SECONDS).
+    """
 
 class InsightsServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read what happened and what to do. Roles: ops_admin, marketing,
@@ -87,5 +95,15 @@ class InsightsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_insights_service_pb2.GetInsightsResponse, _abc.Awaitable[_insights_service_pb2.GetInsightsResponse]]:
         """Bayesian statistics, fail-fast verdict and a recommendation."""
+
+    @_abc_1.abstractmethod
+    def GetInsightsHistory(
+        self,
+        request: _insights_service_pb2.GetInsightsHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_insights_service_pb2.GetInsightsHistoryResponse, _abc.Awaitable[_insights_service_pb2.GetInsightsHistoryResponse]]:
+        """Allocation and P(best) over time, as recorded by the server while the
+        experiment runs (one point per SIRA_INSIGHTS_HISTORY_SECONDS).
+        """
 
 def add_InsightsServiceServicer_to_server(servicer: InsightsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -105,7 +105,7 @@ export function HistoryChart(props: { title: string; points: HistoryPoint[]; var
       <figcaption className="mb-2 font-semibold">{props.title}</figcaption>
       <div className="h-56" aria-hidden="true">
         {props.points.length < 2 ? (
-          <p className="p-4 text-sm text-slate-600">Collecting points while this page is open…</p>
+          <p className="p-4 text-sm text-slate-600">Collecting points: the server records them at a fixed interval, this page at every refresh…</p>
         ) : (
           <ResponsiveContainer width="100%" height="100%">
             <LineChart data={props.points} margin={{ top: 8, right: 8, bottom: 8, left: 8 }}>

@@ -10,40 +10,74 @@ import { StatusBadge } from "../components/StatusBadge";
 import { VariantsTable } from "../components/VariantsTable";
 import { plainError } from "../errors";
 import { when } from "../format";
-import { ExperimentStatus, type Experiment } from "../gen/sira/experiments/v1/experiment_pb";
-import type { GetInsightsResponse, GetResultsResponse } from "../gen/sira/experiments/v1/insights_service_pb";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { AllocationStrategy, ExperimentStatus, VariantState, type Experiment } from "../gen/sira/experiments/v1/experiment_pb";
+import type {
+  GetInsightsHistoryResponse,
+  GetInsightsResponse,
+  GetResultsResponse,
+} from "../gen/sira/experiments/v1/insights_service_pb";
 import type { AuditEvent } from "../gen/sira/experiments/v1/lifecycle_service_pb";
 
 const POLL_MS = 2000;
 const MAX_POINTS = 600;
 
 interface History {
-  lastSamples: Record<string, bigint>;
   allocation: HistoryPoint[];
   probBest: HistoryPoint[];
 }
 
-// The API keeps no history of allocation or P(best): the page records them while it is open
-// (kept per experiment for the life of the tab).
+// The server records allocation and P(best) of running experiments (GetInsightsHistory, one
+// point per SIRA_INSIGHTS_HISTORY_SECONDS); the page starts from those points and appends
+// the ones it polls (kept per experiment for the life of the tab).
 const histories = new Map<string, History>();
 
-function record(id: string, r: GetInsightsResponse): History {
-  const h = histories.get(id) ?? { lastSamples: {}, allocation: [], probBest: [] };
-  const t = Date.now();
-  const grown = r.insights.map((v) => ({ v, added: v.samples - (h.lastSamples[v.variantKey] ?? 0n) }));
-  const added = grown.reduce((sum, g) => sum + g.added, 0n);
-  const probBest: HistoryPoint = { t };
-  for (const v of r.insights) probBest[v.variantKey] = v.probBest;
-  const next: History = {
-    lastSamples: Object.fromEntries(r.insights.map((v) => [v.variantKey, v.samples])),
-    allocation: h.allocation,
-    probBest: [...h.probBest, probBest].slice(-MAX_POINTS),
-  };
-  if (added > 0n && Object.keys(h.lastSamples).length > 0) {
-    const point: HistoryPoint = { t };
-    for (const g of grown) point[g.v.variantKey] = Number(g.added) / Number(added);
-    next.allocation = [...h.allocation, point].slice(-MAX_POINTS);
+// The weights in force, as the server records them: P(a new user gets the variant).
+// Thompson sampling gives the variant whose posterior draw is highest, i.e. P(best);
+// fixed weights split over the active variants.
+function allocationOf(e: Experiment, r: GetInsightsResponse): Record<string, number> {
+  if (e.allocation === AllocationStrategy.FIXED_WEIGHTS) {
+    const active = e.variants.filter((v) => v.state === VariantState.ACTIVE);
+    const total = active.reduce((sum, v) => sum + v.weight, 0);
+    return Object.fromEntries(e.variants.map((v) => [v.key, v.state === VariantState.ACTIVE && total > 0 ? v.weight / total : 0]));
   }
+  return Object.fromEntries(r.insights.map((v) => [v.variantKey, v.probBest]));
+}
+
+function recorded(r: GetInsightsResponse, h: GetInsightsHistoryResponse): History {
+  const keyOf = new Map(r.insights.map((v) => [v.variantId, v.variantKey]));
+  const allocation: HistoryPoint[] = [];
+  const probBest: HistoryPoint[] = [];
+  for (const p of h.points) {
+    if (!p.recordedAt) continue;
+    const t = timestampMs(p.recordedAt);
+    const a: HistoryPoint = { t };
+    const b: HistoryPoint = { t };
+    for (const v of p.variants) {
+      const key = keyOf.get(v.variantId);
+      if (key === undefined) continue;
+      a[key] = v.allocation;
+      b[key] = v.probBest;
+    }
+    allocation.push(a);
+    probBest.push(b);
+  }
+  return { allocation, probBest };
+}
+
+function append(points: HistoryPoint[], point: HistoryPoint): HistoryPoint[] {
+  const last = points[points.length - 1];
+  return last && last.t >= point.t ? points : [...points, point].slice(-MAX_POINTS);
+}
+
+function record(id: string, e: Experiment, r: GetInsightsResponse, server?: GetInsightsHistoryResponse): History {
+  const h = histories.get(id) ?? (server ? recorded(r, server) : { allocation: [], probBest: [] });
+  const t = Date.now();
+  const probBest: HistoryPoint = { t, ...Object.fromEntries(r.insights.map((v) => [v.variantKey, v.probBest])) };
+  const next: History = {
+    allocation: append(h.allocation, { t, ...allocationOf(e, r) }),
+    probBest: append(h.probBest, probBest),
+  };
   histories.set(id, next);
   return next;
 }
@@ -70,7 +104,14 @@ export function ExperimentDetails() {
         setExperiment(e.experiment ?? null);
         setInsights(i);
         setResults(r);
-        if (e.experiment && e.experiment.status !== ExperimentStatus.DRAFT) setHistory(record(e.experiment.id, i));
+        const exp = e.experiment;
+        if (exp && exp.status !== ExperimentStatus.DRAFT) {
+          // The recorded points once per experiment and tab, then only the polled ones.
+          const server = histories.has(exp.id)
+            ? undefined
+            : await insightsClient.getInsightsHistory({ experiment: exp.id, maxPoints: MAX_POINTS });
+          setHistory(record(exp.id, exp, i, server));
+        }
         if (withAudit) setAudit((await lifecycle.listAuditEvents({ experiment: ref, pageSize: 100 })).events);
         setError(null);
         setUpdated(new Date());
@@ -162,11 +203,11 @@ export function ExperimentDetails() {
             <>
               <div className="card">
                 <HistoryChart title="Allocation over time" points={history.allocation} variants={insights.insights}
-                  note="Share of the new users each variant received between two refreshes, recorded while this page is open." />
+                  note="Share of new users each variant gets (Thompson sampling: its P(best); fixed weights: its weight share), recorded by the server and updated while this page is open." />
               </div>
               <div className="card">
                 <HistoryChart title="P(best) over time" points={history.probBest} variants={insights.insights}
-                  note="Probability that each variant is the best, recorded while this page is open." />
+                  note="Probability that each variant is the best, recorded by the server and updated while this page is open." />
               </div>
             </>
           )}

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file sira/experiments/v1/insights_service.proto.
  */
 export const file_sira_experiments_v1_insights_service: GenFile = /*@__PURE__*/
-  fileDesc("CipzaXJhL2V4cGVyaW1lbnRzL3YxL2luc2lnaHRzX3NlcnZpY2UucHJvdG8SE3NpcmEuZXhwZXJpbWVudHMudjEiJwoRR2V0UmVzdWx0c1JlcXVlc3QSEgoKZXhwZXJpbWVudBgBIAEoCSJICgdSZXZlbnVlEhAKCGN1cnJlbmN5GAEgASgJEg0KBXRvdGFsGAIgASgBEhwKFHBlcl9hc3NpZ25lZF9zdWJqZWN0GAMgASgBIqgDCg5WYXJpYW50UmVzdWx0cxISCgp2YXJpYW50X2lkGAEgASgJEhMKC3ZhcmlhbnRfa2V5GAIgASgJEhQKDHZhcmlhbnRfbmFtZRgDIAEoCRISCgppc19jb250cm9sGAQgASgIEjAKBXN0YXRlGAUgASgOMiEuc2lyYS5leHBlcmltZW50cy52MS5WYXJpYW50U3RhdGUSGQoRYXNzaWduZWRfc3ViamVjdHMYBiABKAMSGgoSY29udmVydGVkX3N1YmplY3RzGAcgASgDEhMKC2NvbnZlcnNpb25zGAggASgDEhcKD2NvbnZlcnNpb25fcmF0ZRgJIAEoARItCgdyZXZlbnVlGAogAygLMhwuc2lyYS5leHBlcmltZW50cy52MS5SZXZlbnVlEg8KB3JlZnVuZHMYCyABKAMSGQoRcmVmdW5kZWRfc3ViamVjdHMYDCABKAMSEwoLcmVmdW5kX3JhdGUYDSABKAESDgoGY2h1cm5zGA4gASgDEhgKEGNodXJuZWRfc3ViamVjdHMYDyABKAMSEgoKY2h1cm5fcmF0ZRgQIAEoASLLAQoSR2V0UmVzdWx0c1Jlc3BvbnNlEhUKDWV4cGVyaW1lbnRfaWQYASABKAkSNQoGc3RhdHVzGAIgASgOMiUuc2lyYS5leHBlcmltZW50cy52MS5FeHBlcmltZW50U3RhdHVzEjUKCHZhcmlhbnRzGAMgAygLMiMuc2lyYS5leHBlcmltZW50cy52MS5WYXJpYW50UmVzdWx0cxIwCgxjb21wdXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIigKEkdldEluc2lnaHRzUmVxdWVzdBISCgpleHBlcmltZW50GAEgASgJIigKCEludGVydmFsEg0KBWxvd2VyGAEgASgBEg0KBXVwcGVyGAIgASgBIqsBChBHdWFyZHJhaWxJbnNpZ2h0Eg4KBm1ldHJpYxgBIAEoCRIQCghzdWJqZWN0cxgCIAEoAxIMCgRyYXRlGAMgASgBEjgKEWNyZWRpYmxlX2ludGVydmFsGAQgASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5JbnRlcnZhbBIcChRwcm9iX3dvcnNlX3RoYW5fYmVzdBgFIAEoARIPCgdmbGFnZ2VkGAYgASgIIoUECg5WYXJpYW50SW5zaWdodBISCgp2YXJpYW50X2lkGAEgASgJEhMKC3ZhcmlhbnRfa2V5GAIgASgJEg8KB3ZhcmlhbnQYAyABKAkSEgoKaXNfY29udHJvbBgEIAEoCBIwCgVzdGF0ZRgFIAEoDjIhLnNpcmEuZXhwZXJpbWVudHMudjEuVmFyaWFudFN0YXRlEg8KB3NhbXBsZXMYBiABKAMSEwoLY29udmVyc2lvbnMYByABKAMSFwoPY29udmVyc2lvbl9yYXRlGAggASgBEjoKE2NvbmZpZGVuY2VfaW50ZXJ2YWwYCSABKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkludGVydmFsEhEKCXByb2JfYmVzdBgKIAEoARIcChRwcm9iX3dvcnNlX3RoYW5fYmVzdBgLIAEoARIVCg1leHBlY3RlZF9sb3NzGAwgASgBEhEKBGxpZnQYDSABKAFIAIgBARI0Cg1saWZ0X2ludGVydmFsGA4gASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5JbnRlcnZhbBI5CgpndWFyZHJhaWxzGA8gAygLMiUuc2lyYS5leHBlcmltZW50cy52MS5HdWFyZHJhaWxJbnNpZ2h0EhIKCmZhaWxzX2Zhc3QYECABKAgSDwoHZV92YWx1ZRgRIAEoAUIHCgVfbGlmdCJwCghTcm1DaGVjaxISCgphcHBsaWNhYmxlGAEgASgIEhIKCmNoaV9zcXVhcmUYAiABKAESGgoSZGVncmVlc19vZl9mcmVlZG9tGAMgASgFEg8KB3BfdmFsdWUYBCABKAESDwoHZmxhZ2dlZBgFIAEoCCLnAwoTR2V0SW5zaWdodHNSZXNwb25zZRIVCg1leHBlcmltZW50X2lkGAEgASgJEjUKBnN0YXR1cxgCIAEoDjIlLnNpcmEuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudFN0YXR1cxI1CghpbnNpZ2h0cxgDIAMoCzIjLnNpcmEuZXhwZXJpbWVudHMudjEuVmFyaWFudEluc2lnaHQSGgoSbGVhZGluZ192YXJpYW50X2lkGAQgASgJEjYKBmFjdGlvbhgFIAEoDjImLnNpcmEuZXhwZXJpbWVudHMudjEuUmVjb21tZW5kZWRBY3Rpb24SFgoOcmVjb21tZW5kYXRpb24YBiABKAkSGwoTZmFpbGluZ192YXJpYW50X2lkcxgHIAMoCRIRCgl0aHJlc2hvbGQYCCABKAESEwoLbWluX3NhbXBsZXMYCSABKAMSKgoDc3JtGAogASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5Tcm1DaGVjaxINCgVkcmF3cxgLIAEoAxIwCgxjb21wdXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmVycm9yX3JhdGUYDSABKAESGQoRZV92YWx1ZV90aHJlc2hvbGQYDiABKAEqzQEKEVJlY29tbWVuZGVkQWN0aW9uEiIKHlJFQ09NTUVOREVEX0FDVElPTl9VTlNQRUNJRklFRBAAEiMKH1JFQ09NTUVOREVEX0FDVElPTl9LRUVQX1JVTk5JTkcQARInCiNSRUNPTU1FTkRFRF9BQ1RJT05fU1RPUF9XSVRIX1dJTk5FUhACEiQKIFJFQ09NTUVOREVEX0FDVElPTl9EUk9QX1ZBUklBTlRTEAMSIAocUkVDT01NRU5ERURfQUNUSU9OX0NPTkNMVURFRBAEMtIBCg9JbnNpZ2h0c1NlcnZpY2USXQoKR2V0UmVzdWx0cxImLnNpcmEuZXhwZXJpbWVudHMudjEuR2V0UmVzdWx0c1JlcXVlc3QaJy5zaXJhLmV4cGVyaW1lbnRzLnYxLkdldFJlc3VsdHNSZXNwb25zZRJgCgtHZXRJbnNpZ2h0cxInLnNpcmEuZXhwZXJpbWVudHMudjEuR2V0SW5zaWdodHNSZXF1ZXN0Giguc2lyYS5leHBlcmltZW50cy52MS5HZXRJbnNpZ2h0c1Jlc3BvbnNlQi5aLGdpdGh1Yi5jb20vc2lyYS9leHBlcmltZW50cy92MTtleHBlcmltZW50c3YxYgZwcm90bzM", [file_google_protobuf_timestamp, file_sira_experiments_v1_experiment]);
+  fileDesc("CipzaXJhL2V4cGVyaW1lbnRzL3YxL2luc2lnaHRzX3NlcnZpY2UucHJvdG8SE3NpcmEuZXhwZXJpbWVudHMudjEiJwoRR2V0UmVzdWx0c1JlcXVlc3QSEgoKZXhwZXJpbWVudBgBIAEoCSJICgdSZXZlbnVlEhAKCGN1cnJlbmN5GAEgASgJEg0KBXRvdGFsGAIgASgBEhwKFHBlcl9hc3NpZ25lZF9zdWJqZWN0GAMgASgBIqgDCg5WYXJpYW50UmVzdWx0cxISCgp2YXJpYW50X2lkGAEgASgJEhMKC3ZhcmlhbnRfa2V5GAIgASgJEhQKDHZhcmlhbnRfbmFtZRgDIAEoCRISCgppc19jb250cm9sGAQgASgIEjAKBXN0YXRlGAUgASgOMiEuc2lyYS5leHBlcmltZW50cy52MS5WYXJpYW50U3RhdGUSGQoRYXNzaWduZWRfc3ViamVjdHMYBiABKAMSGgoSY29udmVydGVkX3N1YmplY3RzGAcgASgDEhMKC2NvbnZlcnNpb25zGAggASgDEhcKD2NvbnZlcnNpb25fcmF0ZRgJIAEoARItCgdyZXZlbnVlGAogAygLMhwuc2lyYS5leHBlcmltZW50cy52MS5SZXZlbnVlEg8KB3JlZnVuZHMYCyABKAMSGQoRcmVmdW5kZWRfc3ViamVjdHMYDCABKAMSEwoLcmVmdW5kX3JhdGUYDSABKAESDgoGY2h1cm5zGA4gASgDEhgKEGNodXJuZWRfc3ViamVjdHMYDyABKAMSEgoKY2h1cm5fcmF0ZRgQIAEoASLLAQoSR2V0UmVzdWx0c1Jlc3BvbnNlEhUKDWV4cGVyaW1lbnRfaWQYASABKAkSNQoGc3RhdHVzGAIgASgOMiUuc2lyYS5leHBlcmltZW50cy52MS5FeHBlcmltZW50U3RhdHVzEjUKCHZhcmlhbnRzGAMgAygLMiMuc2lyYS5leHBlcmltZW50cy52MS5WYXJpYW50UmVzdWx0cxIwCgxjb21wdXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIigKEkdldEluc2lnaHRzUmVxdWVzdBISCgpleHBlcmltZW50GAEgASgJIigKCEludGVydmFsEg0KBWxvd2VyGAEgASgBEg0KBXVwcGVyGAIgASgBIqsBChBHdWFyZHJhaWxJbnNpZ2h0Eg4KBm1ldHJpYxgBIAEoCRIQCghzdWJqZWN0cxgCIAEoAxIMCgRyYXRlGAMgASgBEjgKEWNyZWRpYmxlX2ludGVydmFsGAQgASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5JbnRlcnZhbBIcChRwcm9iX3dvcnNlX3RoYW5fYmVzdBgFIAEoARIPCgdmbGFnZ2VkGAYgASgIIoUECg5WYXJpYW50SW5zaWdodBISCgp2YXJpYW50X2lkGAEgASgJEhMKC3ZhcmlhbnRfa2V5GAIgASgJEg8KB3ZhcmlhbnQYAyABKAkSEgoKaXNfY29udHJvbBgEIAEoCBIwCgVzdGF0ZRgFIAEoDjIhLnNpcmEuZXhwZXJpbWVudHMudjEuVmFyaWFudFN0YXRlEg8KB3NhbXBsZXMYBiABKAMSEwoLY29udmVyc2lvbnMYByABKAMSFwoPY29udmVyc2lvbl9yYXRlGAggASgBEjoKE2NvbmZpZGVuY2VfaW50ZXJ2YWwYCSABKAsyHS5zaXJhLmV4cGVyaW1lbnRzLnYxLkludGVydmFsEhEKCXByb2JfYmVzdBgKIAEoARIcChRwcm9iX3dvcnNlX3RoYW5fYmVzdBgLIAEoARIVCg1leHBlY3RlZF9sb3NzGAwgASgBEhEKBGxpZnQYDSABKAFIAIgBARI0Cg1saWZ0X2ludGVydmFsGA4gASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5JbnRlcnZhbBI5CgpndWFyZHJhaWxzGA8gAygLMiUuc2lyYS5leHBlcmltZW50cy52MS5HdWFyZHJhaWxJbnNpZ2h0EhIKCmZhaWxzX2Zhc3QYECABKAgSDwoHZV92YWx1ZRgRIAEoAUIHCgVfbGlmdCJwCghTcm1DaGVjaxISCgphcHBsaWNhYmxlGAEgASgIEhIKCmNoaV9zcXVhcmUYAiABKAESGgoSZGVncmVlc19vZl9mcmVlZG9tGAMgASgFEg8KB3BfdmFsdWUYBCABKAESDwoHZmxhZ2dlZBgFIAEoCCLnAwoTR2V0SW5zaWdodHNSZXNwb25zZRIVCg1leHBlcmltZW50X2lkGAEgASgJEjUKBnN0YXR1cxgCIAEoDjIlLnNpcmEuZXhwZXJpbWVudHMudjEuRXhwZXJpbWVudFN0YXR1cxI1CghpbnNpZ2h0cxgDIAMoCzIjLnNpcmEuZXhwZXJpbWVudHMudjEuVmFyaWFudEluc2lnaHQSGgoSbGVhZGluZ192YXJpYW50X2lkGAQgASgJEjYKBmFjdGlvbhgFIAEoDjImLnNpcmEuZXhwZXJpbWVudHMudjEuUmVjb21tZW5kZWRBY3Rpb24SFgoOcmVjb21tZW5kYXRpb24YBiABKAkSGwoTZmFpbGluZ192YXJpYW50X2lkcxgHIAMoCRIRCgl0aHJlc2hvbGQYCCABKAESEwoLbWluX3NhbXBsZXMYCSABKAMSKgoDc3JtGAogASgLMh0uc2lyYS5leHBlcmltZW50cy52MS5Tcm1DaGVjaxINCgVkcmF3cxgLIAEoAxIwCgxjb21wdXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmVycm9yX3JhdGUYDSABKAESGQoRZV92YWx1ZV90aHJlc2hvbGQYDiABKAEibgoZR2V0SW5zaWdodHNIaXN0b3J5UmVxdWVzdBISCgpleHBlcmltZW50GAEgASgJEikKBXNpbmNlGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgptYXhfcG9pbnRzGAMgASgFIm4KDlZhcmlhbnRIaXN0b3J5EhIKCnZhcmlhbnRfaWQYASABKAkSDgoGdHJpYWxzGAIgASgDEhEKCXN1Y2Nlc3NlcxgDIAEoAxIRCglwcm9iX2Jlc3QYBCABKAESEgoKYWxsb2NhdGlvbhgFIAEoASJ+ChRJbnNpZ2h0c0hpc3RvcnlQb2ludBIvCgtyZWNvcmRlZF9hdBgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoIdmFyaWFudHMYAiADKAsyIy5zaXJhLmV4cGVyaW1lbnRzLnYxLlZhcmlhbnRIaXN0b3J5IogBChpHZXRJbnNpZ2h0c0hpc3RvcnlSZXNwb25zZRIVCg1leHBlcmltZW50X2lkGAEgASgJEjkKBnBvaW50cxgCIAMoCzIpLnNpcmEuZXhwZXJpbWVudHMudjEuSW5zaWdodHNIaXN0b3J5UG9pbnQSGAoQaW50ZXJ2YWxfc2Vjb25kcxgDIAEoASrNAQoRUmVjb21tZW5kZWRBY3Rpb24SIgoeUkVDT01NRU5ERURfQUNUSU9OX1VOU1BFQ0lGSUVEEAASIwofUkVDT01NRU5ERURfQUNUSU9OX0tFRVBfUlVOTklORxABEicKI1JFQ09NTUVOREVEX0FDVElPTl9TVE9QX1dJVEhfV0lOTkVSEAISJAogUkVDT01NRU5ERURfQUNUSU9OX0RST1BfVkFSSUFOVFMQAxIgChxSRUNPTU1FTkRFRF9BQ1RJT05fQ09OQ0xVREVEEAQyyQIKD0luc2lnaHRzU2VydmljZRJdCgpHZXRSZXN1bHRzEiYuc2lyYS5leHBlcmltZW50cy52MS5HZXRSZXN1bHRzUmVxdWVzdBonLnNpcmEuZXhwZXJpbWVudHMudjEuR2V0UmVzdWx0c1Jlc3BvbnNlEmAKC0dldEluc2lnaHRzEicuc2lyYS5leHBlcmltZW50cy52MS5HZXRJbnNpZ2h0c1JlcXVlc3QaKC5zaXJhLmV4cGVyaW1lbnRzLnYxLkdldEluc2lnaHRzUmVzcG9uc2USdQoSR2V0SW5zaWdodHNIaXN0b3J5Ei4uc2lyYS5leHBlcmltZW50cy52MS5HZXRJbnNpZ2h0c0hpc3RvcnlSZXF1ZXN0Gi8uc2lyYS5leHBlcmltZW50cy52MS5HZXRJbnNpZ2h0c0hpc3RvcnlSZXNwb25zZUIuWixnaXRodWIuY29tL3NpcmEvZXhwZXJpbWVudHMvdjE7ZXhwZXJpbWVudHN2MWIGcHJvdG8z", [file_google_protobuf_timestamp, file_sira_experiments_v1_experiment]);
 
 /**
  * @generated from message sira.experiments.v1.GetResultsRequest
@@ -552,6 +552,150 @@ export const GetInsightsResponseSchema: GenMessage<GetInsightsResponse> = /*@__P
   messageDesc(file_sira_experiments_v1_insights_service, 9);
 
 /**
+ * @generated from message sira.experiments.v1.GetInsightsHistoryRequest
+ */
+export type GetInsightsHistoryRequest = Message<"sira.experiments.v1.GetInsightsHistoryRequest"> & {
+  /**
+   * Experiment id (UUID) or key. At most 64 characters.
+   *
+   * @generated from field: string experiment = 1;
+   */
+  experiment: string;
+
+  /**
+   * Only points recorded after this instant (exclusive); unset: from the
+   * first kept point. Within 0001-01-01..9999-12-31.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 2;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * 1..1000, default 500 (0 means the default); when more points match, the
+   * most recent ones. The server keeps at most 1000 points per experiment.
+   *
+   * @generated from field: int32 max_points = 3;
+   */
+  maxPoints: number;
+};
+
+/**
+ * Describes the message sira.experiments.v1.GetInsightsHistoryRequest.
+ * Use `create(GetInsightsHistoryRequestSchema)` to create a new message.
+ */
+export const GetInsightsHistoryRequestSchema: GenMessage<GetInsightsHistoryRequest> = /*@__PURE__*/
+  messageDesc(file_sira_experiments_v1_insights_service, 10);
+
+/**
+ * One variant at one recorded point.
+ *
+ * @generated from message sira.experiments.v1.VariantHistory
+ */
+export type VariantHistory = Message<"sira.experiments.v1.VariantHistory"> & {
+  /**
+   * @generated from field: string variant_id = 1;
+   */
+  variantId: string;
+
+  /**
+   * Assigned subjects (trials) so far.
+   *
+   * @generated from field: int64 trials = 2;
+   */
+  trials: bigint;
+
+  /**
+   * Successes so far, as defined by the experiment's reward.
+   *
+   * @generated from field: int64 successes = 3;
+   */
+  successes: bigint;
+
+  /**
+   * Probability this variant has the highest rate (0 for a dropped variant).
+   *
+   * @generated from field: double prob_best = 4;
+   */
+  probBest: number;
+
+  /**
+   * The weights in force: the probability that a new subject is assigned
+   * this variant at that moment. Fixed weights: weight / sum of the active
+   * variants' weights; Thompson sampling: prob_best (a subject goes to the
+   * variant whose posterior draw is highest). 0 for a dropped variant. Always
+   * defined, unlike the share of assignments between two points, which has no
+   * value where no subject arrived.
+   *
+   * @generated from field: double allocation = 5;
+   */
+  allocation: number;
+};
+
+/**
+ * Describes the message sira.experiments.v1.VariantHistory.
+ * Use `create(VariantHistorySchema)` to create a new message.
+ */
+export const VariantHistorySchema: GenMessage<VariantHistory> = /*@__PURE__*/
+  messageDesc(file_sira_experiments_v1_insights_service, 11);
+
+/**
+ * @generated from message sira.experiments.v1.InsightsHistoryPoint
+ */
+export type InsightsHistoryPoint = Message<"sira.experiments.v1.InsightsHistoryPoint"> & {
+  /**
+   * Truncated to SIRA_INSIGHTS_HISTORY_SECONDS.
+   *
+   * @generated from field: google.protobuf.Timestamp recorded_at = 1;
+   */
+  recordedAt?: Timestamp | undefined;
+
+  /**
+   * In the experiment's variant order.
+   *
+   * @generated from field: repeated sira.experiments.v1.VariantHistory variants = 2;
+   */
+  variants: VariantHistory[];
+};
+
+/**
+ * Describes the message sira.experiments.v1.InsightsHistoryPoint.
+ * Use `create(InsightsHistoryPointSchema)` to create a new message.
+ */
+export const InsightsHistoryPointSchema: GenMessage<InsightsHistoryPoint> = /*@__PURE__*/
+  messageDesc(file_sira_experiments_v1_insights_service, 12);
+
+/**
+ * @generated from message sira.experiments.v1.GetInsightsHistoryResponse
+ */
+export type GetInsightsHistoryResponse = Message<"sira.experiments.v1.GetInsightsHistoryResponse"> & {
+  /**
+   * @generated from field: string experiment_id = 1;
+   */
+  experimentId: string;
+
+  /**
+   * Oldest first.
+   *
+   * @generated from field: repeated sira.experiments.v1.InsightsHistoryPoint points = 2;
+   */
+  points: InsightsHistoryPoint[];
+
+  /**
+   * Seconds between two recorded points (SIRA_INSIGHTS_HISTORY_SECONDS).
+   *
+   * @generated from field: double interval_seconds = 3;
+   */
+  intervalSeconds: number;
+};
+
+/**
+ * Describes the message sira.experiments.v1.GetInsightsHistoryResponse.
+ * Use `create(GetInsightsHistoryResponseSchema)` to create a new message.
+ */
+export const GetInsightsHistoryResponseSchema: GenMessage<GetInsightsHistoryResponse> = /*@__PURE__*/
+  messageDesc(file_sira_experiments_v1_insights_service, 13);
+
+/**
  * @generated from enum sira.experiments.v1.RecommendedAction
  */
 export enum RecommendedAction {
@@ -620,6 +764,17 @@ export const InsightsService: GenService<{
     methodKind: "unary";
     input: typeof GetInsightsRequestSchema;
     output: typeof GetInsightsResponseSchema;
+  },
+  /**
+   * Allocation and P(best) over time, as recorded by the server while the
+   * experiment runs (one point per SIRA_INSIGHTS_HISTORY_SECONDS).
+   *
+   * @generated from rpc sira.experiments.v1.InsightsService.GetInsightsHistory
+   */
+  getInsightsHistory: {
+    methodKind: "unary";
+    input: typeof GetInsightsHistoryRequestSchema;
+    output: typeof GetInsightsHistoryResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_sira_experiments_v1_insights_service, 0);
