@@ -124,6 +124,34 @@ def test_other_replies_are_bugs_not_unavailable(reply: str) -> None:
     assert not is_redis_unavailable(parse_redis_error(reply))
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis_errors.SlotNotCoveredError('Slot "5" not covered by the cluster.'),
+        redis_errors.ClusterError("TTL exhausted."),
+        redis_errors.RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least one reachable node"
+        ),
+    ],
+    ids=["slot-without-master", "ttl-exhausted", "no-reachable-node"],
+)
+async def test_a_cluster_mid_failover_is_unavailable(error: Exception) -> None:
+    """redis-py's cluster client words a failover in progress with its own classes (CI
+    once saw INTERNAL from a master killed under load)."""
+    assert isinstance(domain_error(error), Unavailable)
+    with pytest.raises(Unavailable):
+        async with redis_call():
+            raise error
+
+
+async def test_cluster_client_misuse_stays_a_bug() -> None:
+    misuse = redis_errors.RedisClusterException("No way to dispatch this command")
+    assert domain_error(misuse) is misuse
+    with pytest.raises(redis_errors.RedisClusterException):
+        async with redis_call():
+            raise misuse
+
+
 async def test_redis_pys_closed_writer_race_is_unavailable() -> None:
     """redis/redis-py#4287: a write on a connection closed under it leaks the missing
     writer as AttributeError from redis-py's asyncio connection module. Here redis-py's

@@ -7,7 +7,8 @@ uses), by `domain_error` (one call's error reply) and `redis_call` (a block of w
 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
-  ``MISCONF``, ``OOM``, ``NOREPLICAS``): `Unavailable` with metadata ``store=redis``,
+  ``MISCONF``, ``OOM``, ``NOREPLICAS``, a cluster slot without a master or a cluster
+  with no reachable node): `Unavailable` with metadata ``store=redis``,
   the caller retries (Assign is sticky and Track idempotent, so a retry is safe); so is
   redis-py's leak of a closed connection as AttributeError (`is_closed_writer_race`);
 - anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
@@ -40,6 +41,8 @@ REDIS_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis_errors.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN
     redis_errors.TryAgainError,  # TRYAGAIN: slot migration
     redis_errors.OutOfMemoryError,  # OOM: maxmemory reached, writes refused
+    redis_errors.SlotNotCoveredError,  # a cluster slot without a master (failover)
+    redis_errors.ClusterError,  # "TTL exhausted": redirections kept failing (failover)
     OSError,  # refused, reset, unreachable; TimeoutError (a deadline here) is one too
 )
 """Failures that mean "this store cannot answer now", whatever their path."""
@@ -55,9 +58,20 @@ def parse_redis_error(message: str) -> redis_errors.RedisError:
     return error
 
 
+_CLUSTER_UNREACHABLE = (
+    "Redis Cluster cannot be connected",
+    "startup_nodes could not agree",
+    "All slots are not covered",
+)
+"""How redis-py's cluster client words "no usable view of the cluster now" (its
+RedisClusterException, not a RedisError, also reports misuse: that stays a bug)."""
+
+
 def is_redis_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, REDIS_UNAVAILABLE_ERRORS) or is_closed_writer_race(exc):
         return True
+    if isinstance(exc, redis_errors.RedisClusterException):
+        return str(exc).startswith(_CLUSTER_UNREACHABLE)
     return isinstance(exc, redis_errors.ResponseError) and _reply_code(exc) in (
         REDIS_UNAVAILABLE_CODES
     )
@@ -123,7 +137,13 @@ async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
         raise redis_unavailable(
             redis_errors.TimeoutError(f"no answer within {seconds:g}s")
         ) from exc
-    except (redis_errors.RedisError, OSError, AttributeError, TypeError) as exc:
+    except (
+        redis_errors.RedisError,
+        redis_errors.RedisClusterException,
+        OSError,
+        AttributeError,
+        TypeError,
+    ) as exc:
         mapped = domain_error(exc)
         if mapped is exc:
             raise
