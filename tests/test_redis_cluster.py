@@ -88,6 +88,13 @@ def server(
     yield from _cluster_server(database, redis_cluster, tmp_path_factory.mktemp("cluster"))
 
 
+def _unhandled_in_log(server: RunningServer) -> str:
+    """The server log's first traceback of an unhandled exception (what became INTERNAL)."""
+    text = server.log()
+    start = text.find("unhandled exception")
+    return text[start : start + 4000] if start >= 0 else "(no unhandled exception logged)"
+
+
 def _auth(role: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {mint_test_token(role)}"),)
 
@@ -463,7 +470,10 @@ async def _failover_run(
     # Track refused as not assigned means its acknowledged assignment was lost.
     assert ledger.refused <= set(lost_in_redis)
     failed = set(ledger.failures) - {"FAILED_PRECONDITION"}
-    assert failed <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, ledger.failures
+    assert failed <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, (
+        ledger.failures,
+        _unhandled_in_log(server),
+    )
     if wait_replicas:
         # Acknowledged = on the master and its replica: the promotion keeps it.
         assert not lost_in_redis

@@ -40,6 +40,7 @@ REDIS_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis_errors.ReadOnlyError,  # READONLY: a replica, failover in progress
     redis_errors.ClusterDownError,  # CLUSTERDOWN, MASTERDOWN
     redis_errors.TryAgainError,  # TRYAGAIN: slot migration
+    redis_errors.AskError,  # MOVED/ASK left over once redis-py gave up following them
     redis_errors.OutOfMemoryError,  # OOM: maxmemory reached, writes refused
     redis_errors.SlotNotCoveredError,  # a cluster slot without a master (failover)
     redis_errors.ClusterError,  # "TTL exhausted": redirections kept failing (failover)
