@@ -442,8 +442,9 @@ async def _failover_run(
             k.decode(): v.decode().split("|", 1)[0]
             for k, v in client.hgetall(experiment_keys(experiment_id).asg).items()
         }
-        events_in_redis = {
-            e.decode() for e in client.smembers(experiment_keys(experiment_id).events)
+        events_in_redis = {  # members are "event id NUL subject" (`event_member`)
+            e.decode().split("\0", 1)[0]
+            for e in client.smembers(experiment_keys(experiment_id).events)
         }
         dead = client.xlen(experiment_keys(experiment_id).dead)
     finally:

@@ -57,7 +57,7 @@ from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
-from sira_server.store.hot_state import HotState
+from sira_server.store.hot_state import HotState, claim_layout
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import RedisClient, create_redis
 from sira_server.store.script_transport import default_transport
@@ -168,6 +168,7 @@ class SiraServer:
             ),
             applied=self.metrics,
             timeouts=timeouts,
+            layout=settings.hot_layout,
         )
         self.repository = ExperimentRepository(
             stores.pool, on_change=self._changed, acquire_timeout=timeouts.command_seconds
@@ -191,6 +192,7 @@ class SiraServer:
             stores.pool,
             f"{socket.gethostname()}-{os.getpid()}",
             on_flush=self.metrics.record_flush,
+            layout=settings.hot_layout,
         )
         # Lifecycle and reports on their own pool (same change notifications).
         admin = ExperimentRepository(
@@ -299,6 +301,7 @@ class SiraServer:
         await self.server.start()
         if not await self.stores.ping():
             raise ConfigError("Postgres or Redis did not answer at start-up; see the log")
+        await claim_layout(self.stores.redis, self.settings.hot_layout)
         # Compile (or load from cache) every numba kernel before the first request.
         await asyncio.to_thread(bayes.warm_up)
         await self.catalog.start()

@@ -14,6 +14,7 @@ from pathlib import Path
 from sira_server.domain.limits import DEFAULT_MAX_EVENT_VALUE
 from sira_server.limit_settings import LimitSettings
 from sira_server.postgres_budget import PostgresSettings
+from sira_server.store.hot_keys import MAX_SHARDS, HotLayout
 
 DEV_SECRET_FILE = "dev-jwt-secret"
 
@@ -127,6 +128,10 @@ class StoreTimeouts:
     store; a store that does not answer turns its services NOT_SERVING."""
 
 
+CLUSTER_DEFAULT_SHARDS = 8
+"""Shards per experiment on a Redis Cluster unless SIRA_REDIS_SHARDS says otherwise: a
+hot experiment spreads over up to 8 masters (docs/scaling.md has the reasoning)."""
+
 ROLES = ("all", "serve", "flusher")
 """What one `sira-server` process does: see `Settings.role`."""
 
@@ -174,6 +179,10 @@ class Settings:
     cluster client: slot routing, MOVED/ASK, failover). Needs an external Redis."""
     replica_wait: ReplicaWait | None = None
     """SIRA_REDIS_WAIT_REPLICAS (0: None) and SIRA_REDIS_WAIT_TIMEOUT_MS."""
+    hot_layout: HotLayout = field(default_factory=HotLayout)
+    """SIRA_REDIS_SHARDS: shards of each experiment's hot state (`store.hot_keys`);
+    default 1 on one Redis, `CLUSTER_DEFAULT_SHARDS` on a Redis Cluster. Every process
+    of a deployment must use the same (checked at start). docs/scaling.md."""
     grpc_host: str = "127.0.0.1"
     """SIRA_GRPC_HOST: interface the gRPC server binds. Loopback unless told otherwise
     (containers set 0.0.0.0: the Dockerfile and the k8s manifests)."""
@@ -301,6 +310,11 @@ class Settings:
                 "SIRA_REDIS_CLUSTER=1 needs SIRA_REDIS_URL (any node of the cluster) and "
                 "SIRA_DATABASE_URL: the embedded Redis is a single server, not a cluster"
             )
+        shards = integer(
+            "SIRA_REDIS_SHARDS", CLUSTER_DEFAULT_SHARDS if redis_cluster else 1, minimum=1
+        )
+        if shards > MAX_SHARDS:
+            raise ConfigError(f"SIRA_REDIS_SHARDS must be <= {MAX_SHARDS}, got {shards}")
         wait_replicas = integer("SIRA_REDIS_WAIT_REPLICAS", 0)
         wait_timeout_ms = integer("SIRA_REDIS_WAIT_TIMEOUT_MS", 100, minimum=1)
         return cls(
@@ -309,6 +323,7 @@ class Settings:
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),
             redis_cluster=redis_cluster,
+            hot_layout=HotLayout(shards),
             replica_wait=(
                 ReplicaWait(wait_replicas, wait_timeout_ms) if wait_replicas > 0 else None
             ),

@@ -24,6 +24,7 @@ from sira_server.app import open_stores
 from sira_server.config import Settings
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
+from sira_server.store.hot_state import claim_layout
 
 log = logging.getLogger("sira_server")
 
@@ -50,6 +51,7 @@ async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = 
         redis_cluster=settings.redis_cluster,
     )
     try:
+        await claim_layout(stores.redis, settings.hot_layout)
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)
@@ -58,6 +60,7 @@ async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = 
             stores.pool,
             f"{socket.gethostname()}-{os.getpid()}-flusher",
             on_flush=metrics.record_flush,
+            layout=settings.hot_layout,
         )
         task = asyncio.create_task(run_restarting(flusher), name="write-behind")
         log.info("write-behind flusher running (no gRPC)")

@@ -15,7 +15,7 @@ from sira_server.store.deadletter import (
     replay_dead_letters,
 )
 from sira_server.store.experiments import ExperimentRepository
-from sira_server.store.hot_state import HotState
+from sira_server.store.hot_state import HotState, held_layout
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
 
@@ -36,7 +36,7 @@ async def rebuild_hot_state(
     redis = create_redis(redis_url, cluster=redis_cluster, max_connections=4)
     try:
         experiment = await ExperimentRepository(pool).get(ref)
-        hot = HotState(redis, pool)
+        hot = HotState(redis, pool, layout=await held_layout(redis))  # the servers' layout
         try:
             await hot.ensure_ready(experiment.id, force=True)
             counters = await hot.counters(experiment.id)

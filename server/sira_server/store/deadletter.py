@@ -25,7 +25,12 @@ from typing import Any
 import asyncpg
 
 from sira_server.store.flusher import WriteBehindEntry, WriteBehindFlusher, parse_entry
-from sira_server.store.hot_keys import STREAM_REGISTRY, experiment_id_of_stream, experiment_keys
+from sira_server.store.hot_keys import (
+    STREAM_REGISTRY,
+    dead_key_of_stream,
+    experiment_id_of_stream,
+    experiment_keys,
+)
 from sira_server.store.redis_conn import RedisClient
 
 DEAD_FIELDS = (b"reason", b"origin")
@@ -76,11 +81,13 @@ async def count_dead_letters(
     )
     if not ids:
         return {}
+    streams = await _streams_of(redis, ids)
     pipe = redis.pipeline(transaction=False)
     for experiment_id in ids:
-        pipe.xlen(experiment_keys(experiment_id).dead)
-    lengths = await pipe.execute()
-    return {e: int(n) for e, n in zip(ids, lengths, strict=True)}
+        for _, dead_key in streams[experiment_id]:
+            pipe.xlen(dead_key)
+    lengths = iter(await pipe.execute())
+    return {e: sum(int(next(lengths)) for _ in streams[e]) for e in ids}
 
 
 async def list_dead_letters(
@@ -91,14 +98,14 @@ async def list_dead_letters(
         list(experiment_ids) if experiment_ids is not None else await dead_letter_experiments(redis)
     )
     letters: list[DeadLetter] = []
+    streams = await _streams_of(redis, ids)
     for experiment_id in ids:
-        if len(letters) >= limit:
-            break
-        entries = await _xrange(
-            redis, experiment_keys(experiment_id).dead, "-", limit - len(letters)
-        )
-        for entry_id, fields in entries:
-            letters.append(_letter(experiment_id, entry_id, fields))
+        for _, dead_key in streams[experiment_id]:
+            if len(letters) >= limit:
+                return letters
+            entries = await _xrange(redis, dead_key, "-", limit - len(letters))
+            for entry_id, fields in entries:
+                letters.append(_letter(experiment_id, entry_id, fields))
     return letters
 
 
@@ -116,20 +123,42 @@ async def replay_dead_letters(
     wanted = {e.encode() for e in entry_ids}
     report = ReplayReport()
     flusher = WriteBehindFlusher(redis, pool, "deadletter-replay")
+    streams = await _streams_of(redis, ids)
     for experiment_id in ids:
-        keys = experiment_keys(experiment_id)
-        start = "-"
-        while True:
-            page = await _xrange(redis, keys.dead, start, REPLAY_BATCH)
-            if not page:
-                break
-            start = "(" + page[-1][0].decode()
-            batch = [(eid, f) for eid, f in page if not wanted or eid in wanted]
-            if batch:
-                await _replay(redis, flusher, keys.wb, keys.dead, batch, report)
-            if len(page) < REPLAY_BATCH:
-                break
+        for stream, dead_key in streams[experiment_id]:
+            start = "-"
+            while True:
+                page = await _xrange(redis, dead_key, start, REPLAY_BATCH)
+                if not page:
+                    break
+                start = "(" + page[-1][0].decode()
+                batch = [(eid, f) for eid, f in page if not wanted or eid in wanted]
+                if batch:
+                    await _replay(redis, flusher, stream, dead_key, batch, report)
+                if len(page) < REPLAY_BATCH:
+                    break
     return report
+
+
+async def _streams_of(
+    redis: RedisClient, experiment_ids: Sequence[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """(write-behind stream, dead stream) of each experiment: one per shard registered,
+    and the one-shard layout's always (its dead letters outlive a change of layout)."""
+    streams: dict[str, list[tuple[str, str]]] = {}
+    for experiment_id in experiment_ids:
+        legacy = experiment_keys(experiment_id)
+        streams[experiment_id] = [(legacy.wb, legacy.dead)]
+    for raw in sorted(await redis.smembers(STREAM_REGISTRY)):
+        stream = raw.decode() if isinstance(raw, bytes) else str(raw)
+        try:
+            experiment_id = experiment_id_of_stream(stream)
+        except ValueError:
+            continue
+        known = streams.get(experiment_id)
+        if known is not None and all(stream != wb for wb, _ in known):
+            known.append((stream, dead_key_of_stream(stream)))
+    return streams
 
 
 async def _replay(

@@ -39,9 +39,10 @@ from sira_server.store.hot_keys import (
     FLUSHER_GROUP,
     STREAM_REGISTRY,
     AssignmentRecord,
+    HotLayout,
     MetricRecord,
+    dead_key_of_stream,
     experiment_id_of_stream,
-    experiment_keys,
     parse_record,
 )
 from sira_server.store.hot_state import read_posteriors
@@ -165,8 +166,10 @@ class WriteBehindFlusher:
         orphan_grace_seconds: float = 300.0,
         on_flush: Callable[[FlushStats], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        layout: HotLayout | None = None,
     ) -> None:
         self.redis = redis
+        self.layout = layout or HotLayout()
         self.pool = pool
         self.consumer_name = consumer_name
         self.batch_size = batch_size
@@ -378,7 +381,7 @@ class WriteBehindFlusher:
                 entry.stream,
                 reason,
             )
-            dead_key = experiment_keys(experiment_id_of_stream(entry.stream)).dead
+            dead_key = dead_key_of_stream(entry.stream)
             fields: dict[Any, Any] = {
                 **entry.raw,
                 b"reason": reason.encode(),
@@ -410,7 +413,11 @@ class WriteBehindFlusher:
         for stream in streams:
             pipe.xlen(stream)
         lengths = await pipe.execute()
-        return {experiment_id_of_stream(s): int(n) for s, n in zip(streams, lengths, strict=True)}
+        backlog: dict[str, int] = {}
+        for stream, length in zip(streams, lengths, strict=True):  # a stream per shard
+            experiment_id = experiment_id_of_stream(stream)
+            backlog[experiment_id] = backlog.get(experiment_id, 0) + int(length)
+        return backlog
 
     async def refresh_bandit_state(self, *, force: bool = False) -> int:
         """UPSERT experiment_bandit_state from the hot counters; rows written.
@@ -424,7 +431,8 @@ class WriteBehindFlusher:
             ):
                 return 0
         experiment_ids = [experiment_id_of_stream(s) for s in await self._streams()]
-        posteriors, _missing = await read_posteriors(self.redis, experiment_ids)
+        experiment_ids = list(dict.fromkeys(experiment_ids))  # one per experiment, not shard
+        posteriors, _missing = await read_posteriors(self.redis, experiment_ids, self.layout)
         exp_col: list[str] = []
         var_col: list[str] = []
         trials_col: list[int] = []

@@ -1,7 +1,13 @@
 """Where the hot state lives in Redis, and the formats of the values stored there.
 
 Every key of one experiment carries the hash tag ``{exp:<id>}``, so each Lua
-script touches a single slot (Redis Cluster safe)::
+script touches a single slot (Redis Cluster safe). With S > 1 shards
+(`HotLayout`, ``SIRA_REDIS_SHARDS``) the experiment's state is split by subject: shard
+s has every key below under ``{exp:<id>:<s>}`` instead, s = `shard_of(subject)`, so a
+subject's keys (its assignment, its events, its cap) still share one slot and each
+script stays atomic for that subject, while one experiment's traffic spreads over up
+to S slots, so over the cluster's masters. Counters are per shard; their sum is the
+experiment's (`store.hot_state`)::
 
     sira:{exp:<id>}:meta      HASH  ready=1 once the state exists; reward mode
     sira:{exp:<id>}:asg       HASH  subject -> "variant_id|propensity|assigned_ms"
@@ -12,7 +18,7 @@ script touches a single slot (Redis Cluster safe)::
     sira:{exp:<id>}:churned   SET   subjects with a churn
     sira:{exp:<id>}:outcome   HASH  subject -> "latest conversion ms|latest refund ms"
                                     (reward conversion_not_refunded only)
-    sira:{exp:<id>}:events    SET   event ids seen (dedupe)
+    sira:{exp:<id>}:events    SET   "event id NUL subject" seen (dedupe, `event_member`)
     sira:{exp:<id>}:cnt       HASH  "variant|counter[|currency or name]" -> number
     sira:{exp:<id>}:wb        STREAM write-behind records for the flusher
     sira:{exp:<id>}:dead      STREAM records the flusher could not write
@@ -20,6 +26,7 @@ script touches a single slot (Redis Cluster safe)::
     sira:{exp:<id>}:cap:<hour>:<type>:<subject>  STRING  events counted against a
                               subject's hourly cap (expires after the hour)
     sira:streams              SET   every write-behind stream (flusher registry)
+    sira:layout               STRING  the shard count S the state was written with
 
 The Lua scripts in ``store/lua/`` write the same formats; change both together.
 """
@@ -27,9 +34,12 @@ The Lua scripts in ``store/lua/`` write the same formats; change both together.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+LAYOUT_KEY = "sira:layout"
+"""The shard count every process of a deployment must share (`store.hot_state`)."""
 STREAM_REGISTRY = "sira:streams"
 """SET of every experiment's write-behind stream key."""
 FLUSHER_GROUP = "flusher"
@@ -44,9 +54,12 @@ _STREAM_SUFFIX = "}:wb"
 
 @dataclass(frozen=True, slots=True)
 class ExperimentKeys:
-    """Names of one experiment's Redis keys (all in the slot of ``{exp:<id>}``)."""
+    """Names of one experiment's Redis keys, or of one of its shards' (all in the slot of
+    ``{exp:<id>}``, or ``{exp:<id>:<shard>}`` when the layout has more than one shard)."""
 
     experiment_id: str
+    shard: int
+    shards: int
     meta: str
     asg: str
     trials: str
@@ -82,11 +95,18 @@ class ExperimentKeys:
         return (*self.state, self.wb, self.dead, self.lock)
 
 
-@functools.lru_cache(maxsize=4096)  # hot path: built once per experiment
-def experiment_keys(experiment_id: str) -> ExperimentKeys:
-    base = f"sira:{{exp:{experiment_id}}}:"
+@functools.lru_cache(maxsize=4096)  # hot path: built once per experiment and shard
+def experiment_keys(experiment_id: str, shard: int = 0, shards: int = 1) -> ExperimentKeys:
+    """Keys of `experiment_id` (one shard: ``{exp:<id>}``), or of its shard `shard` of
+    `shards` (``{exp:<id>:<shard>}``)."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} out of range for {shards} shard(s)")
+    tag = f"exp:{experiment_id}" if shards == 1 else f"exp:{experiment_id}:{shard}"
+    base = f"sira:{{{tag}}}:"
     return ExperimentKeys(
         experiment_id=experiment_id,
+        shard=shard,
+        shards=shards,
         meta=base + "meta",
         asg=base + "asg",
         trials=base + "trials",
@@ -104,11 +124,70 @@ def experiment_keys(experiment_id: str) -> ExperimentKeys:
 
 
 def experiment_id_of_stream(stream_key: str | bytes) -> str:
-    """The experiment id in ``sira:{exp:<id>}:wb``."""
+    """The experiment id in ``sira:{exp:<id>}:wb`` or ``sira:{exp:<id>:<shard>}:wb``
+    (experiment ids are UUIDs: no colon)."""
     key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
     if not (key.startswith(_STREAM_PREFIX) and key.endswith(_STREAM_SUFFIX)):
         raise ValueError(f"not a write-behind stream key: {key!r}")
-    return key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)]
+    return key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)].split(":", 1)[0]
+
+
+def dead_key_of_stream(stream_key: str | bytes) -> str:
+    """The dead-letter stream next to a write-behind stream (same experiment, shard)."""
+    key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
+    experiment_id_of_stream(key)  # validates
+    return key[: -len("wb")] + "dead"
+
+
+# --- shards ---------------------------------------------------------------------------
+
+
+def shard_of(subject_id: str, shards: int) -> int:
+    """The shard holding `subject_id`'s state: the first 32 bits of the MD5 of its UTF-8
+    bytes, modulo `shards`. Stable across processes and languages, and Postgres computes
+    the same (`SHARD_SQL`), so a rebuild reads only its shard's rows."""
+    if shards == 1:
+        return 0
+    digest = hashlib.md5(subject_id.encode(), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:4], "big") % shards
+
+
+SHARD_SQL = "((('x' || substr(md5({column}), 1, 8))::bit(32)::bigint) % {shards})"
+"""`shard_of` in SQL, for a text column (the database encoding is UTF-8)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HotLayout:
+    """How many shards each experiment's hot state is split into (the same for every
+    process of a deployment; `store.hot_state.claim_layout` checks it)."""
+
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"shards must be in 1..{MAX_SHARDS}, got {self.shards}")
+
+    def keys(self, experiment_id: str, shard: int) -> ExperimentKeys:
+        return experiment_keys(experiment_id, shard, self.shards)
+
+    def all_keys(self, experiment_id: str) -> tuple[ExperimentKeys, ...]:
+        return tuple(self.keys(experiment_id, s) for s in range(self.shards))
+
+    def keys_of_subject(self, experiment_id: str, subject_id: str) -> ExperimentKeys:
+        return self.keys(experiment_id, shard_of(subject_id, self.shards))
+
+
+MAX_SHARDS = 256
+"""More shards than a cluster has masters buys nothing; each one costs every read of
+the counters a key."""
+
+
+def event_member(event_id: str, subject_id: str) -> str:
+    """The ``events`` set member of an event (track.lua builds the same): an event id is
+    an idempotency key per subject, since a subject's events live in its shard and no
+    script can see the other shards; Postgres's key agrees (migration 0005). NUL cannot
+    occur in either id (refused at the edge: Postgres text cannot hold it)."""
+    return f"{event_id}\0{subject_id}"
 
 
 # --- sticky assignments (the ``asg`` hash values) -------------------------------------

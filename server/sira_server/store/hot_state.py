@@ -13,22 +13,23 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from redis import exceptions as redis_errors
 
-from sira_server.config import StoreTimeouts
+from sira_server.config import ConfigError, StoreTimeouts
 
 # The ``X as X`` imports are re-exports: tests import those names from this module.
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.coalesce import Coalescer
 from sira_server.store.faults import redis_call
 from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
+from sira_server.store.hot_keys import LAYOUT_KEY, Assignment, ExperimentKeys, parse_assignment
 from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
-from sira_server.store.hot_keys import Assignment, ExperimentKeys, parse_assignment
+from sira_server.store.hot_keys import HotLayout as HotLayout
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
 from sira_server.store.redis_conn import RedisClient
@@ -43,6 +44,9 @@ REFUND = "refund"
 CHURN = "churn"
 
 MAX_REBUILD_ATTEMPTS = 3
+
+ShardItem = TypeVar("ShardItem")
+ShardResult = TypeVar("ShardResult")
 
 
 # --- values -------------------------------------------------------------------------
@@ -135,33 +139,63 @@ def _int_hash(raw: Mapping[bytes, bytes]) -> dict[str, int]:
 
 
 async def read_posteriors(
-    redis: RedisClient, experiment_ids: Sequence[str]
+    redis: RedisClient, experiment_ids: Sequence[str], layout: HotLayout | None = None
 ) -> tuple[Posteriors, list[str]]:
-    """(trials, successes) per variant in one pipelined read, and the ids not ready.
+    """(trials, successes) per variant in one pipelined read, summed over the shards,
+    and the ids not ready (some shard without its marker).
 
-    Successes are read before trials: a success needs an earlier assignment,
-    so the pair read this way always has successes <= trials.
+    Successes are read before trials: a success needs an earlier assignment, so the
+    pair read this way always has successes <= trials, in each shard and in their sum.
     """
+    layout = layout or HotLayout()
     pipe = redis.pipeline(transaction=False)
     for experiment_id in experiment_ids:
-        keys = experiment_keys(experiment_id)
-        pipe.hexists(keys.meta, "ready")
-        pipe.hgetall(keys.succ)
-        pipe.hgetall(keys.trials)
-    results = await pipe.execute()
+        for keys in layout.all_keys(experiment_id):
+            pipe.hexists(keys.meta, "ready")
+            pipe.hgetall(keys.succ)
+            pipe.hgetall(keys.trials)
+    results = iter(await pipe.execute())
     posteriors: Posteriors = {}
     missing: list[str] = []
-    for index, experiment_id in enumerate(experiment_ids):
-        ready, succ_raw, trials_raw = results[3 * index : 3 * index + 3]
+    for experiment_id in experiment_ids:
+        trials: dict[str, int] = {}
+        succ: dict[str, int] = {}
+        ready = True
+        for _ in range(layout.shards):
+            ready = bool(next(results)) and ready
+            _add_counts(succ, _int_hash(next(results)))
+            _add_counts(trials, _int_hash(next(results)))
         if not ready:
             missing.append(experiment_id)
             continue
-        succ = _int_hash(succ_raw)
         posteriors[experiment_id] = {
-            variant: (trials, succ.get(variant, 0))
-            for variant, trials in _int_hash(trials_raw).items()
+            variant: (count, succ.get(variant, 0)) for variant, count in trials.items()
         }
     return posteriors, missing
+
+
+def _add_counts(total: dict[str, int], part: Mapping[str, int]) -> None:
+    for name, count in part.items():
+        total[name] = total.get(name, 0) + count
+
+
+def _sum_hashes(hashes: Sequence[Mapping[bytes, bytes]]) -> dict[bytes, bytes]:
+    """Field-wise sums of the shards' counter hashes (integers stay integers)."""
+    if len(hashes) == 1:
+        return dict(hashes[0])
+    totals: dict[bytes, int | float] = {}
+    for raw in hashes:
+        for name, value in raw.items():
+            number: int | float
+            try:
+                number = int(value)
+            except ValueError:
+                number = float(value)
+            totals[name] = totals.get(name, 0) + number
+    return {
+        name: (str(total) if isinstance(total, int) else repr(total)).encode()
+        for name, total in totals.items()
+    }
 
 
 def _counters_from_hashes(
@@ -216,20 +250,28 @@ class HotState:
         rebuild_wait_seconds: float = 60.0,
         applied: AppliedWork | None = None,
         timeouts: StoreTimeouts | None = None,
+        layout: HotLayout | None = None,
     ) -> None:
         """`transport`: how the Assign/Track scripts reach Redis (default: production's,
         `script_transport.default_transport`); closed by `close()`.
-        `applied`: told of every new assignment and accepted event."""
+        `applied`: told of every new assignment and accepted event.
+        `layout`: the shard count (`store.hot_keys`; one shard by default)."""
         self.redis = redis
+        self.layout = layout or HotLayout()
         self._applied = applied
         self.pool = pool
         self.rebuild_lock_ms = rebuild_lock_ms
         self.rebuild_wait_seconds = rebuild_wait_seconds
         self.timeouts = timeouts or StoreTimeouts()
-        self._rebuilds: dict[str, asyncio.Future[bool]] = {}
+        self._rebuilds: dict[ExperimentKeys, asyncio.Future[bool]] = {}
         self.transport = transport or default_transport(redis, timeouts=self.timeouts)
-        self._assigns: Coalescer[str, AssignRequest, AssignOutcome] = Coalescer(self.assign_many)
-        self._tracks: Coalescer[str, TrackEvent, TrackOutcome] = Coalescer(self.track_many)
+        # Batches per shard: one round trip's scripts share a slot (and a WAIT target).
+        self._assigns: Coalescer[ExperimentKeys, AssignRequest, AssignOutcome] = Coalescer(
+            self._assign_shard
+        )
+        self._tracks: Coalescer[ExperimentKeys, TrackEvent, TrackOutcome] = Coalescer(
+            self._track_shard
+        )
 
     async def close(self) -> None:
         await self.transport.aclose()
@@ -250,74 +292,88 @@ class HotState:
             raise ValueError(f"unknown reward {reward!r}")
         from sira_server.store.rebuild import rebuild_experiment  # imports this module
 
-        keys = experiment_keys(experiment_id)
         async with redis_call():
-            if not await self.redis.hexists(keys.meta, "ready"):
-                await rebuild_experiment(
-                    self.redis,
-                    self.pool,
-                    experiment_id,
-                    variant_ids,
-                    reward,
-                    lock_ms=self.rebuild_lock_ms,
-                    wait_seconds=self.rebuild_wait_seconds,
-                )
-                return
-            await ensure_stream(self.redis, keys)
-            pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
-            for variant_id in variant_ids:  # raw commands: see `counters`
-                pipe.execute_command("HSETNX", keys.trials, variant_id, 0)
-                pipe.execute_command("HSETNX", keys.succ, variant_id, 0)
-            await pipe.execute()
+            for keys in self.layout.all_keys(experiment_id):
+                if not await self.redis.hexists(keys.meta, "ready"):
+                    await rebuild_experiment(
+                        self.redis,
+                        self.pool,
+                        experiment_id,
+                        variant_ids,
+                        reward,
+                        lock_ms=self.rebuild_lock_ms,
+                        wait_seconds=self.rebuild_wait_seconds,
+                        keys=keys,
+                    )
+                    continue
+                await ensure_stream(self.redis, keys)
+                pipe = self.redis.pipeline(transaction=True)  # one slot: MULTI is cluster safe
+                for variant_id in variant_ids:  # raw commands: see `counters`
+                    pipe.execute_command("HSETNX", keys.trials, variant_id, 0)
+                    pipe.execute_command("HSETNX", keys.succ, variant_id, 0)
+                await pipe.execute()
 
     async def drop_experiment(self, experiment_id: str) -> None:
         """On Delete: every key of the experiment, unflushed records included."""
-        keys = experiment_keys(experiment_id)
         async with redis_call():
-            await self.redis.srem(STREAM_REGISTRY, keys.wb)
-            await self.redis.delete(*keys.all)
+            for keys in self.layout.all_keys(experiment_id):  # one slot per shard
+                await self.redis.srem(STREAM_REGISTRY, keys.wb)
+                await self.redis.delete(*keys.all)
 
-    async def ensure_ready(self, experiment_id: str, *, force: bool = False) -> bool:
-        """Rebuild the experiment's hot state from Postgres unless it exists.
+    async def ensure_ready(
+        self, experiment_id: str, *, force: bool = False, shard: int | None = None
+    ) -> bool:
+        """Rebuild the experiment's hot state (or only shard `shard`'s) from Postgres
+        unless it exists.
 
-        True when this process rebuilt it. Concurrent callers of one process
-        share one attempt (no herd polling the lock). NotFound when Postgres
+        True when this process rebuilt some. Concurrent callers of one process
+        share one attempt per shard (no herd polling the lock). NotFound when Postgres
         does not know the experiment; Unavailable when Redis or Postgres is down.
         """
+        shards = range(self.layout.shards) if shard is None else (shard,)
+        rebuilt = False
+        for each in shards:
+            keys = self.layout.keys(experiment_id, each)
+            rebuilt = await self._ensure_shard(keys, force=force) or rebuilt
+        return rebuilt
+
+    async def _ensure_shard(self, keys: ExperimentKeys, *, force: bool) -> bool:
         if force:
-            return await self._rebuild(experiment_id, force=True)
-        task = self._rebuilds.get(experiment_id)
+            return await self._rebuild(keys, force=True)
+        task = self._rebuilds.get(keys)
         if task is None:
-            task = asyncio.ensure_future(self._rebuild(experiment_id, force=False))
-            self._rebuilds[experiment_id] = task
-            task.add_done_callback(lambda done: self._rebuild_done(experiment_id, done))
+            task = asyncio.ensure_future(self._rebuild(keys, force=False))
+            self._rebuilds[keys] = task
+            task.add_done_callback(lambda done: self._rebuild_done(keys, done))
         # Shielded: a cancelled request must not cancel the rebuild others wait for.
         try:
             async with asyncio.timeout(self.timeouts.rebuild_wait_seconds):
                 return await asyncio.shield(task)
         except TimeoutError as exc:
+            experiment_id = keys.experiment_id
             raise Unavailable(
                 f"the hot state of experiment {experiment_id} is being rebuilt from"
                 f" Postgres (over {self.timeouts.rebuild_wait_seconds:g}s); retry",
                 metadata={"store": "redis", "experiment_id": experiment_id},
             ) from exc
 
-    def _rebuild_done(self, experiment_id: str, task: asyncio.Future[bool]) -> None:
-        self._rebuilds.pop(experiment_id, None)
+    def _rebuild_done(self, keys: ExperimentKeys, task: asyncio.Future[bool]) -> None:
+        self._rebuilds.pop(keys, None)
         if not task.cancelled():
             task.exception()  # retrieved: every waiter gets it; none may be left
 
-    async def _rebuild(self, experiment_id: str, *, force: bool) -> bool:
+    async def _rebuild(self, keys: ExperimentKeys, *, force: bool) -> bool:
         from sira_server.store.rebuild import rebuild_from_postgres  # imports this module
 
         async with redis_call():
             return await rebuild_from_postgres(
                 self.redis,
                 self.pool,
-                experiment_id,
+                keys.experiment_id,
                 force=force,
                 lock_ms=self.rebuild_lock_ms,
                 wait_seconds=self.rebuild_wait_seconds,
+                keys=keys,
             )
 
     # --- decisions ---
@@ -336,14 +392,45 @@ class HotState:
         the same experiment that arrive together share one round trip (`coalesce`).
         """
         request = AssignRequest(subject_id, variant_id, propensity, context_json)
-        return await self._assigns.submit(experiment_id, request)
+        keys = self.layout.keys_of_subject(experiment_id, subject_id)
+        return await self._assigns.submit(keys, request)
 
     async def assign_many(
         self, experiment_id: str, requests: Sequence[AssignRequest]
     ) -> list[AssignOutcome | BaseException]:
-        """Run the assign script for each request, in order, in one pipelined round trip;
-        an unknown variant fails only its own request (NotFound)."""
-        keys = experiment_keys(experiment_id)
+        """Run the assign script for each request, in order, in one pipelined round trip
+        per shard; an unknown variant fails only its own request (NotFound)."""
+        return await self._per_shard(
+            experiment_id, requests, [r.subject_id for r in requests], self._assign_shard
+        )
+
+    async def _per_shard(
+        self,
+        experiment_id: str,
+        items: Sequence[ShardItem],
+        subjects: Sequence[str],
+        run: Callable[[ExperimentKeys, Sequence[ShardItem]], Awaitable[list[ShardResult]]],
+    ) -> list[ShardResult]:
+        """`run` on each shard's share of `items` (the shards concurrently), answers in
+        the order of `items`."""
+        if self.layout.shards == 1:
+            return await run(self.layout.keys(experiment_id, 0), items)
+        by_shard: dict[ExperimentKeys, list[int]] = {}
+        for index, subject_id in enumerate(subjects):
+            keys = self.layout.keys_of_subject(experiment_id, subject_id)
+            by_shard.setdefault(keys, []).append(index)
+        answers: list[ShardResult | None] = [None] * len(items)
+        shares = list(by_shard.items())
+        results = await asyncio.gather(*(run(k, [items[i] for i in ix]) for k, ix in shares))
+        for (_, indexes), result in zip(shares, results, strict=True):
+            for index, answer in zip(indexes, result, strict=True):
+                answers[index] = answer
+        return [answer for answer in answers if answer is not None]
+
+    async def _assign_shard(
+        self, keys: ExperimentKeys, requests: Sequence[AssignRequest]
+    ) -> list[AssignOutcome | BaseException]:
+        experiment_id = keys.experiment_id
         script_keys = (keys.meta, keys.asg, keys.trials, keys.wb)
         now_ms = _now_ms()
         outcomes: list[AssignOutcome | BaseException | None] = [None] * len(requests)
@@ -372,12 +459,12 @@ class HotState:
                     )
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]
-            await self.ensure_ready(experiment_id)
+            await self.ensure_ready(experiment_id, shard=keys.shard)
             todo = retry
         raise _not_rebuilt(experiment_id)
 
     async def get_assignment(self, experiment_id: str, subject_id: str) -> Assignment | None:
-        keys = experiment_keys(experiment_id)
+        keys = self.layout.keys_of_subject(experiment_id, subject_id)
         for _ in range(MAX_REBUILD_ATTEMPTS):
             async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=False)
@@ -385,7 +472,7 @@ class HotState:
                 pipe.hget(keys.asg, subject_id)
                 ready, value = await pipe.execute()
             if not ready:
-                await self.ensure_ready(experiment_id)
+                await self.ensure_ready(experiment_id, shard=keys.shard)
                 continue
             return None if value is None else parse_assignment(value)
         raise _not_rebuilt(experiment_id)
@@ -395,7 +482,8 @@ class HotState:
     async def track(self, experiment_id: str, event: TrackEvent) -> TrackOutcome:
         """One event; events of the same experiment that arrive together (Track and
         TrackBatch calls alike) share one round trip (`coalesce`)."""
-        return await self._tracks.submit(experiment_id, event)
+        keys = self.layout.keys_of_subject(experiment_id, event.subject_id)
+        return await self._tracks.submit(keys, event)
 
     async def track_each(
         self, events: Sequence[tuple[str, TrackEvent]]
@@ -404,12 +492,13 @@ class HotState:
         that event's error. Each experiment's events join its next batch together, in the
         order given, with the `track` calls waiting there (one round trip per experiment
         while idle)."""
-        by_experiment: dict[str, list[int]] = {}
-        for index, (experiment_id, _) in enumerate(events):
-            by_experiment.setdefault(experiment_id, []).append(index)
+        by_shard: dict[ExperimentKeys, list[int]] = {}
+        for index, (experiment_id, event) in enumerate(events):
+            keys = self.layout.keys_of_subject(experiment_id, event.subject_id)
+            by_shard.setdefault(keys, []).append(index)
         queued: dict[int, asyncio.Future[TrackOutcome]] = {}
-        for experiment_id, indexes in by_experiment.items():
-            futures = self._tracks.enqueue(experiment_id, [events[i][1] for i in indexes])
+        for keys, indexes in by_shard.items():
+            futures = self._tracks.enqueue(keys, [events[i][1] for i in indexes])
             queued.update(zip(indexes, futures, strict=True))
         in_order = (queued[index] for index in range(len(events)))
         return list(await asyncio.gather(*in_order, return_exceptions=True))
@@ -417,11 +506,18 @@ class HotState:
     async def track_many(
         self, experiment_id: str, events: Sequence[TrackEvent]
     ) -> list[TrackOutcome | BaseException]:
-        """Apply the events in order, one pipelined round trip; one outcome each, or the
-        error of that event alone (an error reply: Unavailable, or a bug)."""
+        """Apply the events in order, one pipelined round trip per shard; one outcome
+        each, or the error of that event alone (an error reply: Unavailable, or a bug)."""
+        return await self._per_shard(
+            experiment_id, events, [e.subject_id for e in events], self._track_shard
+        )
+
+    async def _track_shard(
+        self, keys: ExperimentKeys, events: Sequence[TrackEvent]
+    ) -> list[TrackOutcome | BaseException]:
         if not events:
             return []
-        keys = experiment_keys(experiment_id)
+        experiment_id = keys.experiment_id
         script_keys = (
             keys.meta,
             keys.asg,
@@ -460,7 +556,7 @@ class HotState:
                         self._applied.event_accepted(experiment_id, events[index].event_type)
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]
-            await self.ensure_ready(experiment_id)
+            await self.ensure_ready(experiment_id, shard=keys.shard)
             todo = retry
         raise _not_rebuilt(experiment_id)
 
@@ -473,7 +569,7 @@ class HotState:
         Postgres does not know are left out.
         """
         async with redis_call(self.timeouts.redis_seconds):
-            result, missing = await read_posteriors(self.redis, experiment_ids)
+            result, missing = await read_posteriors(self.redis, experiment_ids, self.layout)
         if missing:
             rebuilt = []
             for experiment_id in missing:
@@ -483,13 +579,20 @@ class HotState:
                     continue
                 rebuilt.append(experiment_id)
             async with redis_call(self.timeouts.redis_seconds):
-                again, _ = await read_posteriors(self.redis, rebuilt)
+                again, _ = await read_posteriors(self.redis, rebuilt, self.layout)
             result.update(again)
         return result
 
     async def counters(self, experiment_id: str) -> dict[str, VariantCounters]:
-        """Results counters per variant (for GetResults)."""
-        keys = experiment_keys(experiment_id)
+        """Results counters per variant (for GetResults), summed over the shards."""
+        shards = await asyncio.gather(
+            *(self._shard_counters(keys) for keys in self.layout.all_keys(experiment_id))
+        )
+        trials, succ, cnt = (_sum_hashes([shard[part] for shard in shards]) for part in range(3))
+        return _counters_from_hashes(trials, succ, cnt)
+
+    async def _shard_counters(self, keys: ExperimentKeys) -> tuple[Mapping[bytes, bytes], ...]:
+        """(trials, succ, cnt) hashes of one shard, read as one consistent view."""
         for _ in range(MAX_REBUILD_ATTEMPTS):
             async with redis_call(self.timeouts.redis_seconds):
                 pipe = self.redis.pipeline(transaction=True)  # one slot: a consistent view
@@ -501,10 +604,32 @@ class HotState:
                 pipe.execute_command("HGETALL", keys.cnt)
                 ready, trials, succ, cnt = await pipe.execute()
             if not ready:
-                await self.ensure_ready(experiment_id)
+                await self.ensure_ready(keys.experiment_id, shard=keys.shard)
                 continue
-            return _counters_from_hashes(trials, succ, cnt)
-        raise _not_rebuilt(experiment_id)
+            return trials, succ, cnt
+        raise _not_rebuilt(keys.experiment_id)
+
+
+async def held_layout(redis: RedisClient) -> HotLayout | None:
+    """The layout recorded in Redis by the servers (None before any started)."""
+    async with redis_call():
+        held = await redis.get(LAYOUT_KEY)
+    return None if held is None else HotLayout(int(held))
+
+
+async def claim_layout(redis: RedisClient, layout: HotLayout) -> None:
+    """Record the shard count in Redis, or refuse to start when the state there was
+    written with another: the processes of a deployment must agree, or subjects would
+    be looked up in the wrong shard (docs/scaling.md says how to change it)."""
+    async with redis_call():
+        await redis.set(LAYOUT_KEY, layout.shards, nx=True)
+        held = await redis.get(LAYOUT_KEY)
+    if held is not None and int(held) != layout.shards:
+        raise ConfigError(
+            f"SIRA_REDIS_SHARDS is {layout.shards} but the hot state in Redis was written"
+            f" with {int(held)} shard(s); set SIRA_REDIS_SHARDS={int(held)}, or change it"
+            " as docs/scaling.md describes (drain the write-behind, then reset the hot state)"
+        )
 
 
 async def ensure_stream(redis: RedisClient, keys: ExperimentKeys) -> None:

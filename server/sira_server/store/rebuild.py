@@ -11,6 +11,10 @@ wrote them are gone: that is the documented loss window (none with
 While the marker is absent every script refuses to write, so the image
 cannot go stale during the rebuild; a lock (SET NX PX) makes one process
 rebuild while the others wait for the marker.
+
+With S shards (`store.hot_keys.HotLayout`) each shard is rebuilt on its own, from its
+subjects' rows (Postgres computes the shard of each row, `SHARD_SQL`) and its own
+stream: a master lost with a few shards costs only their rebuild.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import asyncpg
 
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_keys import (
+    SHARD_SQL,
     AssignmentRecord,
     ExperimentKeys,
     MetricRecord,
+    event_member,
     experiment_keys,
     format_assignment,
     parse_assignment,
@@ -101,9 +107,10 @@ class HotImage:
         held = self.assignments.get(subject_id)
         if held is None or parse_assignment(held).variant_id != variant_id:
             return
-        if event_id in self.events:
+        member = event_member(event_id, subject_id)
+        if member in self.events:
             return
-        self.events.add(event_id)
+        self.events.add(member)
         prefix = f"{variant_id}|"
         has_amount = bool(currency) and value > 0
         if event_type == CONVERSION:
@@ -196,9 +203,11 @@ async def rebuild_from_postgres(
     force: bool = False,
     lock_ms: int = 120_000,
     wait_seconds: float = 60.0,
+    keys: ExperimentKeys | None = None,
 ) -> bool:
     """Like `rebuild_experiment`, reading the variants and reward from Postgres."""
-    if not force and await redis.hexists(experiment_keys(experiment_id).meta, "ready"):
+    keys = keys or experiment_keys(experiment_id)
+    if not force and await redis.hexists(keys.meta, "ready"):
         return False
     try:
         shape = await load_experiment_shape(pool, experiment_id)
@@ -219,6 +228,7 @@ async def rebuild_from_postgres(
         force=force,
         lock_ms=lock_ms,
         wait_seconds=wait_seconds,
+        keys=keys,
     )
 
 
@@ -232,8 +242,10 @@ async def rebuild_experiment(
     force: bool = False,
     lock_ms: int = 120_000,
     wait_seconds: float = 60.0,
+    keys: ExperimentKeys | None = None,
 ) -> bool:
-    """Recompute the hot state from Postgres (+ the unflushed stream) and mark it ready.
+    """Recompute the hot state from Postgres (+ the unflushed stream) and mark it ready;
+    with `keys`, only that shard's (default: the one-shard layout).
 
     Returns True when this call rebuilt, False when the state was already
     ready or another process rebuilt it meanwhile. With ``force`` the state
@@ -241,7 +253,7 @@ async def rebuild_experiment(
     """
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}")
-    keys = experiment_keys(experiment_id)
+    keys = keys or experiment_keys(experiment_id)
     token = secrets.token_hex(16)
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -265,7 +277,7 @@ async def rebuild_experiment(
         # between is then in Postgres; one in both is deduplicated.
         unflushed = await _unflushed_records(redis, keys)
         try:
-            await _load_postgres(pool, experiment_id, image)
+            await _load_postgres(pool, keys, image)
         except POSTGRES_ERRORS as exc:
             raise _postgres_unavailable(exc) from exc
         for record in unflushed:
@@ -296,22 +308,26 @@ async def _unflushed_records(
         start = "(" + entries[-1][0].decode()
 
 
-async def _load_postgres(pool: asyncpg.Pool, experiment_id: str, image: HotImage) -> None:
-    """Assignments, then metrics, from one snapshot (metrics never lack their assignment)."""
+async def _load_postgres(pool: asyncpg.Pool, keys: ExperimentKeys, image: HotImage) -> None:
+    """Assignments, then metrics, from one snapshot (metrics never lack their assignment);
+    only the subjects of `keys`' shard."""
+    in_shard = ""
+    if keys.shards > 1:
+        in_shard = f" AND {SHARD_SQL.format(column='molam_id', shards=keys.shards)} = {keys.shard}"
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         async for row in conn.cursor(
             "SELECT molam_id, variant_id::text, propensity,"
             " (extract(epoch FROM assigned_at) * 1000)::bigint"
-            " FROM experiment_assignments WHERE experiment_id = $1",
-            experiment_id,
+            " FROM experiment_assignments WHERE experiment_id = $1" + in_shard,
+            keys.experiment_id,
             prefetch=WRITE_CHUNK * 5,
         ):
             image.add_assignment(row[0], row[1], row[2], row[3])
         async for row in conn.cursor(
             "SELECT molam_id, variant_id::text, event_type, value, currency, event_id,"
             " (extract(epoch FROM occurred_at) * 1000)::bigint"
-            " FROM experiment_metrics WHERE experiment_id = $1",
-            experiment_id,
+            " FROM experiment_metrics WHERE experiment_id = $1" + in_shard,
+            keys.experiment_id,
             prefetch=WRITE_CHUNK * 5,
         ):
             image.add_metric(row[0], row[1], row[2], row[3], row[4], row[5], row[6])

@@ -29,7 +29,10 @@ local assigned = string.sub(current, 1, string.find(current, '|', 1, true) - 1)
 if assigned ~= variant then
   return {'M', assigned}
 end
-if redis.call('SADD', KEYS[7], ARGV[6]) == 0 then
+-- Event ids are idempotency keys per subject (store/hot_keys.py, `event_member`): a
+-- subject's events live in its shard, so that is all one script can check atomically.
+local member = ARGV[6] .. '\0' .. subject
+if redis.call('SADD', KEYS[7], member) == 0 then
   return {'D'}
 end
 -- Per-subject cap (tracking without a service token): refused events leave no trace
@@ -40,7 +43,7 @@ if ARGV[9] and ARGV[9] ~= '0' then
     redis.call('PEXPIRE', KEYS[11], ARGV[10])
   end
   if seen > tonumber(ARGV[9]) then
-    redis.call('SREM', KEYS[7], ARGV[6])
+    redis.call('SREM', KEYS[7], member)
     return {'L'}
   end
 end
