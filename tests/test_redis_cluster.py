@@ -52,11 +52,18 @@ from sira.experiments.v1 import insights_service_pb2 as ipb
 from sira.experiments.v1 import lifecycle_service_pb2 as lpb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
 from sira_server.cli import main
-from sira_server.store.hot_keys import experiment_keys
+from sira_server.config import CLUSTER_DEFAULT_SHARDS
+from sira_server.store.hot_keys import ExperimentKeys, HotLayout
 from sira_server.store.roles import as_role
 
 WAIT_SECONDS = 60.0
 SUBJECTS = 60
+LAYOUT = HotLayout(CLUSTER_DEFAULT_SHARDS)
+"""The servers here run with the cluster's default shard count."""
+
+
+def _shards(experiment_id: str) -> tuple[ExperimentKeys, ...]:
+    return LAYOUT.all_keys(experiment_id)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +159,7 @@ async def _drained(cluster: LocalRedisCluster, experiment_id: str) -> None:
 
     async def empty() -> bool:
         try:
-            return int(client.xlen(experiment_keys(experiment_id).wb)) == 0
+            return sum(int(client.xlen(k.wb)) for k in _shards(experiment_id)) == 0
         except redis.RedisError:
             return False
 
@@ -224,11 +231,10 @@ async def test_the_decision_path_and_the_write_behind_on_a_cluster(
         }
         assert len(insights.insights) == 2
 
-    # Every key of the experiment lives on the master of its hash tag's slot.
-    keys = experiment_keys(experiment_id)
-    master = redis_cluster.master_of(keys.wb)
-    with master.client() as client:
-        assert client.exists(keys.meta, keys.asg, keys.trials) == 3
+    # Every key of each shard lives on the master of its hash tag's slot.
+    for keys in _shards(experiment_id):
+        with redis_cluster.master_of(keys.wb).client() as client:
+            assert client.exists(keys.meta, keys.trials, keys.succ) == 3
 
     # The write-behind: every record in Postgres exactly once.
     await _drained(redis_cluster, experiment_id)
@@ -250,8 +256,9 @@ async def test_a_lost_experiment_is_rebuilt_from_postgres(
         # The cluster loses every key of the experiment (a flushed or replaced node).
         client = _cluster_client(redis_cluster)
         try:
-            client.delete(*experiment_keys(experiment_id).all)
-            assert not client.exists(experiment_keys(experiment_id).meta)
+            for keys in _shards(experiment_id):
+                client.delete(*keys.all)
+                assert not client.exists(keys.meta)
         finally:
             client.close()
 
@@ -281,6 +288,46 @@ async def test_a_lost_experiment_is_rebuilt_from_postgres(
         ],
     )
     assert code == 0
+
+
+async def test_one_hot_experiment_spreads_over_every_master(
+    server: RunningServer, redis_cluster: LocalRedisCluster, database: str, unique_key: str
+) -> None:
+    """8 shards land on all 3 masters unless their 8 slots miss one (a chance of
+    3 * (2/3)^8, 12 %: docs/scaling.md): the test takes the first experiment whose
+    shards cover every master, then checks each master holds and served its traffic."""
+    with redis_cluster.running()[0].client() as client:
+        masters = {int(entry[2][1]) for entry in client.execute_command("CLUSTER", "SLOTS")}
+    assert len(masters) == 3
+    with grpc.insecure_channel(server.address) as channel:
+        for attempt in range(10):
+            key = f"{unique_key}-{attempt}"
+            experiment_id = _start_experiment(channel, key)
+            owner = {k.shard: redis_cluster.master_of(k.wb).port for k in _shards(experiment_id)}
+            if set(owner.values()) == masters:
+                break
+        else:
+            pytest.fail("10 experiments in a row had a master without a shard")
+        calls_before = {port: _evalsha_calls(redis_cluster, port) for port in masters}
+        variants = _assign_and_track(channel, key)
+
+    assigned_on: dict[int, int] = dict.fromkeys(masters, 0)
+    for keys in _shards(experiment_id):
+        with redis_cluster.node(owner[keys.shard]).client() as client:
+            assigned_on[owner[keys.shard]] += int(client.hlen(keys.asg))
+    assert sum(assigned_on.values()) == SUBJECTS
+    assert all(count > 0 for count in assigned_on.values()), assigned_on
+    for port in masters:  # and each master ran this experiment's scripts
+        assert _evalsha_calls(redis_cluster, port) > calls_before[port]
+    await _drained(redis_cluster, experiment_id)
+    assignments, _ = await _stored(database, experiment_id)
+    assert assignments == variants
+
+
+def _evalsha_calls(cluster: LocalRedisCluster, port: int) -> int:
+    with cluster.node(port).client() as client:
+        stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 # --- failover under load, with an acknowledged-operation ledger -----------------------
@@ -400,7 +447,7 @@ async def _failover_run(
     """Load on `key` while `failure` hits the master of its slot; then the ledger."""
     with grpc.insecure_channel(server.address) as channel:
         experiment_id = _start_experiment(channel, key)
-        stream = experiment_keys(experiment_id).wb
+        stream = _shards(experiment_id)[0].wb  # the master of one shard fails
         ledger = Ledger()
         stop = threading.Event()
         load = asyncio.ensure_future(
@@ -440,13 +487,15 @@ async def _failover_run(
     try:
         in_redis = {
             k.decode(): v.decode().split("|", 1)[0]
-            for k, v in client.hgetall(experiment_keys(experiment_id).asg).items()
+            for keys in _shards(experiment_id)
+            for k, v in client.hgetall(keys.asg).items()
         }
         events_in_redis = {  # members are "event id NUL subject" (`event_member`)
             e.decode().split("\0", 1)[0]
-            for e in client.smembers(experiment_keys(experiment_id).events)
+            for keys in _shards(experiment_id)
+            for e in client.smembers(keys.events)
         }
-        dead = client.xlen(experiment_keys(experiment_id).dead)
+        dead = sum(int(client.xlen(keys.dead)) for keys in _shards(experiment_id))
     finally:
         client.close()
     in_postgres, events = await _stored(database, experiment_id)
