@@ -44,7 +44,7 @@ from sira_server.cli import main
 from sira_server.metrics import Metrics
 from sira_server.store.deadletter import count_dead_letters
 from sira_server.store.flusher import WriteBehindFlusher
-from sira_server.store.hot_state import HotState
+from sira_server.store.hot_state import HotLayout, HotState
 from sira_server.store.roles import as_role
 
 DRIFT = "ALTER TABLE experiment_metrics ADD CONSTRAINT drift_small_values CHECK (value < 100)"
@@ -56,7 +56,9 @@ async def _cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
 
 
+@pytest.mark.parametrize("shards", [1, 8])  # with 8, in the dead stream of s0's shard
 async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
+    shards: int,
     migrated_pool: asyncpg.Pool,
     database_url: str,
     redis_url: str,
@@ -64,7 +66,8 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
-    hot = HotState(redis, migrated_pool)
+    layout = HotLayout(shards)
+    hot = HotState(redis, migrated_pool, layout=layout)
     try:
         experiment_id, variants = await create_experiment(migrated_pool)
         await hot.init_experiment(experiment_id, variants, "conversion")
@@ -76,7 +79,9 @@ async def test_a_rejected_record_is_counted_logged_once_listed_and_replayed(
         before = await hot.counters(experiment_id)
 
         metrics = Metrics()
-        flusher = WriteBehindFlusher(redis, migrated_pool, "t", on_flush=metrics.record_flush)
+        flusher = WriteBehindFlusher(
+            redis, migrated_pool, "t", on_flush=metrics.record_flush, layout=layout
+        )
         with caplog.at_level(logging.ERROR, logger="sira_server.store.flusher"):
             stats = await flusher.drain(timeout=30)
             await flusher.drain(timeout=30)  # nothing new: no second log line

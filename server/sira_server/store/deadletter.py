@@ -14,6 +14,10 @@ bad records), so it is idempotent: a record already in Postgres is not doubled,
 and the Redis counters, which counted it when it was acknowledged, are not
 touched. A replayed record leaves the dead stream only when it is written (or
 its experiment no longer exists); otherwise it stays, with its new reason.
+
+With shards (`store.hot_keys.HotLayout`) an experiment has a dead stream per shard, found
+through the stream registry; entry ids are per stream, so `replay --id` replays the
+entry of that id in each of them.
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ class ReplayReport:
 
 
 async def dead_letter_experiments(redis: RedisClient) -> list[str]:
-    """Experiments with a write-behind stream (the flusher's registry), sorted."""
-    ids = []
+    """Experiments with a write-behind stream (the flusher's registry), sorted, once each
+    (an experiment has a stream per shard)."""
+    ids = set()
     for raw in await redis.smembers(STREAM_REGISTRY):
         try:
-            ids.append(experiment_id_of_stream(raw))
+            ids.add(experiment_id_of_stream(raw))
         except ValueError:
             continue
     return sorted(ids)
