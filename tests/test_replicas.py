@@ -1,14 +1,20 @@
 """Three independent `sira-server` replicas on one Redis and one Postgres, called through
 gRPC's client-side `round_robin`, behave as one server.
 
+Every test runs twice (the `replicas` fixture's parameter): on one redis-server of the
+test's own, and on a real Redis Cluster (3 masters + 3 replicas, the session's
+`redis_cluster`, emptied first) with ``SIRA_REDIS_CLUSTER=1``. Checked on both:
+
 - stickiness holds across replicas: a subject asked on each replica gets one variant;
 - counters are exact: GetResults counts every subject once, every event once;
-- the write-behind is shared: the replicas' flushers are consumers of one group, and
-  Postgres ends with exactly the acknowledged rows;
+- the write-behind is shared: the replicas' flushers are consumers of one group, the
+  stream drains, and Postgres ends with exactly the acknowledged rows;
 - a replica killed with SIGKILL under load loses nothing it acknowledged: what it read
-  from the stream and did not commit is reclaimed by the others;
+  from the stream and did not commit is reclaimed by the others, until the stream is
+  empty;
 - the fail-fast autopilot acts once per step: all three evaluate the same counters, one
-  drops the loser and concludes, and the audit log holds each step once.
+  drops the loser and concludes, and the audit log holds each step once;
+- each insights-history point is written once, by whichever replica takes the lock.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -30,6 +37,8 @@ import grpc
 import pytest
 import redis
 from fault_stores import free_port, own_redis_server
+from redis.cluster import RedisCluster
+from redis_cluster import LocalRedisCluster
 from server_fixtures import (
     RunningServer,
     create_migrated_database,
@@ -72,10 +81,42 @@ async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
         await drop_database(postgres_server_dsn, url)
 
 
-@pytest.fixture
-def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer], str]]:
+@dataclass
+class Replicas:
+    """The running replicas and the Redis they share."""
+
+    servers: list[RunningServer]
+    redis_url: str
+    cluster: bool
+    """True: `redis_url` names a node of a Redis Cluster (``SIRA_REDIS_CLUSTER=1``)."""
+
+    def redis_client(self) -> redis.Redis | RedisCluster:
+        """A client of that Redis: redis-py's cluster client routes each key to its slot."""
+        if self.cluster:
+            return RedisCluster.from_url(self.redis_url, socket_timeout=5.0)
+        return redis.Redis.from_url(self.redis_url, socket_timeout=5.0)
+
+
+def _emptied(cluster: LocalRedisCluster) -> str:
+    """The session's cluster with no key left (every master flushed, the replicas follow):
+    the streams other tests' databases left would otherwise be this test's flushers' too,
+    where the single Redis is the test's own."""
+    client = RedisCluster.from_url(cluster.url, socket_timeout=5.0)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return cluster.url
+
+
+@pytest.fixture(params=["single", "cluster"])
+def replicas(request: pytest.FixtureRequest, database: str, tmp_path: Path) -> Iterator[Replicas]:
+    cluster = request.param == "cluster"
     with ExitStack() as stack:
-        redis_url = stack.enter_context(own_redis_server())
+        if cluster:
+            redis_url = _emptied(request.getfixturevalue("redis_cluster"))
+        else:
+            redis_url = stack.enter_context(own_redis_server())
         servers = [
             stack.enter_context(
                 run_sira_server(
@@ -83,6 +124,7 @@ def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer
                     redis_url,
                     tmp_path / f"r{i}",
                     {
+                        "SIRA_REDIS_CLUSTER": "1" if cluster else "0",
                         "SIRA_METRICS_PORT": str(free_port()),
                         # The autopilot's own interval (2 s): its rounds are unchanged.
                         "SIRA_INSIGHTS_HISTORY_SECONDS": str(HISTORY_SECONDS),
@@ -91,7 +133,7 @@ def replicas(database: str, tmp_path: Path) -> Iterator[tuple[list[RunningServer
             )
             for i in range(REPLICAS)
         ]
-        yield servers, redis_url
+        yield Replicas(servers, redis_url, cluster)
 
 
 def _round_robin(servers: list[RunningServer]) -> grpc.Channel:
@@ -136,9 +178,9 @@ def _start_experiment(channel: grpc.Channel, key: str) -> str:
 
 
 async def test_replicas_behind_round_robin_act_as_one_server(
-    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+    replicas: Replicas, database: str, unique_key: str
 ) -> None:
-    servers, redis_url = replicas
+    servers = replicas.servers
     with _round_robin(servers) as channel:
         experiment_id = _start_experiment(channel, unique_key)
         assign = assignment_service_pb2_grpc.AssignmentServiceStub(channel)
@@ -179,16 +221,23 @@ async def test_replicas_behind_round_robin_act_as_one_server(
         for v in results.variants:
             assert v.assigned_subjects == sum(1 for k in variants.values() if k == v.variant_key)
 
-    # The write-behind: one consumer group, every replica a consumer, exact rows.
-    keys = experiment_keys(experiment_id)
-    client = redis.Redis.from_url(redis_url)
-    await _until(
-        "assignments in Postgres",
-        lambda: _rows_equal(database, experiment_id, SUBJECTS, CONVERTING),
-    )
-    consumers = client.xinfo_consumers(keys.wb, FLUSHER_GROUP)
+    # The write-behind: one consumer group, every replica a consumer; once every entry
+    # is acknowledged (and deleted), Postgres holds exactly the acknowledged rows.
+    stream = experiment_keys(experiment_id).wb
+    client = replicas.redis_client()
+    try:
+        await _until("the write-behind stream drained", lambda: _drained(client, stream))
+        consumers = client.xinfo_consumers(stream, FLUSHER_GROUP)
+    finally:
+        client.close()
     assert len(consumers) == REPLICAS
-    client.close()
+    assert await _rows_equal(database, experiment_id, SUBJECTS, CONVERTING)
+
+
+async def _drained(client: redis.Redis | RedisCluster, stream: str) -> bool:
+    """No entry left in the stream, none pending in the flushers' group."""
+    pending = client.xpending(stream, FLUSHER_GROUP)
+    return int(client.xlen(stream)) == 0 and int(pending["pending"]) == 0
 
 
 async def _rows_equal(database: str, experiment_id: str, assigned: int, events: int) -> bool:
@@ -218,9 +267,9 @@ def _drive(one: Callable[[int], None], victim: RunningServer, acknowledged: dict
 
 
 async def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
-    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+    replicas: Replicas, database: str, unique_key: str
 ) -> None:
-    servers, _redis_url = replicas
+    servers = replicas.servers
     acknowledged: dict[str, str] = {}
     lock = threading.Lock()
     with _round_robin(servers) as channel:
@@ -254,6 +303,15 @@ async def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
         return all(stored.get(s) == v for s, v in acknowledged.items())
 
     await _until("every acknowledged assignment in Postgres", all_in_postgres)
+
+    # Nothing stays with the dead consumer: the others reclaim (XAUTOCLAIM, after 30 s
+    # idle) what it read and never acknowledged, until the stream is empty.
+    client = replicas.redis_client()
+    try:
+        stream = experiment_keys(experiment_id).wb
+        await _until("the killed replica's entries reclaimed", lambda: _drained(client, stream))
+    finally:
+        client.close()
 
 
 # --- the autopilot: one action per step across replicas ---------------------------------
@@ -301,9 +359,9 @@ async def _sira_audit(database: str, experiment_id: str) -> list[tuple[str, str 
 
 
 async def test_the_autopilot_acts_once_per_step_across_replicas(
-    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+    replicas: Replicas, database: str, unique_key: str
 ) -> None:
-    servers, _redis_url = replicas
+    servers = replicas.servers
     with _round_robin(servers) as channel:
         lifecycle = lifecycle_service_pb2_grpc.LifecycleServiceStub(channel)
         admin = _auth("ops_admin")
@@ -372,11 +430,11 @@ async def test_the_autopilot_acts_once_per_step_across_replicas(
 
 
 async def test_replicas_record_each_history_point_once(
-    replicas: tuple[list[RunningServer], str], database: str, unique_key: str
+    replicas: Replicas, database: str, unique_key: str
 ) -> None:
     """Every replica runs the round; each point (truncated to the interval) is written by
     whichever holds the lock first, once, with a row per variant."""
-    servers, _redis_url = replicas
+    servers = replicas.servers
     with _round_robin(servers) as channel:
         experiment_id = _start_experiment(channel, unique_key)
 
