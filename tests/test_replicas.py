@@ -58,8 +58,9 @@ from sira.experiments.v1 import experiment_pb2 as epb
 from sira.experiments.v1 import insights_service_pb2 as ipb
 from sira.experiments.v1 import lifecycle_service_pb2 as lpb
 from sira.experiments.v1 import tracking_service_pb2 as tpb
+from sira_server.config import CLUSTER_DEFAULT_SHARDS
 from sira_server.domain.autopilot import AUTOPILOT_ACTOR
-from sira_server.store.hot_keys import FLUSHER_GROUP, experiment_keys
+from sira_server.store.hot_keys import FLUSHER_GROUP, HotLayout
 from sira_server.store.roles import as_role
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,12 @@ class Replicas:
     redis_url: str
     cluster: bool
     """True: `redis_url` names a node of a Redis Cluster (``SIRA_REDIS_CLUSTER=1``)."""
+
+    def streams(self, experiment_id: str) -> list[str]:
+        """The experiment's write-behind streams: one per shard (8 by default on a
+        cluster, `SIRA_REDIS_SHARDS`)."""
+        layout = HotLayout(CLUSTER_DEFAULT_SHARDS if self.cluster else 1)
+        return [keys.wb for keys in layout.all_keys(experiment_id)]
 
     def redis_client(self) -> redis.Redis | RedisCluster:
         """A client of that Redis: redis-py's cluster client routes each key to its slot."""
@@ -223,21 +230,26 @@ async def test_replicas_behind_round_robin_act_as_one_server(
 
     # The write-behind: one consumer group, every replica a consumer; once every entry
     # is acknowledged (and deleted), Postgres holds exactly the acknowledged rows.
-    stream = experiment_keys(experiment_id).wb
+    streams = replicas.streams(experiment_id)
     client = replicas.redis_client()
     try:
-        await _until("the write-behind stream drained", lambda: _drained(client, stream))
-        consumers = client.xinfo_consumers(stream, FLUSHER_GROUP)
+        await _until("the write-behind streams drained", lambda: _drained(client, streams))
+        consumers = {
+            c["name"] for stream in streams for c in client.xinfo_consumers(stream, FLUSHER_GROUP)
+        }
     finally:
         client.close()
     assert len(consumers) == REPLICAS
     assert await _rows_equal(database, experiment_id, SUBJECTS, CONVERTING)
 
 
-async def _drained(client: redis.Redis | RedisCluster, stream: str) -> bool:
-    """No entry left in the stream, none pending in the flushers' group."""
-    pending = client.xpending(stream, FLUSHER_GROUP)
-    return int(client.xlen(stream)) == 0 and int(pending["pending"]) == 0
+async def _drained(client: redis.Redis | RedisCluster, streams: list[str]) -> bool:
+    """No entry left in the streams, none pending in the flushers' group."""
+    for stream in streams:
+        pending = client.xpending(stream, FLUSHER_GROUP)
+        if int(client.xlen(stream)) or int(pending["pending"]):
+            return False
+    return True
 
 
 async def _rows_equal(database: str, experiment_id: str, assigned: int, events: int) -> bool:
@@ -308,8 +320,8 @@ async def test_a_replica_killed_under_load_loses_nothing_it_acknowledged(
     # idle) what it read and never acknowledged, until the stream is empty.
     client = replicas.redis_client()
     try:
-        stream = experiment_keys(experiment_id).wb
-        await _until("the killed replica's entries reclaimed", lambda: _drained(client, stream))
+        streams = replicas.streams(experiment_id)
+        await _until("the killed replica's entries reclaimed", lambda: _drained(client, streams))
     finally:
         client.close()
 
