@@ -13,6 +13,7 @@ from store_helpers import create_experiment
 
 from sira_server.config import ReplicaWait
 from sira_server.errors import Unavailable
+from sira_server.store.hot_keys import event_member
 from sira_server.store.hot_state import HotState, TrackEvent, experiment_keys
 from sira_server.store.script_transport import PipelineTransport, default_transport
 
@@ -37,7 +38,7 @@ async def test_a_write_no_replica_confirmed_is_unavailable_and_a_retry_is_safe(
     event = TrackEvent("s1", variants[0], "conversion", "e1", 1_700_000_000_000)
     with pytest.raises(Unavailable, match="NOREPLICAS"):
         await waiting.track(experiment_id, event)
-    assert await redis.sismember(experiment_keys(experiment_id).events, "e1")
+    assert await redis.sismember(experiment_keys(experiment_id).events, event_member("e1", "s1"))
 
     # One WAIT per round trip: every event of a batch that ran is refused on its own.
     events = [
