@@ -60,7 +60,9 @@ class _TrackOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrackOut
     TRACK_OUTCOME_ACCEPTED: _TrackOutcome.ValueType  # 1
     """Recorded now."""
     TRACK_OUTCOME_DUPLICATE: _TrackOutcome.ValueType  # 2
-    """Already recorded under the same client_event_id; nothing changed."""
+    """Already recorded under the same client_event_id for this subject; nothing
+    changed.
+    """
 
 class TrackOutcome(_TrackOutcome, metaclass=_TrackOutcomeEnumTypeWrapper): ...
 
@@ -68,7 +70,9 @@ TRACK_OUTCOME_UNSPECIFIED: TrackOutcome.ValueType  # 0
 TRACK_OUTCOME_ACCEPTED: TrackOutcome.ValueType  # 1
 """Recorded now."""
 TRACK_OUTCOME_DUPLICATE: TrackOutcome.ValueType  # 2
-"""Already recorded under the same client_event_id; nothing changed."""
+"""Already recorded under the same client_event_id for this subject; nothing
+changed.
+"""
 Global___TrackOutcome: _TypeAlias = TrackOutcome  # noqa: Y015
 
 @_typing.final
@@ -103,7 +107,8 @@ class TrackedEvent(_message.Message):
     currency: _builtins.str
     """ISO 4217, three upper-case letters; required when value > 0."""
     client_event_id: _builtins.str
-    """Idempotency key, 1..128 characters: the same id twice is one event.
+    """Idempotency key of the subject's event, 1..128 characters: the same id twice
+    for the same subject is one event (for another subject, another event).
     Strongly recommended; without it the server cannot dedupe retries.
     """
     tracking_token: _builtins.str

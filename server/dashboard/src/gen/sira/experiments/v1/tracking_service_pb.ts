@@ -70,7 +70,8 @@ export type TrackedEvent = Message<"sira.experiments.v1.TrackedEvent"> & {
   currency: string;
 
   /**
-   * Idempotency key, 1..128 characters: the same id twice is one event.
+   * Idempotency key of the subject's event, 1..128 characters: the same id twice
+   * for the same subject is one event (for another subject, another event).
    * Strongly recommended; without it the server cannot dedupe retries.
    *
    * @generated from field: string client_event_id = 8;
@@ -305,7 +306,8 @@ export enum TrackOutcome {
   ACCEPTED = 1,
 
   /**
-   * Already recorded under the same client_event_id; nothing changed.
+   * Already recorded under the same client_event_id for this subject; nothing
+   * changed.
    *
    * @generated from enum value: TRACK_OUTCOME_DUPLICATE = 2;
    */
