@@ -2,10 +2,11 @@
 
 The keys and the formats stored under them are in `store.hot_keys`; the Lua
 scripts in `store.lua_scripts`, run through a `store.script_transport` (injectable; its
-error replies mapped by `store.faults`). Each Assign / Track is one EVALSHA: the state
-change and its write-behind record are one atomic step, which is what
-"acknowledged" means. When a script finds no ``ready`` marker (Redis lost its
-data), the state is rebuilt from Postgres under a lock and the call retried.
+error replies mapped by `store.faults`). Each Assign is one EVALSHA, and so are up to
+`TRACK_CALL_EVENTS` tracked events of one experiment: a state change and its write-behind
+record are one atomic step, which is what "acknowledged" means. When a script finds no
+``ready`` marker (Redis lost its data), the state is rebuilt from Postgres under a lock
+and the call retried.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sira_server.config import ConfigError, StoreTimeouts
 # The ``X as X`` imports are re-exports: tests import those names from this module.
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.coalesce import Coalescer
-from sira_server.store.faults import redis_call
+from sira_server.store.faults import domain_error, parse_redis_error, redis_call
 from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
 from sira_server.store.hot_keys import LAYOUT_KEY, Assignment, ExperimentKeys, parse_assignment
 from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
@@ -33,7 +34,12 @@ from sira_server.store.hot_keys import HotLayout as HotLayout
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
 from sira_server.store.lua_scripts import ASSIGN_SCRIPT, TRACK_SCRIPT
 from sira_server.store.redis_conn import RedisClient
-from sira_server.store.script_transport import ScriptTransport, default_transport, run_scripts
+from sira_server.store.script_transport import (
+    ScriptCall,
+    ScriptTransport,
+    default_transport,
+    run_scripts,
+)
 
 REWARD_CONVERSION = "conversion"
 REWARD_CONVERSION_NOT_REFUNDED = "conversion_not_refunded"
@@ -507,7 +513,8 @@ class HotState:
         self, experiment_id: str, events: Sequence[TrackEvent]
     ) -> list[TrackOutcome | BaseException]:
         """Apply the events in order, one pipelined round trip per shard; one outcome
-        each, or the error of that event alone (an error reply: Unavailable, or a bug)."""
+        each, or the error of that event alone (its own error reply, or that of its script
+        call: Unavailable, or a bug)."""
         return await self._per_shard(
             experiment_id, events, [e.subject_id for e in events], self._track_shard
         )
@@ -515,45 +522,33 @@ class HotState:
     async def _track_shard(
         self, keys: ExperimentKeys, events: Sequence[TrackEvent]
     ) -> list[TrackOutcome | BaseException]:
+        """One track.lua call per `TRACK_CALL_EVENTS` of the events, in one round trip."""
         if not events:
             return []
         experiment_id = keys.experiment_id
-        script_keys = (
-            keys.meta,
-            keys.asg,
-            keys.succ,
-            keys.conv,
-            keys.refunded,
-            keys.churned,
-            keys.events,
-            keys.cnt,
-            keys.wb,
-            keys.outcome,
-        )
         received_ms = _now_ms()
         outcomes: list[TrackOutcome | BaseException | None] = [None] * len(events)
         todo = list(range(len(events)))
         for _ in range(MAX_REBUILD_ATTEMPTS):
-            calls = [
-                (
-                    (*script_keys, cap_key(keys, events[i], received_ms)),
-                    _track_args(events[i], received_ms),
-                )
-                for i in todo
+            chunks = [
+                todo[at : at + TRACK_CALL_EVENTS] for at in range(0, len(todo), TRACK_CALL_EVENTS)
             ]
+            calls = [track_call(keys, [events[i] for i in chunk], received_ms) for chunk in chunks]
             replies = await run_scripts(
                 self.transport, TRACK_SCRIPT, calls, self.timeouts.redis_seconds
             )
-            retry = []
-            for index, reply in zip(todo, replies, strict=True):
-                if isinstance(reply, BaseException):
-                    outcomes[index] = reply
-                elif reply[0] == b"R":
-                    retry.append(index)
+            retry: list[int] = []
+            for chunk, reply in zip(chunks, replies, strict=True):
+                if isinstance(reply, BaseException):  # the call failed: each of its events
+                    for index in chunk:
+                        outcomes[index] = reply
+                elif reply == b"R":  # nothing ran
+                    retry += chunk
                 else:
-                    done = outcomes[index] = _track_outcome(reply)
-                    if done.status is TrackStatus.ACCEPTED and self._applied is not None:
-                        self._applied.event_accepted(experiment_id, events[index].event_type)
+                    for index, answer in zip(chunk, reply, strict=True):
+                        done = outcomes[index] = _track_outcome(answer)
+                        if self._applied is not None and done in _ACCEPTED:
+                            self._applied.event_accepted(experiment_id, events[index].event_type)
             if not retry:
                 return [outcome for outcome in outcomes if outcome is not None]
             await self.ensure_ready(experiment_id, shard=keys.shard)
@@ -664,22 +659,45 @@ def _unknown_variant(experiment_id: str, variant_id: str) -> NotFound:
     )
 
 
-def _track_args(event: TrackEvent, received_ms: int) -> tuple[str | int, ...]:
-    return (
-        event.subject_id,
-        event.variant_id,
-        event.event_type,
-        repr(float(event.value)),
-        event.currency or "",
-        event.event_id,
-        event.occurred_ms,
-        received_ms,
-        event.cap,
-        CAP_WINDOW_MS,
-    )
-
+TRACK_CALL_EVENTS = 100
+"""At most this many events per track.lua call: a call holds Redis for all of its events
+(other clients wait meanwhile), and its replies come back together."""
 
 CAP_WINDOW_MS = 3_600_000
+
+
+def track_call(keys: ExperimentKeys, events: Sequence[TrackEvent], received_ms: int) -> ScriptCall:
+    """The keys and arguments of one track.lua call for `events`, applied in order (the
+    layout is in track.lua)."""
+    cap_keys: list[str] = []
+    args: list[str | int] = [received_ms, CAP_WINDOW_MS]
+    for event in events:
+        if event.cap != 0:
+            cap_keys.append(cap_key(keys, event, received_ms))
+        args += (
+            event.subject_id,
+            event.variant_id,
+            event.event_type,
+            repr(float(event.value)),
+            event.currency or "",
+            event.event_id,
+            event.occurred_ms,
+            event.cap,
+        )
+    script_keys = (
+        keys.meta,
+        keys.asg,
+        keys.succ,
+        keys.conv,
+        keys.refunded,
+        keys.churned,
+        keys.events,
+        keys.cnt,
+        keys.wb,
+        keys.outcome,
+        *cap_keys,
+    )
+    return script_keys, args
 
 
 def cap_key(keys: ExperimentKeys, event: TrackEvent, received_ms: int) -> str:
@@ -689,19 +707,37 @@ def cap_key(keys: ExperimentKeys, event: TrackEvent, received_ms: int) -> str:
     return f"{keys.meta[: -len('meta')]}cap:{hour}:{event.event_type}:{event.subject_id}"
 
 
-def _track_outcome(reply: list[Any]) -> TrackOutcome:
-    tag = reply[0]
-    if tag == b"A":
-        return TrackOutcome(TrackStatus.ACCEPTED, first_conversion=reply[1] == 1)
-    if tag == b"D":
-        return TrackOutcome(TrackStatus.DUPLICATE)
-    if tag == b"N":
-        return TrackOutcome(TrackStatus.NOT_ASSIGNED)
+_ACCEPTED = (
+    TrackOutcome(TrackStatus.ACCEPTED),
+    TrackOutcome(TrackStatus.ACCEPTED, first_conversion=True),
+)
+_TRACK_OUTCOMES: dict[bytes, TrackOutcome] = {
+    b"A0": _ACCEPTED[0],
+    b"A1": _ACCEPTED[1],
+    b"D": TrackOutcome(TrackStatus.DUPLICATE),
+    b"N": TrackOutcome(TrackStatus.NOT_ASSIGNED),
+    b"L": TrackOutcome(TrackStatus.CAPPED),
+}
+"""track.lua's replies per event that carry nothing else (outcomes are immutable)."""
+
+_LUA_CAUGHT_PREFIX = "@user_script"
+
+
+def _track_outcome(answer: bytes) -> TrackOutcome | BaseException:
+    """One event's reply from track.lua: its outcome, or its error (as `store.faults`
+    maps an error reply)."""
+    outcome = _TRACK_OUTCOMES.get(answer)
+    if outcome is not None:
+        return outcome
+    tag, rest = answer[:1], answer[1:].decode()
     if tag == b"M":
-        return TrackOutcome(TrackStatus.MISMATCH, assigned_variant_id=reply[1].decode())
-    if tag == b"L":
-        return TrackOutcome(TrackStatus.CAPPED)
-    raise ValueError(f"unexpected reply from track.lua: {reply!r}")
+        return TrackOutcome(TrackStatus.MISMATCH, assigned_variant_id=rest)
+    if tag == b"E":
+        # Redis 6 words an error reply caught in a script "@user_script: <line>: -<reply>".
+        if rest.startswith(_LUA_CAUGHT_PREFIX) and ": -" in rest:
+            rest = rest.split(": -", 1)[1]
+        return domain_error(parse_redis_error(rest))
+    raise ValueError(f"unexpected reply from track.lua: {answer!r}")
 
 
 def _not_rebuilt(experiment_id: str) -> Unavailable:
