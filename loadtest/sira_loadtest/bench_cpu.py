@@ -218,6 +218,7 @@ async def start_stack(
         "SIRA_GRPC_HOST": "127.0.0.1",
         "SIRA_GRPC_PORT": "0",
         "SIRA_METRICS_PORT": "0",
+        "SIRA_HTTP_PORT": "0",  # any free port: several stacks run at once
         "SIRA_JWT_SECRET": secret,
         "SIRA_DATA_DIR": str(data_dir / "sira"),
         "SIRA_SHUTDOWN_GRACE_SECONDS": "5",
