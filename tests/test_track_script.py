@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from store_helpers import create_experiment, event
 
+from sira_server.errors import Unavailable
 from sira_server.store.hot_state import (
     REWARDS,
     TRACK_CALL_EVENTS,
@@ -19,6 +20,7 @@ from sira_server.store.hot_state import (
     TrackEvent,
     TrackOutcome,
     TrackStatus,
+    _track_outcome,
     experiment_keys,
     track_call,
 )
@@ -220,3 +222,16 @@ def test_one_call_carries_a_cap_key_per_capped_event_only() -> None:
     assert [k.rsplit(":", 1)[-1] for k in script_keys[10:]] == ["s1", "s3"]
     assert all(k.startswith("sira:{exp:x}:") for k in script_keys)  # one slot
     assert len(args) == 2 + 3 * 8
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"EREADONLY You can't write against a read only replica.",  # Redis 7
+        b"E@user_script: 1: -READONLY You can't write against a read only replica.",  # 6
+    ],
+)
+def test_an_event_refused_by_the_store_is_unavailable_on_every_redis(reply: bytes) -> None:
+    outcome = _track_outcome(reply)
+    assert isinstance(outcome, Unavailable)
+    assert outcome.metadata["store"] == "redis"
