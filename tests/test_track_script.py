@@ -13,9 +13,11 @@ from redis import exceptions as redis_errors
 from store_helpers import create_experiment, event
 
 from sira_server.errors import Unavailable
+from sira_server.store.hot_keys import ExperimentKeys
 from sira_server.store.hot_state import (
     REWARDS,
     TRACK_CALL_EVENTS,
+    HotLayout,
     HotState,
     TrackEvent,
     TrackOutcome,
@@ -69,10 +71,9 @@ def mixed_events(a: str, b: str) -> list[TrackEvent]:
     ]
 
 
-async def stored(redis: aioredis.Redis, experiment_id: str, rename: dict[str, str]) -> object:
-    """The experiment's counters, sets and write-behind metric records, its variant ids
+async def stored(redis: aioredis.Redis, keys: ExperimentKeys, rename: dict[str, str]) -> object:
+    """One shard's counters, sets and write-behind metric records, its variant ids
     renamed (so that two experiments compare), without stream ids or receive times."""
-    keys = experiment_keys(experiment_id)
 
     def named(raw: bytes) -> str:
         text = raw.decode()
@@ -100,10 +101,18 @@ async def stored(redis: aioredis.Redis, experiment_id: str, rename: dict[str, st
     }
 
 
+@pytest.mark.parametrize("shards", [1, 4])
 @pytest.mark.parametrize("reward", REWARDS)
 async def test_a_batch_answers_and_stores_what_its_events_one_by_one_would(
-    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool, reward: str
+    hot: HotState,
+    redis: aioredis.Redis,
+    migrated_pool: asyncpg.Pool,
+    reward: str,
+    shards: int,
 ) -> None:
+    """With 4 shards the batch goes as one call per shard (subjects s1..s3 spread), the
+    events of one subject still in order."""
+    hot = HotState(redis, migrated_pool, transport=hot.transport, layout=HotLayout(shards))
     batched, (a, b) = await assigned(hot, migrated_pool, reward)
     single, (a1, b1) = await assigned(hot, migrated_pool, reward)
 
@@ -135,7 +144,10 @@ async def test_a_batch_answers_and_stores_what_its_events_one_by_one_would(
         for o in one_by_one
     ]
     assert renamed == in_one_call
-    assert await stored(redis, single, rename) == await stored(redis, batched, {})
+    for mine, theirs in zip(
+        hot.layout.all_keys(batched), hot.layout.all_keys(single), strict=True
+    ):  # a subject's shard is the same in both experiments
+        assert await stored(redis, theirs, rename) == await stored(redis, mine, {})
     # s1's refund came at its conversions' time: with conversion_not_refunded only s2 counts.
     successes = (await hot.counters(batched))[a].successes
     assert successes == (2 if reward == "conversion" else 1)
