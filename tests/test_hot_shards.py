@@ -4,14 +4,20 @@ same state again after a rebuild from Postgres (real Redis, real Postgres)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from server_fixtures import TEST_JWT_SECRET
 from store_helpers import create_experiment
 
 from sira_server.config import ConfigError, Settings
@@ -269,6 +275,40 @@ async def test_processes_must_agree_on_the_shard_count(redis: aioredis.Redis) ->
     await claim_layout(redis, HotLayout(8))  # the same: fine
     with pytest.raises(ConfigError, match="SIRA_REDIS_SHARDS=8"):
         await claim_layout(redis, HotLayout(1))
+    assert await redis.get(LAYOUT_KEY) == b"8"
+
+
+@pytest.mark.parametrize("role", ["all", "flusher"])
+async def test_a_process_with_another_shard_count_refuses_to_start_in_one_line(
+    role: str, database_url: str, redis_url: str, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    await redis.set(LAYOUT_KEY, 8)  # what the deployment's first process recorded
+    env = {
+        **os.environ,
+        "SIRA_DATABASE_URL": database_url,
+        "SIRA_REDIS_URL": redis_url,
+        "SIRA_JWT_SECRET": TEST_JWT_SECRET,
+        "SIRA_GRPC_PORT": "0",
+        "SIRA_METRICS_PORT": "0",
+        "SIRA_HTTP_PORT": "off",
+        "SIRA_REDIS_SHARDS": "2",
+        "SIRA_DATA_DIR": str(tmp_path),
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "sira_server", "--role", role],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sira-server: SIRA_REDIS_SHARDS is 2 but the hot state in Redis was written with 8"
+        " shard(s); set SIRA_REDIS_SHARDS=8, or change it as docs/scaling.md describes"
+        " (drain the write-behind, then reset the hot state)"
+    )
+    assert "Traceback" not in done.stderr
     assert await redis.get(LAYOUT_KEY) == b"8"
 
 

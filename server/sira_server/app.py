@@ -301,7 +301,6 @@ class SiraServer:
         await self.server.start()
         if not await self.stores.ping():
             raise ConfigError("Postgres or Redis did not answer at start-up; see the log")
-        await claim_layout(self.stores.redis, self.settings.hot_layout)
         # Compile (or load from cache) every numba kernel before the first request.
         await asyncio.to_thread(bayes.warm_up)
         await self.catalog.start()
@@ -538,6 +537,8 @@ async def serve(settings: Settings, on_ready: Callable[[Ports], None]) -> None:
     )
     http: HttpServer | None = None
     try:
+        # Before any gRPC object exists: a refusal is one line, not a half-started server.
+        await claim_layout(stores.redis, settings.hot_layout)
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)
