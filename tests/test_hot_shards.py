@@ -28,6 +28,7 @@ from sira_server.store.hot_keys import (
     STREAM_REGISTRY,
     HotLayout,
     experiment_id_of_stream,
+    experiment_keys,
     shard_of,
 )
 from sira_server.store.hot_state import (
@@ -276,6 +277,37 @@ async def test_processes_must_agree_on_the_shard_count(redis: aioredis.Redis) ->
     with pytest.raises(ConfigError, match="SIRA_REDIS_SHARDS=8"):
         await claim_layout(redis, HotLayout(1))
     assert await redis.get(LAYOUT_KEY) == b"8"
+
+
+async def test_a_deployment_from_before_the_layout_key_keeps_one_shard(
+    redis: aioredis.Redis,
+) -> None:
+    """Streams under ``{exp:<id>}`` and no ``sira:layout``: written with one shard, so a
+    process that would use 8 (the cluster default) refuses instead of losing them."""
+    await redis.sadd(STREAM_REGISTRY, "sira:{exp:0b7e0000-0000-4000-8000-000000000001}:wb")
+    with pytest.raises(ConfigError, match="written with 1 shard"):
+        await claim_layout(redis, HotLayout(8))
+    assert await redis.get(LAYOUT_KEY) is None
+    await claim_layout(redis, HotLayout(1))
+    assert await redis.get(LAYOUT_KEY) == b"1"
+
+
+async def test_an_event_recorded_before_ids_were_per_subject_stays_a_duplicate(
+    redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    """The events set of an older release holds bare ids: a retry after the upgrade is
+    still a duplicate, not counted twice."""
+    experiment_id, (a, b) = await create_experiment(migrated_pool, variants=2)
+    hot = HotState(redis, migrated_pool)
+    try:
+        await hot.init_experiment(experiment_id, [a, b], "conversion")
+        await hot.assign(experiment_id, "ann", a, 0.5)
+        await redis.sadd(experiment_keys(experiment_id).events, "order-7")  # the old format
+        retried = TrackEvent("ann", a, "conversion", "order-7", 1_700_000_000_000)
+        assert (await hot.track(experiment_id, retried)).status.value == "duplicate"
+        assert (await hot.counters(experiment_id))[a].conversions == 0
+    finally:
+        await hot.close()
 
 
 @pytest.mark.parametrize("role", ["all", "flusher"])

@@ -19,6 +19,7 @@ from sira_server.store.migrate import (
     apply_migrations,
     default_migrations_dir,
     discover_migrations,
+    require_migrated,
 )
 from sira_server.store.postgres import PostgresUnreachable
 
@@ -119,6 +120,24 @@ async def test_only_pending_files_run(fresh_database_dsn: str, migrations_copy: 
     )
     assert await apply_migrations(fresh_database_dsn, migrations_copy) == ["9001"]
     assert await _ledger(fresh_database_dsn) == [*LEDGER, ("9001", "add_note")]
+
+
+async def test_a_release_refuses_a_database_missing_its_migrations(
+    fresh_database_dsn: str, migrations_copy: Path
+) -> None:
+    """`sira-server` checks at start (app.check_stores_fit) that an external database has
+    every migration it ships, and says which and what to run."""
+    conn = await asyncpg.connect(fresh_database_dsn)
+    try:
+        with pytest.raises(MigrationError, match="lacks migration"):
+            await require_migrated(conn, migrations_copy)  # not even the ledger yet
+        await apply_migrations(fresh_database_dsn, migrations_copy)
+        await require_migrated(conn, migrations_copy)
+        (migrations_copy / "9001_add_note.sql").write_text("SELECT 1;")
+        with pytest.raises(MigrationError, match=r"9001_add_note of this release.*sira-server mig"):
+            await require_migrated(conn, migrations_copy)
+    finally:
+        await conn.close()
 
 
 async def test_changed_file_is_refused(fresh_database_dsn: str, migrations_copy: Path) -> None:

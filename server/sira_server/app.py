@@ -58,6 +58,7 @@ from sira_server.store.experiments import ExperimentRepository
 from sira_server.store.faults import bounded
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
 from sira_server.store.hot_state import HotState, claim_layout
+from sira_server.store.migrate import require_migrated
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import RedisClient, create_redis
 from sira_server.store.script_transport import default_transport
@@ -452,6 +453,14 @@ async def open_stores(
     )
 
 
+async def check_stores_fit(stores: Stores, settings: Settings) -> None:
+    """Refuse to start on stores this release cannot use: a database missing some of its
+    migrations, or hot state written with another shard count (`claim_layout`)."""
+    async with stores.pool.acquire(timeout=settings.timeouts.command_seconds) as conn:
+        await require_migrated(conn)
+    await claim_layout(stores.redis, settings.hot_layout)
+
+
 def resolve_jwt_secret(settings: Settings, *, embedded: bool) -> Settings:
     """HS256 needs a secret: the configured one, or (embedded default) the dev secret."""
     jwt = settings.jwt
@@ -538,7 +547,7 @@ async def serve(settings: Settings, on_ready: Callable[[Ports], None]) -> None:
     http: HttpServer | None = None
     try:
         # Before any gRPC object exists: a refusal is one line, not a half-started server.
-        await claim_layout(stores.redis, settings.hot_layout)
+        await check_stores_fit(stores, settings)
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)

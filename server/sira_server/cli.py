@@ -184,13 +184,30 @@ def _need_stores(args: argparse.Namespace, name: str) -> None:
         )
 
 
+def _shards(env: Mapping[str, str], *, cluster: bool) -> int:
+    """SIRA_REDIS_SHARDS as the server reads it (used only when Redis records none)."""
+    from sira_server.config import CLUSTER_DEFAULT_SHARDS
+    from sira_server.store.hot_keys import MAX_SHARDS
+
+    raw = env.get("SIRA_REDIS_SHARDS", "").strip()
+    if not raw:
+        return CLUSTER_DEFAULT_SHARDS if cluster else 1
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_SHARDS:
+        raise UsageError(f"SIRA_REDIS_SHARDS must be in 1..{MAX_SHARDS}, got {raw[:20]!r}")
+    return int(raw)
+
+
 def _cmd_rebuild(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _need_stores(args, "rebuild")
     from sira_server.store.admin import rebuild_hot_state
 
     report = asyncio.run(
         rebuild_hot_state(
-            args.database_url, args.redis_url, args.experiment, redis_cluster=args.redis_cluster
+            args.database_url,
+            args.redis_url,
+            args.experiment,
+            redis_cluster=args.redis_cluster,
+            shards=_shards(env, cluster=args.redis_cluster),
         )
     )
     if args.json:

@@ -20,11 +20,10 @@ import signal
 import socket
 from collections.abc import Callable
 
-from sira_server.app import open_stores
+from sira_server.app import check_stores_fit, open_stores
 from sira_server.config import Settings
 from sira_server.metrics import Metrics, start_exporter
 from sira_server.store.flusher import WriteBehindFlusher, run_restarting
-from sira_server.store.hot_state import claim_layout
 
 log = logging.getLogger("sira_server")
 
@@ -51,7 +50,7 @@ async def run_flusher(settings: Settings, on_ready: Callable[[], None] | None = 
         redis_cluster=settings.redis_cluster,
     )
     try:
-        await claim_layout(stores.redis, settings.hot_layout)
+        await check_stores_fit(stores, settings)
         metrics = Metrics()
         if settings.metrics_port:
             start_exporter(metrics, settings.metrics_port, settings.listen.metrics_host)

@@ -15,7 +15,7 @@ from sira_server.store.deadletter import (
     replay_dead_letters,
 )
 from sira_server.store.experiments import ExperimentRepository
-from sira_server.store.hot_state import HotState, held_layout
+from sira_server.store.hot_state import HotLayout, HotState, held_layout
 from sira_server.store.postgres import create_pool
 from sira_server.store.redis_conn import create_redis
 
@@ -29,14 +29,16 @@ class RebuildReport:
 
 
 async def rebuild_hot_state(
-    database_url: str, redis_url: str, ref: str, *, redis_cluster: bool = False
+    database_url: str, redis_url: str, ref: str, *, redis_cluster: bool = False, shards: int = 1
 ) -> RebuildReport:
-    """Recompute an experiment's Redis state from Postgres (plus its unflushed stream)."""
+    """Recompute an experiment's Redis state from Postgres (plus its unflushed stream), in
+    the layout Redis holds (`shards` when it holds none yet)."""
     pool = await create_pool(database_url, max_size=2)
     redis = create_redis(redis_url, cluster=redis_cluster, max_connections=4)
     try:
         experiment = await ExperimentRepository(pool).get(ref)
-        hot = HotState(redis, pool, layout=await held_layout(redis))  # the servers' layout
+        layout = await held_layout(redis) or HotLayout(shards)  # the servers' layout
+        hot = HotState(redis, pool, layout=layout)
         try:
             await hot.ensure_ready(experiment.id, force=True)
             counters = await hot.counters(experiment.id)

@@ -2,11 +2,11 @@
 
 Under load, many Assign/Track calls for the same experiment are in flight at once;
 each used to pay its own round trip (and, with `appendfsync always`, its own fsync).
-A `Coalescer` keys calls by experiment (one hash slot, so a batch is one pipeline even
-on Redis Cluster): while a batch for a key is on the wire, the calls that arrive wait
-and leave together as the next batch. Each caller gets its own result or exception
-back. Every script in the pipeline stays atomic on
-its own, so the semantics are those of the calls made one by one, in order.
+A `Coalescer` keys calls by experiment shard (`store.hot_keys`: one hash slot, so a
+batch is one pipeline even on Redis Cluster): while a batch for a key is on the wire,
+the calls that arrive wait and leave together as the next batch. Each caller gets its
+own result or exception back. Every script in the pipeline stays atomic on its own, so
+the semantics are those of the calls made one by one, in order.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     # "cannot switch to state ...": a connection broken mid-operation (Postgres stopped).
     asyncpg.InternalClientError,
     redis_errors.RedisError,
-    redis_errors.SlotNotCoveredError,  # a cluster failover in progress (not a RedisError)
+    redis_errors.RedisClusterException,  # a cluster failover in progress (not a RedisError)
     Unavailable,  # a Redis failure as `store.faults` maps it (the ack script's path)
 )
 """Failures a pass reports and `run` retries with backoff; entries stay pending."""

@@ -132,6 +132,16 @@ def experiment_id_of_stream(stream_key: str | bytes) -> str:
     return key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)].split(":", 1)[0]
 
 
+def shard_of_stream(stream_key: str | bytes) -> int | None:
+    """The shard in ``sira:{exp:<id>:<shard>}:wb``; None for the one-shard layout's
+    ``sira:{exp:<id>}:wb`` (or a key that is no stream of ours)."""
+    key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
+    if not (key.startswith(_STREAM_PREFIX) and key.endswith(_STREAM_SUFFIX)):
+        return None
+    _, found, shard = key[len(_STREAM_PREFIX) : -len(_STREAM_SUFFIX)].partition(":")
+    return int(shard) if found and shard.isdigit() else None
+
+
 def dead_key_of_stream(stream_key: str | bytes) -> str:
     """The dead-letter stream next to a write-behind stream (same experiment, shard)."""
     key = stream_key.decode() if isinstance(stream_key, bytes) else stream_key
@@ -152,8 +162,11 @@ def shard_of(subject_id: str, shards: int) -> int:
     return int.from_bytes(digest[:4], "big") % shards
 
 
-SHARD_SQL = "((('x' || substr(md5({column}), 1, 8))::bit(32)::bigint) % {shards})"
-"""`shard_of` in SQL, for a text column (the database encoding is UTF-8)."""
+SHARD_SQL = (
+    "((('x' || substr(md5(convert_to({column}, 'UTF8')), 1, 8))::bit(32)::bigint) % {shards})"
+)
+"""`shard_of` in SQL, for a text column (hashing its UTF-8 bytes whatever the database
+encoding)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,13 @@ from sira_server.errors import NotFound, Unavailable
 from sira_server.store.coalesce import Coalescer
 from sira_server.store.faults import domain_error, parse_redis_error, redis_call
 from sira_server.store.hot_keys import FLUSHER_GROUP as FLUSHER_GROUP
-from sira_server.store.hot_keys import LAYOUT_KEY, Assignment, ExperimentKeys, parse_assignment
+from sira_server.store.hot_keys import (
+    LAYOUT_KEY,
+    Assignment,
+    ExperimentKeys,
+    parse_assignment,
+    shard_of_stream,
+)
 from sira_server.store.hot_keys import STREAM_REGISTRY as STREAM_REGISTRY
 from sira_server.store.hot_keys import HotLayout as HotLayout
 from sira_server.store.hot_keys import experiment_keys as experiment_keys
@@ -238,8 +244,9 @@ class AppliedWork(Protocol):
 class HotState:
     """The only interface to the hot Redis state; one per process.
 
-    Every method is one pipelined round trip in the normal case (a rebuild,
-    when Redis lost the state, adds its own). Redis failures the store may recover
+    Every method is one pipelined round trip per shard it touches in the normal case
+    (Assign and Track: one; the counters: one per shard, concurrently; a rebuild, when
+    Redis lost the state, adds its own). Redis failures the store may recover
     from (`store.faults`) raise ``Unavailable`` with metadata ``store=redis``, and so
     does a round trip of a request past ``timeouts.redis_seconds`` or a wait for a
     rebuild past ``timeouts.rebuild_wait_seconds``. The client must return
@@ -337,11 +344,10 @@ class HotState:
         does not know the experiment; Unavailable when Redis or Postgres is down.
         """
         shards = range(self.layout.shards) if shard is None else (shard,)
-        rebuilt = False
-        for each in shards:
-            keys = self.layout.keys(experiment_id, each)
-            rebuilt = await self._ensure_shard(keys, force=force) or rebuilt
-        return rebuilt
+        done = await asyncio.gather(  # shards at once: each is its own lock and query
+            *(self._ensure_shard(self.layout.keys(experiment_id, s), force=force) for s in shards)
+        )
+        return any(done)
 
     async def _ensure_shard(self, keys: ExperimentKeys, *, force: bool) -> bool:
         if force:
@@ -415,8 +421,10 @@ class HotState:
         experiment_id: str,
         items: Sequence[ShardItem],
         subjects: Sequence[str],
-        run: Callable[[ExperimentKeys, Sequence[ShardItem]], Awaitable[list[ShardResult]]],
-    ) -> list[ShardResult]:
+        run: Callable[
+            [ExperimentKeys, Sequence[ShardItem]], Awaitable[list[ShardResult | BaseException]]
+        ],
+    ) -> list[ShardResult | BaseException]:
         """`run` on each shard's share of `items` (the shards concurrently), answers in
         the order of `items`."""
         if self.layout.shards == 1:
@@ -425,10 +433,16 @@ class HotState:
         for index, subject_id in enumerate(subjects):
             keys = self.layout.keys_of_subject(experiment_id, subject_id)
             by_shard.setdefault(keys, []).append(index)
-        answers: list[ShardResult | None] = [None] * len(items)
+        answers: list[ShardResult | BaseException | None] = [None] * len(items)
         shares = list(by_shard.items())
-        results = await asyncio.gather(*(run(k, [items[i] for i in ix]) for k, ix in shares))
+        results = await asyncio.gather(
+            *(run(k, [items[i] for i in ix]) for k, ix in shares), return_exceptions=True
+        )
         for (_, indexes), result in zip(shares, results, strict=True):
+            if isinstance(result, BaseException):  # that shard failed: its items only
+                for index in indexes:
+                    answers[index] = result
+                continue
             for index, answer in zip(indexes, result, strict=True):
                 answers[index] = answer
         return [answer for answer in answers if answer is not None]
@@ -495,8 +509,8 @@ class HotState:
         self, events: Sequence[tuple[str, TrackEvent]]
     ) -> list[TrackOutcome | BaseException]:
         """(experiment id, event) pairs, each answered on its own, in order: an outcome or
-        that event's error. Each experiment's events join its next batch together, in the
-        order given, with the `track` calls waiting there (one round trip per experiment
+        that event's error. Each shard's events join its next batch together, in the
+        order given, with the `track` calls waiting there (one round trip per shard
         while idle)."""
         by_shard: dict[ExperimentKeys, list[int]] = {}
         for index, (experiment_id, event) in enumerate(events):
@@ -606,23 +620,34 @@ class HotState:
 
 
 async def held_layout(redis: RedisClient) -> HotLayout | None:
-    """The layout recorded in Redis by the servers (None before any started)."""
+    """The layout the hot state in Redis was written with: recorded by the servers, or,
+    from a release that recorded none, read off the registered streams' names (then one
+    shard); None when Redis holds no hot state."""
     async with redis_call():
         held = await redis.get(LAYOUT_KEY)
-    return None if held is None else HotLayout(int(held))
+        if held is not None:
+            return HotLayout(int(held))
+        streams = await redis.smembers(STREAM_REGISTRY)
+    shards = [shard_of_stream(stream) for stream in streams]
+    if not shards:
+        return None
+    return HotLayout(1 if None in shards else max(s for s in shards if s is not None) + 1)
 
 
 async def claim_layout(redis: RedisClient, layout: HotLayout) -> None:
     """Record the shard count in Redis, or refuse to start when the state there was
     written with another: the processes of a deployment must agree, or subjects would
     be looked up in the wrong shard (docs/scaling.md says how to change it)."""
-    async with redis_call():
-        await redis.set(LAYOUT_KEY, layout.shards, nx=True)
-        held = await redis.get(LAYOUT_KEY)
-    if held is not None and int(held) != layout.shards:
+    held = await held_layout(redis) or layout
+    if held.shards == layout.shards:
+        async with redis_call():
+            await redis.set(LAYOUT_KEY, layout.shards, nx=True)
+            recorded = await redis.get(LAYOUT_KEY)  # a racing process with another count
+        held = HotLayout(int(recorded)) if recorded is not None else layout
+    if held.shards != layout.shards:
         raise ConfigError(
             f"SIRA_REDIS_SHARDS is {layout.shards} but the hot state in Redis was written"
-            f" with {int(held)} shard(s); set SIRA_REDIS_SHARDS={int(held)}, or change it"
+            f" with {held.shards} shard(s); set SIRA_REDIS_SHARDS={held.shards}, or change it"
             " as docs/scaling.md describes (drain the write-behind, then reset the hot state)"
         )
 

@@ -112,6 +112,24 @@ async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list
             conn.terminate()
 
 
+async def require_migrated(conn: asyncpg.Connection, migrations_dir: Path | None = None) -> None:
+    """MigrationError unless every migration of this release is applied: the code reads
+    and writes the schema they make (an external database is migrated by the operator,
+    `sira-server migrate`, before the new release serves)."""
+    migrations = discover_migrations(migrations_dir or default_migrations_dir())
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        rows = []
+    applied = {row["version"] for row in rows}
+    pending = [f"{m.version}_{m.name}" for m in migrations if m.version not in applied]
+    if pending:
+        raise MigrationError(
+            f"the database lacks migration(s) {', '.join(pending)} of this release;"
+            " run `sira-server migrate` (with SIRA_DATABASE_URL) first"
+        )
+
+
 async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
     await conn.execute(CREATE_LEDGER)
     applied: dict[str, str] = {

@@ -76,7 +76,10 @@ local function track(subject, variant, event_type, value, currency, event_id, oc
   -- Event ids are idempotency keys per subject (store/hot_keys.py, `event_member`): a
   -- subject's events live in its shard, so that is all one script can check atomically.
   local member = event_id .. '\0' .. subject
-  if redis.call('SADD', KEYS[7], member) == 0 then
+  -- A bare id is an event recorded before ids were per subject (until a rebuild
+  -- rewrites the set): still a duplicate, so an upgrade never counts a retry twice.
+  if redis.call('SISMEMBER', KEYS[7], event_id) == 1
+      or redis.call('SADD', KEYS[7], member) == 0 then
     return 'D'
   end
   -- Per-subject cap (tracking without a service token): refused events leave no trace
