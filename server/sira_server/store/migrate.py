@@ -115,8 +115,13 @@ async def apply_migrations(dsn: str, migrations_dir: Path | None = None) -> list
 async def require_migrated(conn: asyncpg.Connection, migrations_dir: Path | None = None) -> None:
     """MigrationError unless every migration of this release is applied: the code reads
     and writes the schema they make (an external database is migrated by the operator,
-    `sira-server migrate`, before the new release serves)."""
-    migrations = discover_migrations(migrations_dir or default_migrations_dir())
+    `sira-server migrate`, before the new release serves). Without its migrations
+    directory (a bare pip install, no SIRA_MIGRATIONS_DIR) it cannot tell: a warning."""
+    directory = migrations_dir or default_migrations_dir()
+    if not directory.is_dir():
+        log.warning("cannot check the schema: no migrations directory %s", directory)
+        return
+    migrations = discover_migrations(directory)
     try:
         rows = await conn.fetch("SELECT version FROM schema_migrations")
     except asyncpg.UndefinedTableError:
