@@ -1,13 +1,17 @@
 """Test data for the store tests: experiments written with plain SQL (no code under test
-involved) and tracked events."""
+involved), tracked events, and a transport that counts round trips."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
 from sira_server.store.hot_state import TrackEvent
+from sira_server.store.lua_scripts import LuaScript
+from sira_server.store.script_transport import ScriptCall, ScriptTransport
 
 
 async def create_experiment(
@@ -57,3 +61,18 @@ def event(
         value=value,
         currency=currency,
     )
+
+
+class CountingTransport:
+    """A real transport that records how many calls each round trip carried."""
+
+    def __init__(self, inner: ScriptTransport) -> None:
+        self.inner = inner
+        self.round_trips: list[int] = []
+
+    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        self.round_trips.append(len(calls))
+        return await self.inner.run(script, calls)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -9,13 +9,12 @@ import os
 import random
 import sys
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from store_helpers import create_experiment, event
+from store_helpers import CountingTransport, create_experiment, event
 
 from sira_server.errors import NotFound, Unavailable
 from sira_server.store.hot_state import (
@@ -27,7 +26,6 @@ from sira_server.store.hot_state import (
     experiment_keys,
 )
 from sira_server.store.lua_scripts import LuaScript
-from sira_server.store.script_transport import ScriptCall, ScriptTransport
 
 # --- fixtures and helpers --------------------------------------------------------------
 
@@ -392,21 +390,6 @@ async def test_unknown_experiment_without_state_is_not_found(hot: HotState) -> N
 
 
 # --- one send path for Track and TrackBatch ------------------------------------------------
-
-
-class CountingTransport:
-    """A real transport that records how many calls each round trip carried."""
-
-    def __init__(self, inner: ScriptTransport) -> None:
-        self.inner = inner
-        self.round_trips: list[int] = []
-
-    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
-        self.round_trips.append(len(calls))
-        return await self.inner.run(script, calls)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_track_and_track_batch_events_share_one_round_trip(

@@ -4,13 +4,12 @@ events sent one by one would, and an error fails its own event only."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from store_helpers import create_experiment, event
+from store_helpers import CountingTransport, create_experiment, event
 
 from sira_server.errors import Unavailable
 from sira_server.store.hot_keys import ExperimentKeys
@@ -26,8 +25,6 @@ from sira_server.store.hot_state import (
     experiment_keys,
     track_call,
 )
-from sira_server.store.lua_scripts import LuaScript
-from sira_server.store.script_transport import ScriptCall, ScriptTransport
 
 SUBJECTS = {"s1": 0, "s2": 0, "s3": 1}
 """Subject -> index of its assigned variant; "ghost" has none."""
@@ -151,21 +148,6 @@ async def test_a_batch_answers_and_stores_what_its_events_one_by_one_would(
     # s1's refund came at its conversions' time: with conversion_not_refunded only s2 counts.
     successes = (await hot.counters(batched))[a].successes
     assert successes == (2 if reward == "conversion" else 1)
-
-
-class CountingTransport:
-    """A real transport that records how many calls each round trip carried."""
-
-    def __init__(self, inner: ScriptTransport) -> None:
-        self.inner = inner
-        self.round_trips: list[int] = []
-
-    async def run(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
-        self.round_trips.append(len(calls))
-        return await self.inner.run(script, calls)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_large_batch_is_one_round_trip_of_calls_of_at_most_the_chunk_size(
