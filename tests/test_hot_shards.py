@@ -277,6 +277,9 @@ async def test_processes_must_agree_on_the_shard_count(redis: aioredis.Redis) ->
     with pytest.raises(ConfigError, match="SIRA_REDIS_SHARDS=8"):
         await claim_layout(redis, HotLayout(1))
     assert await redis.get(LAYOUT_KEY) == b"8"
+    await redis.set(LAYOUT_KEY, "eight")  # hand-edited: refused in words, not a traceback
+    with pytest.raises(ConfigError, match="not a shard count"):
+        await claim_layout(redis, HotLayout(8))
 
 
 async def test_a_deployment_from_before_the_layout_key_keeps_one_shard(

@@ -626,12 +626,23 @@ async def held_layout(redis: RedisClient) -> HotLayout | None:
     async with redis_call():
         held = await redis.get(LAYOUT_KEY)
         if held is not None:
-            return HotLayout(int(held))
+            return _recorded_layout(held)
         streams = await redis.smembers(STREAM_REGISTRY)
     shards = [shard_of_stream(stream) for stream in streams]
     if not shards:
         return None
     return HotLayout(1 if None in shards else max(s for s in shards if s is not None) + 1)
+
+
+def _recorded_layout(held: bytes | str) -> HotLayout:
+    """`sira:layout` as written by `claim_layout`; anything else is refused, not guessed."""
+    try:
+        return HotLayout(int(held))
+    except ValueError:
+        raise ConfigError(
+            f"{LAYOUT_KEY} in Redis holds {held[:20]!r}, not a shard count; set it to the"
+            " SIRA_REDIS_SHARDS the hot state was written with"
+        ) from None
 
 
 async def claim_layout(redis: RedisClient, layout: HotLayout) -> None:
@@ -643,7 +654,7 @@ async def claim_layout(redis: RedisClient, layout: HotLayout) -> None:
         async with redis_call():
             await redis.set(LAYOUT_KEY, layout.shards, nx=True)
             recorded = await redis.get(LAYOUT_KEY)  # a racing process with another count
-        held = HotLayout(int(recorded)) if recorded is not None else layout
+        held = _recorded_layout(recorded) if recorded is not None else layout
     if held.shards != layout.shards:
         raise ConfigError(
             f"SIRA_REDIS_SHARDS is {layout.shards} but the hot state in Redis was written"
