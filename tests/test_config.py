@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from sira_server.config import ConfigError, ReplicaWait, Settings
+from sira_server.launcher import run_loop
 
 
 def test_defaults_are_the_embedded_development_setup() -> None:
@@ -85,6 +88,24 @@ def test_script_transport_is_the_channel_unless_told() -> None:
     assert Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "pipeline"}).script_transport == "pipeline"
     with pytest.raises(ConfigError, match="SIRA_SCRIPT_TRANSPORT"):
         Settings.from_env({"SIRA_SCRIPT_TRANSPORT": "carrier-pigeon"})
+
+
+@pytest.mark.parametrize(("raw", "loop_type"), [("", uvloop.Loop), ("asyncio", None)])
+def test_the_server_runs_on_uvloop_unless_told(raw: str, loop_type: type | None) -> None:
+    settings = Settings.from_env({"SIRA_EVENT_LOOP": raw})
+    seen: list[asyncio.AbstractEventLoop] = []
+
+    async def main() -> None:
+        seen.append(asyncio.get_running_loop())
+
+    run_loop(settings, main())
+    if loop_type is None:
+        assert not isinstance(seen[0], uvloop.Loop)
+        assert isinstance(seen[0], asyncio.BaseEventLoop)
+    else:
+        assert isinstance(seen[0], loop_type)
+    with pytest.raises(ConfigError, match="SIRA_EVENT_LOOP must be uvloop or asyncio"):
+        Settings.from_env({"SIRA_EVENT_LOOP": "trio"})
 
 
 def test_redis_cluster_and_replica_wait_are_read() -> None:

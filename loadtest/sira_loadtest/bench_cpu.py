@@ -36,12 +36,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from sira_loadtest.bench_cpu_report import (
     CURRENT,
     ECHO,
     ECHO_TOKEN,
+    ECHO_UVLOOP,
     GROUPS,
     SCENARIOS,
     CpuResult,
@@ -82,6 +84,11 @@ def process_table() -> dict[int, tuple[int, int]]:
         fields = stat[stat.rindex(")") + 2 :].split()
         table[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
     return table
+
+
+def echo_ticks(pid: int) -> dict[str, int]:
+    """CPU ticks of one echo server process, as a stack's `ticks`."""
+    return group_ticks(process_table(), {"server": [pid]})
 
 
 def descendants(table: Mapping[int, tuple[int, int]], root: int) -> set[int]:
@@ -449,20 +456,22 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
     ]
     with tempfile.TemporaryDirectory(prefix="sira-cpu-") as tmp, ExitStack() as stack:
         tmp_dir = Path(tmp)
-        echo = stack.enter_context(
-            launch(
-                [sys.executable, "-m", "sira_loadtest.echo", "--port", "0"],
-                os.environ,
-                ECHO_READY,
-                tmp_dir / "echo.log",
-                60,
+        echoes = {
+            loop: stack.enter_context(
+                launch(
+                    [sys.executable, "-m", "sira_loadtest.echo", "--port", "0", "--loop", loop],
+                    os.environ,
+                    ECHO_READY,
+                    tmp_dir / f"echo-{loop}.log",
+                    60,
+                )
             )
-        )
+            for loop in ("asyncio", "uvloop")
+        }
         stacks = [await start_stack(stack, spec, tmp_dir, options) for spec in specs]
         for s in stacks:
             if problem := await check_track_batch(s):
                 result.problems.append(problem)
-        echo_pids = {"server": [echo.process.pid]}
         for round_index in range(options.rounds):
             # Alternate the order of the stacks from one round to the next.
             order = stacks if round_index % 2 == 0 else stacks[::-1]
@@ -472,28 +481,24 @@ async def run_cpu_bench(options: CpuOptions) -> CpuResult:
                     f"{clock} cpu bench round {round_index + 1}: {scenario.name}", file=sys.stderr
                 )
                 if scenario.name == ECHO:
-                    config = _load_config(None, scenario, echo.address, options)
-                    run = await measure(
-                        "echo",
-                        scenario,
-                        config,
-                        lambda: group_ticks(process_table(), echo_pids),
-                        None,
-                        options,
-                        echo.process.pid,
-                    )
-                    result.runs.append(replace(run, round=round_index))
-                    config = replace(config, metadata=stacks[0].metadata)
-                    run = await measure(
-                        ECHO_TOKEN,
-                        scenario,
-                        config,
-                        lambda: group_ticks(process_table(), echo_pids),
-                        None,
-                        options,
-                        echo.process.pid,
-                    )
-                    result.runs.append(replace(run, round=round_index))
+                    token = stacks[0].metadata
+                    for label, loop, metadata in (
+                        ("echo", "asyncio", ()),
+                        (ECHO_TOKEN, "asyncio", token),
+                        (ECHO_UVLOOP, "uvloop", token),
+                    ):
+                        echo = echoes[loop]
+                        config = _load_config(None, scenario, echo.address, options)
+                        run = await measure(
+                            label,
+                            scenario,
+                            replace(config, metadata=metadata),
+                            partial(echo_ticks, echo.process.pid),
+                            None,
+                            options,
+                            echo.process.pid,
+                        )
+                        result.runs.append(replace(run, round=round_index))
                     continue
                 for s in order:
                     config = _load_config(s, scenario, s.address, options)

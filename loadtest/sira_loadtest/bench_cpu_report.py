@@ -37,6 +37,8 @@ SCENARIOS = (
 )
 ECHO = SCENARIOS[0].name
 ECHO_TOKEN = "echo + bearer token"
+ECHO_UVLOOP = "echo on uvloop"
+"""The same echo on sira-server's default event loop: how much of a ratio is the loop."""
 """Echo called with the metadata SIRA calls carry: what gRPC charges for it alone."""
 CURRENT = "current"
 """Label of the servers run by this checkout's interpreter."""
@@ -130,10 +132,14 @@ def events_per_core_second(run: CpuRun) -> float:
 
 
 def vs_echo(
-    result: CpuResult, stack: str, scenario: str, value: Callable[[CpuRun], float]
+    result: CpuResult,
+    stack: str,
+    scenario: str,
+    value: Callable[[CpuRun], float],
+    echo_label: str = "echo",
 ) -> float | None:
     """Median over rounds of (this run's CPU per call / echo's in the same round)."""
-    echo = {r.round: r.us_per_call("server") for r in result.runs_of("echo", ECHO)}
+    echo = {r.round: r.us_per_call("server") for r in result.runs_of(echo_label, ECHO)}
     ratios = [
         value(r) / echo[r.round] for r in result.runs_of(stack, scenario) if echo.get(r.round)
     ]
@@ -186,7 +192,7 @@ def cpu_table(result: CpuResult) -> list[str]:
         "| total µs | server / echo | total / echo |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    stacks = ["echo", ECHO_TOKEN] + [s["label"] for s in result.settings["stacks"]]
+    stacks = ["echo", ECHO_TOKEN, ECHO_UVLOOP] + [s["label"] for s in result.settings["stacks"]]
     for scenario in SCENARIOS:
         for stack in stacks:
             runs = result.runs_of(stack, scenario.name)
@@ -249,10 +255,29 @@ def render_markdown(result: CpuResult) -> str:
             f"| {t.what} | {t.stack} | {_fmt(t.measured, digits)} "
             f"| {op} {t.limit:,.{digits}f} | {t.verdict} |"
         )
-    lines += ["", *before_after_lines(result)]
+    lines += ["", *same_loop_lines(result), *before_after_lines(result)]
     if result.problems:
         lines += ["", "Problems:", "", *(f"- {p}" for p in result.problems)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def same_loop_lines(result: CpuResult) -> list[str]:
+    """The target ratios against the echo on uvloop, sira-server's own loop: the share of
+    a ratio that is SIRA's work, not the event loop's."""
+    if not result.runs_of(ECHO_UVLOOP, ECHO):
+        return []
+    lines = ["The same ratios against the echo on uvloop (the loop sira-server runs on):", ""]
+    for stack in [s["label"] for s in result.settings["stacks"] if s["python"] == sys.executable]:
+        parts = [
+            f"{name} {_fmt(vs_echo(result, stack, scenario, value, ECHO_UVLOOP), 2)}"
+            for name, scenario, value in (
+                ("Assign returning (server)", ASSIGN_RETURNING, _server_us),
+                ("Assign new (total)", ASSIGN_NEW, _total_us),
+                ("Track (total)", TRACK, _total_us),
+            )
+        ]
+        lines.append(f"- {stack}: " + ", ".join(parts) + ".")
+    return [*lines, ""]
 
 
 def _describe(stack: Mapping[str, Any]) -> str:

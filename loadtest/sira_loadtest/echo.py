@@ -1,6 +1,6 @@
 """A do-nothing gRPC server: the ceiling of what one grpc.aio process can answer.
 
-`python -m sira_loadtest.echo --port N` serves `/sira.bench.Echo/Echo`, a unary
+`python -m sira_loadtest.echo --port N [--loop uvloop]` serves `/sira.bench.Echo/Echo`, a unary
 method that takes any bytes and returns an empty message, with no interceptor,
 no auth and no parsing. It prints `echo listening on HOST:PORT` when ready and
 stops on SIGTERM/SIGINT.
@@ -13,6 +13,7 @@ import asyncio
 import signal
 
 import grpc
+import uvloop
 
 ECHO_SERVICE = "sira.bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
@@ -54,8 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sira_loadtest.echo", description=DESCRIPTION)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (sira-server runs on uvloop unless SIRA_EVENT_LOOP=asyncio)",
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port))
+    factory = uvloop.new_event_loop if args.loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ hot experiment spreads over up to 8 masters (docs/scaling.md has the reasoning).
 ROLES = ("all", "serve", "flusher")
 """What one `sira-server` process does: see `Settings.role`."""
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+"""What runs a `sira-server` process's coroutines: see `Settings.event_loop`."""
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaWait:
@@ -221,6 +224,9 @@ class Settings:
     script channel, where it can connect: one node, no TLS, no replica WAIT; redis-py's
     pipelines otherwise, so always with SIRA_REDIS_CLUSTER or SIRA_REDIS_WAIT_REPLICAS)
     or `pipeline` (always redis-py). docs/design.md, "Scripts"."""
+    event_loop: str = "uvloop"
+    """SIRA_EVENT_LOOP: `uvloop` (libuv under asyncio: 6-9 % less server CPU per call,
+    docs/benchmarks.md) or `asyncio` (the standard library's loop)."""
     insights_history_seconds: float = 60.0
     """SIRA_INSIGHTS_HISTORY_SECONDS: interval between two recorded points of every
     running experiment's allocation and P(best) (GetInsightsHistory)."""
@@ -304,6 +310,9 @@ class Settings:
             raise ConfigError(
                 f"SIRA_SCRIPT_TRANSPORT must be channel or pipeline, got {script_transport!r}"
             )
+        event_loop = text("SIRA_EVENT_LOOP") or "uvloop"
+        if event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"SIRA_EVENT_LOOP must be uvloop or asyncio, got {event_loop!r}")
         redis_cluster = parse_flag("SIRA_REDIS_CLUSTER", text("SIRA_REDIS_CLUSTER"))
         if redis_cluster and text("SIRA_REDIS_URL") is None:
             raise ConfigError(
@@ -319,6 +328,7 @@ class Settings:
         wait_timeout_ms = integer("SIRA_REDIS_WAIT_TIMEOUT_MS", 100, minimum=1)
         return cls(
             script_transport=script_transport,
+            event_loop=event_loop,
             insights_history_seconds=seconds("SIRA_INSIGHTS_HISTORY_SECONDS", 60.0),
             database_url=text("SIRA_DATABASE_URL"),
             redis_url=text("SIRA_REDIS_URL"),

@@ -17,8 +17,12 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from multiprocessing.connection import Connection
+from typing import Any
+
+import uvloop
 
 from sira_server.app import Ports, banner, resolve_jwt_secret, resolve_tracking_key, serve
 from sira_server.auth import read_dev_secret
@@ -34,6 +38,15 @@ from sira_server.supervisor import Supervisor
 log = logging.getLogger("sira_server")
 
 WORKER_READY_TIMEOUT_SECONDS = 300.0
+
+
+def run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run(main)` on the event loop `settings.event_loop` names. uvloop (libuv)
+    costs less CPU per gRPC call than the standard loop (docs/benchmarks.md); grpc.aio,
+    asyncpg and redis.asyncio run on both."""
+    factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def run(settings: Settings) -> None:
@@ -53,7 +66,7 @@ def run(settings: Settings) -> None:
                 "--role flusher needs SIRA_DATABASE_URL and SIRA_REDIS_URL (the embedded "
                 "default runs the flusher inside the server: --role all)"
             )
-        asyncio.run(run_flusher(settings, lambda: print(FLUSHER_READY_LINE, flush=True)))
+        run_loop(settings, run_flusher(settings, lambda: print(FLUSHER_READY_LINE, flush=True)))
         return
     embedded: EmbeddedServers | None = None
     supervisor: Supervisor | None = None
@@ -77,7 +90,7 @@ def run(settings: Settings) -> None:
         if settings.workers == 1:
             if supervisor is not None:
                 supervisor.start()
-            asyncio.run(serve(settings, lambda ports: announce(settings, ports, embedded)))
+            run_loop(settings, serve(settings, lambda ports: announce(settings, ports, embedded)))
         else:
             run_workers(settings, embedded, supervisor)
     finally:
@@ -112,7 +125,7 @@ def _worker(settings: Settings, ready: Connection) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
     )
-    asyncio.run(serve(settings, ready.send))
+    run_loop(settings, serve(settings, ready.send))
 
 
 def run_workers(

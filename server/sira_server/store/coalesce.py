@@ -27,9 +27,15 @@ that item). Raising fails the whole group."""
 class Coalescer(Generic[K, T, R]):
     """At most `max_in_flight` batches per key are on the wire; items submitted while
     they are form the next batch. Idle: a call leaves at once, alone (no timer, no added
-    latency). Busy: batches grow by themselves with the load."""
+    latency). Busy: batches grow by themselves with the load.
 
-    def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 2) -> None:
+    One batch in flight by default: group commit. With `appendfsync always` Redis pays
+    an fsync per event-loop turn, so the batch that waits for the one on the wire grows
+    instead of paying its own. Measured against two in flight (docs/benchmarks.md,
+    "Group commit"): 10-12 % less CPU per new Assign and per Track (Redis 30 % less),
+    more calls/s, and p50/p99 no worse at 16 and 64 calls in flight."""
+
+    def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 1) -> None:
         self._send_batch = send_batch
         self._max_in_flight = max_in_flight
         self._pending: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
