@@ -32,8 +32,8 @@ class Coalescer(Generic[K, T, R]):
     One batch in flight by default: group commit. With `appendfsync always` Redis pays
     an fsync per event-loop turn, so the batch that waits for the one on the wire grows
     instead of paying its own. Measured against two in flight (docs/benchmarks.md,
-    "Group commit"): 10-12 % less CPU per new Assign and per Track (Redis 30 % less),
-    more calls/s, and p50/p99 no worse at 16 and 64 calls in flight."""
+    "Group commit"): 9-15 % less CPU per new Assign and per Track (Redis about 30 %
+    less), more calls/s, and p50/p99 no worse at 16 and 64 calls in flight."""
 
     def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 1) -> None:
         self._send_batch = send_batch

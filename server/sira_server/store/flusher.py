@@ -57,8 +57,8 @@ DEAD_LETTER_MAXLEN = 100_000
 MAX_REASON_CHARS = 500
 LINGER_SECONDS = 0.25
 """Pause after a part batch so the next one grows: Postgres pays a transaction, two
-temp tables and an INSERT per pass. 50 ms -> 250 ms: flusher CPU per record about
-halved and Postgres CPU per Track 40-50 % lower (docs/benchmarks.md, "Group commit");
+temp tables and an INSERT per pass. 50 ms -> 250 ms: flusher CPU per record down by
+a third to a half, Postgres's by about 40 % (docs/benchmarks.md, "Group commit");
 Postgres lags Redis by up to this much more under load (it is write-behind)."""
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
