@@ -145,13 +145,17 @@ def new_assigner(
     )
 
 
-def decision_message(decided: Decision[pb.AssignedVariant]) -> pb.Decision:
+def decision_message(
+    decided: Decision[pb.AssignedVariant], decision: pb.Decision | None = None
+) -> pb.Decision:
+    """The decision as the API's message, written into `decision` when given (a field of
+    the response: no copy)."""
     live = decided.live
-    decision = pb.Decision(
-        experiment_id=live.id,
-        experiment_key=live.experiment.key,
-        reason=_REASONS[decided.reason],
-    )
+    if decision is None:
+        decision = pb.Decision()
+    decision.experiment_id = live.id
+    decision.experiment_key = live.experiment.key
+    decision.reason = _REASONS[decided.reason]
     if decided.variant is not None:
         decision.variant.CopyFrom(decided.variant)
         decision.propensity = decided.propensity
@@ -196,10 +200,10 @@ class AssignmentServicer(assignment_service_pb2_grpc.AssignmentServiceServicer):
             profile, stored_context = NO_PROFILE, _no_context
         live = await self._catalog.get(ref)
         decided = await self._assigner.decide(live, request.subject_id, profile, stored_context)
-        decision = decision_message(decided)
-        self._sign(decision, request.subject_id)
+        response = pb.AssignResponse()
+        self._sign(decision_message(decided, response.decision), request.subject_id)
         self._metrics.decision_latency.observe(time.perf_counter() - started)
-        return pb.AssignResponse(decision=decision)
+        return response
 
     async def AssignAll(
         self, request: pb.AssignAllRequest, context: Context
