@@ -101,6 +101,9 @@ SETINFO, the command): room for a dozen calls."""
         "READONLY You can't write against a read only replica.",
         "MISCONF Redis is configured to save RDB snapshots, but it's unable to persist",
         "OOM command not allowed when used memory > 'maxmemory'.",
+        "ERR WAIT cannot be used with replica instances. Please also note that since Redis "
+        "4.0 if a replica is configured to be writable (which is not the default) writes to "
+        "replicas are just local and are not propagated.",
     ],
 )
 def test_store_replies_that_mean_not_now_are_unavailable(reply: str) -> None:
@@ -108,12 +111,17 @@ def test_store_replies_that_mean_not_now_are_unavailable(reply: str) -> None:
     assert is_redis_unavailable(error)
 
 
-def test_a_reply_annotated_by_a_pipeline_keeps_its_class() -> None:
+@pytest.mark.parametrize(
+    "annotated",
+    [
+        "Command # 1 (HEXISTS k ready) of pipeline caused error: ('BUSY Redis is busy',)",
+        "Command # 2 (WAIT 1 100) of pipeline caused error: "
+        "('WAIT cannot be used with replica instances. Please also note...',)",
+    ],
+)
+def test_a_reply_annotated_by_a_pipeline_keeps_its_class(annotated: str) -> None:
     """redis-py prefixes an error of a pipeline with the command that failed."""
-    error = redis_errors.ResponseError(
-        "Command # 1 (HEXISTS k ready) of pipeline caused error: ('BUSY Redis is busy',)"
-    )
-    assert is_redis_unavailable(error)
+    assert is_redis_unavailable(redis_errors.ResponseError(annotated))
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ uses), by `domain_error` (one call's error reply) and `redis_call` (a block of w
 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
-  ``MISCONF``, ``OOM``, ``NOREPLICAS``, a cluster slot without a master or a cluster
-  with no reachable node): `Unavailable` with metadata ``store=redis``,
-  the caller retries (Assign is sticky and Track idempotent, so a retry is safe); so is
-  redis-py's leak of a closed connection as AttributeError (`is_closed_writer_race`);
+  ``MISCONF``, ``OOM``, ``NOREPLICAS``, WAIT refused by a master just demoted, a
+  cluster slot without a master or a cluster with no reachable node): `Unavailable`
+  with metadata ``store=redis``, the caller retries (Assign is sticky and Track
+  idempotent, so a retry is safe); so is redis-py's leak of a closed connection as
+  AttributeError (`is_closed_writer_race`);
 - anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
   reported as INTERNAL with the real cause logged.
 
@@ -73,22 +74,28 @@ def is_redis_unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, redis_errors.RedisClusterException):
         return str(exc).startswith(_CLUSTER_UNREACHABLE)
-    return isinstance(exc, redis_errors.ResponseError) and _reply_code(exc) in (
-        REDIS_UNAVAILABLE_CODES
-    )
+    if not isinstance(exc, redis_errors.ResponseError):
+        return False
+    text = _reply_text(exc)
+    return text.split(" ", 1)[0] in REDIS_UNAVAILABLE_CODES or text.startswith(_WAIT_ON_REPLICA)
 
+
+_WAIT_ON_REPLICA = "WAIT cannot be used with replica instances"
+"""The reply to `SIRA_REDIS_WAIT_REPLICAS`'s WAIT on a master demoted to a replica since
+the connection chose it (a failover): the scripts before it were refused (READONLY) or
+ran before the demotion, unconfirmed either way: not now, retry."""
 
 _PIPELINE_PREFIX = "of pipeline caused error: "
 
 
-def _reply_code(exc: redis_errors.ResponseError) -> str:
-    """The reply's first word, also once redis-py prefixed it with the failed command
-    of a pipeline ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
+def _reply_text(exc: redis_errors.ResponseError) -> str:
+    """The reply, also once redis-py prefixed it with the failed command of a pipeline
+    ("Command # 1 (...) of pipeline caused error: ('BUSY ...',)")."""
     text = str(exc)
     _, found, rest = text.partition(_PIPELINE_PREFIX)
     if found:
         text = rest.lstrip("('\"")
-    return text.split(" ", 1)[0]
+    return text
 
 
 def is_closed_writer_race(exc: BaseException) -> bool:
