@@ -26,6 +26,7 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from fault_stores import PausableProxy, RedisServer, fill, kill, pid_alive
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import exceptions as redis_errors
@@ -179,6 +180,43 @@ async def test_redis_pys_closed_writer_race_is_unavailable() -> None:
     with pytest.raises(AttributeError):
         async with redis_call():
             raise ours
+
+
+def test_the_closed_writer_race_on_uvloop_is_unavailable() -> None:
+    """The same race on uvloop (the server's loop): writing to a transport closed under
+    redis-py raises uvloop's RuntimeError, seen once in a cluster failover under load."""
+
+    async def write_after_reset() -> BaseException:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = aioredis.Connection(host="127.0.0.1", port=port)
+        connection._reader, connection._writer = await asyncio.open_connection("127.0.0.1", port)
+        connection._writer.transport.abort()  # the peer reset, as a failover does
+        await asyncio.sleep(0)
+        try:
+            await connection._send_packed_command([b"PING"])
+        except RuntimeError as exc:
+            return exc
+        finally:
+            await connection.disconnect()
+            for writer in accepted:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+        raise AssertionError("uvloop wrote to a closed transport without an error")
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        leaked = runner.run(write_after_reset())
+    mapped = domain_error(leaked)
+    assert isinstance(mapped, Unavailable)
+    assert mapped.metadata == {"store": "redis"}
+    ours = RuntimeError("the handler is closed")  # raised outside redis-py: a bug
+    assert domain_error(ours) is ours
 
 
 def test_store_timeouts_come_from_the_environment() -> None:

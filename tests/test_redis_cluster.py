@@ -99,7 +99,7 @@ def _unhandled_in_log(server: RunningServer) -> str:
     """The server log's first traceback of an unhandled exception (what became INTERNAL)."""
     text = server.log()
     start = text.find("unhandled exception")
-    return text[start : start + 4000] if start >= 0 else "(no unhandled exception logged)"
+    return text[start : start + 12000] if start >= 0 else "(no unhandled exception logged)"
 
 
 def _auth(role: str) -> tuple[tuple[str, str], ...]:
@@ -520,10 +520,9 @@ async def _failover_run(
     # Track refused as not assigned means its acknowledged assignment was lost.
     assert ledger.refused <= set(lost_in_redis)
     failed = set(ledger.failures) - {"FAILED_PRECONDITION"}
-    assert failed <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, (
-        ledger.failures,
-        _unhandled_in_log(server),
-    )
+    if "INTERNAL" in failed:  # whole, in the captured output: the assertion cuts it
+        print(_unhandled_in_log(server))
+    assert failed <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, ledger.failures
     if wait_replicas:
         # Acknowledged = on the master and its replica: the promotion keeps it.
         assert not lost_in_redis

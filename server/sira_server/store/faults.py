@@ -102,8 +102,13 @@ def is_closed_writer_race(exc: BaseException) -> bool:
     """redis-py 8.1 lets a write on a connection closed under it (a peer reset; the
     cluster client dropping a node's connections after a failover) escape as the
     transport's AttributeError/TypeError instead of ConnectionError (redis/redis-py
-    #4287, #3546). Only that: raised inside redis-py's asyncio connection module."""
-    if not isinstance(exc, AttributeError | TypeError):
+    #4287, #3546); on uvloop, as its RuntimeError "unable to perform operation on
+    <TCPTransport closed=True ...>; the handler is closed". Only that: raised inside
+    redis-py's asyncio connection module."""
+    if isinstance(exc, RuntimeError):
+        if not str(exc).endswith(_UVLOOP_CLOSED_HANDLE):
+            return False
+    elif not isinstance(exc, AttributeError | TypeError):
         return False
     frame = exc.__traceback__
     while frame is not None:
@@ -114,6 +119,7 @@ def is_closed_writer_race(exc: BaseException) -> bool:
 
 
 _REDIS_CONNECTION_MODULE = "/redis/asyncio/connection.py"
+_UVLOOP_CLOSED_HANDLE = "the handler is closed"
 
 
 def redis_unavailable(exc: BaseException) -> Unavailable:
