@@ -215,8 +215,17 @@ def test_the_closed_writer_race_on_uvloop_is_unavailable() -> None:
     mapped = domain_error(leaked)
     assert isinstance(mapped, Unavailable)
     assert mapped.metadata == {"store": "redis"}
+
+    async def through_redis_call(exc: BaseException) -> None:
+        async with redis_call():
+            raise exc
+
+    with pytest.raises(Unavailable):
+        asyncio.run(through_redis_call(leaked))
     ours = RuntimeError("the handler is closed")  # raised outside redis-py: a bug
     assert domain_error(ours) is ours
+    with pytest.raises(RuntimeError):
+        asyncio.run(through_redis_call(ours))
 
 
 def test_store_timeouts_come_from_the_environment() -> None:

@@ -155,8 +155,9 @@ async def redis_call(seconds: float | None = None) -> AsyncIterator[None]:
         redis_errors.RedisError,
         redis_errors.RedisClusterException,
         OSError,
-        AttributeError,
+        AttributeError,  # these three: redis-py's closed-writer race, else a bug
         TypeError,
+        RuntimeError,
     ) as exc:
         mapped = domain_error(exc)
         if mapped is exc:
