@@ -102,6 +102,7 @@ SETINFO, the command): room for a dozen calls."""
         "READONLY You can't write against a read only replica.",
         "MISCONF Redis is configured to save RDB snapshots, but it's unable to persist",
         "OOM command not allowed when used memory > 'maxmemory'.",
+        "NOSCRIPT No matching script. Please use EVAL.",
         "ERR WAIT cannot be used with replica instances. Please also note that since Redis "
         "4.0 if a replica is configured to be writable (which is not the default) writes to "
         "replicas are just local and are not propagated.",

@@ -7,11 +7,11 @@ uses), by `domain_error` (one call's error reply) and `redis_call` (a block of w
 
 - the store cannot serve now (connection lost or refused, a wait past its deadline,
   ``LOADING``, ``BUSY``, ``TRYAGAIN``, ``CLUSTERDOWN``, ``MASTERDOWN``, ``READONLY``,
-  ``MISCONF``, ``OOM``, ``NOREPLICAS``, WAIT refused by a master just demoted, a
-  cluster slot without a master or a cluster with no reachable node): `Unavailable`
-  with metadata ``store=redis``, the caller retries (Assign is sticky and Track
-  idempotent, so a retry is safe); so is redis-py's leak of a closed connection as
-  AttributeError (`is_closed_writer_race`);
+  ``MISCONF``, ``OOM``, ``NOREPLICAS``, ``NOSCRIPT`` after a reload, WAIT refused by a
+  master just demoted, a cluster slot without a master or a cluster with no reachable
+  node): `Unavailable` with metadata ``store=redis``, the caller retries (Assign is
+  sticky and Track idempotent, so a retry is safe); so is redis-py's leak of a closed
+  connection as AttributeError (`is_closed_writer_race`);
 - anything else (a script error, a wrong type) is a bug and stays a `RedisError`,
   reported as INTERNAL with the real cause logged.
 
@@ -45,6 +45,9 @@ REDIS_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis_errors.OutOfMemoryError,  # OOM: maxmemory reached, writes refused
     redis_errors.SlotNotCoveredError,  # a cluster slot without a master (failover)
     redis_errors.ClusterError,  # "TTL exhausted": redirections kept failing (failover)
+    # NOSCRIPT that outlived the transport's load-and-retry: a master promoted a moment
+    # ago (replicas keep no script cache) that the client's view did not have yet.
+    redis_errors.NoScriptError,
     OSError,  # refused, reset, unreachable; TimeoutError (a deadline here) is one too
 )
 """Failures that mean "this store cannot answer now", whatever their path."""
