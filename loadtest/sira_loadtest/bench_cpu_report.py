@@ -37,9 +37,9 @@ SCENARIOS = (
 )
 ECHO = SCENARIOS[0].name
 ECHO_TOKEN = "echo + bearer token"
+"""Echo called with the metadata SIRA calls carry: what gRPC charges for it alone."""
 ECHO_UVLOOP = "echo on uvloop"
 """The same echo on sira-server's default event loop: how much of a ratio is the loop."""
-"""Echo called with the metadata SIRA calls carry: what gRPC charges for it alone."""
 CURRENT = "current"
 """Label of the servers run by this checkout's interpreter."""
 ASSIGN_NEW, ASSIGN_RETURNING, TRACK, TRACK_BATCH = (s.name for s in SCENARIOS[1:])
