@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,7 +14,14 @@ import pytest
 import redis.asyncio as aioredis
 from store_helpers import create_experiment, event
 
-from sira_server.store.flusher import FlushStats, SimulatedCrashError, WriteBehindFlusher
+from sira_server.store.flusher import (
+    _CREATE_TEMP_TABLES,
+    _INSERT_METRICS,
+    _METRIC_COLUMNS,
+    FlushStats,
+    SimulatedCrashError,
+    WriteBehindFlusher,
+)
 from sira_server.store.hot_state import FLUSHER_GROUP, HotState, experiment_keys
 from sira_server.store.postgres import create_pool
 
@@ -422,3 +429,43 @@ async def test_bandit_state_snapshot_from_hot_counters(
             )
         }
     assert rows == {a: (4.0, 3.0, 5, 3), b: (2.0, 1.0, 1, 1)}
+
+
+async def test_metric_write_probes_assignments_by_index_whatever_their_number(
+    migrated_pool: asyncpg.Pool,
+) -> None:
+    """A pass costs per record, not per assignment in the table: the orphan check and the
+    insert look each subject up in an index. As a join, with no statistics on the temp
+    table, the planner hashed all of experiment_assignments on every pass."""
+    experiment_id, (a, _) = await create_experiment(migrated_pool)
+    subjects = [f"s{i}" for i in range(20_000)]
+    async with migrated_pool.acquire() as conn:
+        await conn.copy_records_to_table(
+            "experiment_assignments",
+            records=[(experiment_id, s, a, 0.5) for s in subjects],
+            columns=("experiment_id", "molam_id", "variant_id", "propensity"),
+        )
+        await conn.execute("ANALYZE experiment_assignments")
+        async with conn.transaction():
+            await conn.execute(_CREATE_TEMP_TABLES)
+            await conn.copy_records_to_table(
+                "sira_wb_metrics",
+                records=[
+                    (i, experiment_id, f"e{i}", a, s, "conversion", 1.0, "XOF", 0, 0)
+                    for i, s in enumerate(subjects[:500])
+                ],
+                columns=_METRIC_COLUMNS,
+            )
+            plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + _INSERT_METRICS)
+    scans = list(_plan_nodes(plan[0]["Plan"]))  # the pool decodes json
+    on_assignments = [n for n in scans if n.get("Relation Name") == "experiment_assignments"]
+    assert on_assignments, scans
+    assert all(n["Node Type"] in {"Index Scan", "Index Only Scan"} for n in on_assignments), [
+        n["Node Type"] for n in on_assignments
+    ]
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
