@@ -391,6 +391,40 @@ async def test_postgres_outage_keeps_entries_pending_until_it_is_back(
     assert await pending(redis, experiment_id) == 0
 
 
+class RacedOnce(WriteBehindFlusher):
+    """A flusher whose first pass meets redis-py's closed-writer race (redis/redis-py#4287):
+    a write through a connection with no writer, what a reset under a write leaves."""
+
+    raced = False
+
+    async def flush_once(self) -> FlushStats:
+        if not self.raced:
+            self.raced = True
+            await aioredis.Connection()._send_packed_command([b"PING"])
+        return await super().flush_once()
+
+
+async def test_redis_pys_closed_writer_race_is_retried_like_an_outage(
+    hot: HotState, redis: aioredis.Redis, migrated_pool: asyncpg.Pool
+) -> None:
+    """It escapes redis-py as AttributeError, not ConnectionError: the loop backs off and
+    retries, as for any outage, instead of ending in a crash and a restart."""
+    experiment_id, _ = await traffic(hot, migrated_pool, subjects=12)
+    worker = RacedOnce(redis, migrated_pool, "f1", backoff_initial_seconds=0.01)
+    errors: list[BaseException] = []
+    worker.on_error = errors.append
+    task = asyncio.create_task(worker.run())
+
+    async def flushed() -> bool:
+        return (await worker.backlog())[experiment_id] == 0
+
+    assert await eventually(flushed)
+    worker.stop()
+    await asyncio.wait_for(task, 30)  # ended by stop(), not by the error
+    assert [type(e) for e in errors] == [AttributeError]
+    assert await table_counts(migrated_pool) == (12, 4 + 3, 0)
+
+
 # --- drain and bandit snapshot ---------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ import asyncpg
 from redis import exceptions as redis_errors
 
 from sira_server.errors import Unavailable
+from sira_server.store.faults import is_closed_writer_race
 from sira_server.store.hot_keys import (
     FLUSHER_GROUP,
     STREAM_REGISTRY,
@@ -72,6 +73,14 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     Unavailable,  # a Redis failure as `store.faults` maps it (the ack script's path)
 )
 """Failures a pass reports and `run` retries with backoff; entries stay pending."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure a pass reports and `run` retries: one of TRANSIENT_ERRORS, or redis-py's
+    closed-writer race (`store.faults`), which escapes as AttributeError or RuntimeError
+    when a Redis connection is reset under a write (a failover)."""
+    return isinstance(exc, TRANSIENT_ERRORS) or is_closed_writer_race(exc)
+
 
 DATA_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.DataError,
@@ -207,7 +216,9 @@ class WriteBehindFlusher:
                 if time.monotonic() >= next_refresh:
                     await self.refresh_bandit_state()
                     next_refresh = time.monotonic() + self.bandit_refresh_seconds
-            except TRANSIENT_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 log.warning("write-behind flush failed, retrying in %.1fs: %s", backoff, exc)
                 if self.on_error is not None:
                     self.on_error(exc)
@@ -235,7 +246,9 @@ class WriteBehindFlusher:
                 stats = await asyncio.wait_for(
                     self.flush_once(), timeout=max(0.1, deadline - time.monotonic())
                 )
-            except TRANSIENT_ERRORS as exc:  # TimeoutError is an OSError
+            except Exception as exc:  # TimeoutError is an OSError
+                if not is_transient(exc):
+                    raise
                 log.warning("write-behind drain: %s", exc)
                 await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
                 continue
