@@ -107,3 +107,40 @@ async def test_a_cancelled_caller_does_not_break_the_batch() -> None:
     assert await kept == 40
     with pytest.raises(asyncio.CancelledError):
         await doomed
+
+
+async def test_a_group_shares_a_batch_with_single_calls_and_gets_its_results_in_order() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    coalescer: Coalescer[str, int, int] = Coalescer(recorder.send, max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.submit("a", 0))
+    await settle()  # batch [0] is on the wire
+    before = asyncio.ensure_future(coalescer.submit("a", 2))
+    await settle()  # queued behind it
+    group = coalescer.enqueue("a", [4, 5, 6])
+    after = asyncio.ensure_future(coalescer.submit("a", 8))
+    await settle()
+    recorder.gate.set()
+    assert (await first, await before, await after) == (0, 20, 80)
+    four, five, six = await group  # an item's error is its result, not the group's
+    assert (four, six) == (40, 60)
+    assert isinstance(five, ValueError)
+    assert recorder.batches == [("a", [0]), ("a", [2, 4, 5, 6, 8])]
+
+
+async def test_a_failed_batch_fails_a_group_as_a_whole() -> None:
+    async def send(key: str, items: list[int]) -> list[int | BaseException]:
+        raise ConnectionError("redis down")
+
+    coalescer: Coalescer[str, int, int] = Coalescer(send)
+    with pytest.raises(ConnectionError):
+        await coalescer.enqueue("a", [1, 2])
+
+
+async def test_a_sender_that_loses_results_fails_the_batch_instead_of_hanging_it() -> None:
+    async def send(key: str, items: list[int]) -> list[int | BaseException]:
+        return list(items[:-1])
+
+    coalescer: Coalescer[str, int, int] = Coalescer(send)
+    with pytest.raises(RuntimeError, match="2 results for a batch of 3"):
+        await coalescer.enqueue("a", [1, 2, 3])

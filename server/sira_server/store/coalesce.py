@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -22,6 +22,15 @@ R = TypeVar("R")
 SendBatch = Callable[[K, list[T]], Awaitable[list[R | BaseException]]]
 """Sends one group; one result per item, in order (an exception instance fails only
 that item). Raising fails the whole group."""
+
+
+class _Waiter(NamedTuple, Generic[T]):
+    """Items that joined a batch together, and where their results go: a single item's
+    result (or exception) or, for a group, the list of its results."""
+
+    items: Sequence[T]
+    future: asyncio.Future[Any]
+    single: bool
 
 
 class Coalescer(Generic[K, T, R]):
@@ -38,49 +47,62 @@ class Coalescer(Generic[K, T, R]):
     def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 1) -> None:
         self._send_batch = send_batch
         self._max_in_flight = max_in_flight
-        self._pending: dict[K, list[tuple[T, asyncio.Future[R]]]] = {}
+        self._pending: dict[K, list[_Waiter[T]]] = {}
         self._in_flight: dict[K, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K, item: T) -> R:
-        (future,) = self.enqueue(key, (item,))
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._add(key, _Waiter((item,), future, single=True))
         return await future
 
-    def enqueue(self, key: K, items: Sequence[T]) -> list[asyncio.Future[R]]:
-        """Add `items` to `key`'s next batch, in order, at once (no wait in between);
-        their results come in the futures (a cancelled future is skipped)."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
-        self._pending.setdefault(key, []).extend(zip(items, futures, strict=True))
+    def enqueue(self, key: K, items: Sequence[T]) -> asyncio.Future[list[R | BaseException]]:
+        """Add `items` to `key`'s next batch, in order, at once (no wait in between), as
+        one group: one future for all their results, in order, each a result or that
+        item's exception (a failed batch fails the future). One future per group, not per
+        item: a TrackBatch of 100 events used to pay 100 futures and their wake-ups."""
+        future: asyncio.Future[list[R | BaseException]] = asyncio.get_running_loop().create_future()
+        self._add(key, _Waiter(items, future, single=False))
+        return future
+
+    def _add(self, key: K, waiter: _Waiter[T]) -> None:
+        self._pending.setdefault(key, []).append(waiter)
         self._maybe_send(key)
-        return futures
 
     def _maybe_send(self, key: K) -> None:
         if self._in_flight.get(key, 0) >= self._max_in_flight or not self._pending.get(key):
             return
-        entries = self._pending.pop(key)
+        waiters = self._pending.pop(key)
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        task = asyncio.create_task(self._send(key, entries))
+        task = asyncio.create_task(self._send(key, waiters))
         self._tasks.add(task)  # a strong reference until it is done
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, key: K, entries: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _send(self, key: K, waiters: list[_Waiter[T]]) -> None:
         try:
-            results = await self._send_batch(key, [item for item, _ in entries])
+            items = [item for waiter in waiters for item in waiter.items]
+            results = await self._send_batch(key, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{len(results)} results for a batch of {len(items)}")
         except BaseException as exc:  # the callers get it; the next batch still goes
-            for _, future in entries:
-                if not future.done():
-                    future.set_exception(exc)
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (_, future), result in zip(entries, results, strict=True):
-                if future.done():  # the caller was cancelled meanwhile
+            at = 0
+            for waiter in waiters:
+                part = results[at : at + len(waiter.items)]
+                at += len(waiter.items)
+                if waiter.future.done():  # the caller was cancelled meanwhile
                     continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
+                if not waiter.single:
+                    waiter.future.set_result(part)
+                elif isinstance(part[0], BaseException):
+                    waiter.future.set_exception(part[0])
                 else:
-                    future.set_result(result)
+                    waiter.future.set_result(part[0])
         finally:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:

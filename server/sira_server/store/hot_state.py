@@ -516,12 +516,24 @@ class HotState:
         for index, (experiment_id, event) in enumerate(events):
             keys = self.layout.keys_of_subject(experiment_id, event.subject_id)
             by_shard.setdefault(keys, []).append(index)
-        queued: dict[int, asyncio.Future[TrackOutcome]] = {}
-        for keys, indexes in by_shard.items():
-            futures = self._tracks.enqueue(keys, [events[i][1] for i in indexes])
-            queued.update(zip(indexes, futures, strict=True))
-        in_order = (queued[index] for index in range(len(events)))
-        return list(await asyncio.gather(*in_order, return_exceptions=True))
+        groups = [
+            (indexes, self._tracks.enqueue(keys, [events[i][1] for i in indexes]))
+            for keys, indexes in by_shard.items()
+        ]
+        outcomes: dict[int, TrackOutcome | BaseException] = {}
+        try:
+            for indexes, group in groups:
+                try:
+                    results = await group
+                except Exception as exc:  # the shard's whole round trip failed
+                    results = [exc] * len(indexes)
+                for index, result in zip(indexes, results, strict=True):
+                    outcomes[index] = result
+        except BaseException:  # cancelled: the other shards' answers are not wanted
+            for _, group in groups:
+                group.cancel()
+            raise
+        return [outcomes[index] for index in range(len(events))]
 
     async def track_many(
         self, experiment_id: str, events: Sequence[TrackEvent]
