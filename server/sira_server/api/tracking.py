@@ -274,27 +274,34 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 reason="ERROR_REASON_VARIANT_NOT_FOUND",
                 metadata={"experiment": live.experiment.key, "variant": event.variant_id},
             )
+        variant_id = live.variant_ids[index]
+        cap = self._cap if anonymous else 0
+        if variant_id == valid.variant_id and cap == valid.cap:
+            return ValidEvent(live, valid, event.variant_id)  # already canonical
         canonical = TrackEvent(
             subject_id=valid.subject_id,
-            variant_id=live.variant_ids[index],
+            variant_id=variant_id,
             event_type=valid.event_type,
             event_id=valid.event_id,
             occurred_ms=valid.occurred_ms,
             value=valid.value,
             currency=valid.currency,
-            cap=self._cap if anonymous else 0,
+            cap=cap,
         )
         return ValidEvent(live, canonical, event.variant_id)
 
     def _answer(self, valid: ValidEvent, outcome: TrackOutcome) -> pb.TrackResponse:
+        return pb.TrackResponse(
+            event_id=valid.event.event_id, outcome=self._outcome(valid, outcome)
+        )
+
+    def _outcome(self, valid: ValidEvent, outcome: TrackOutcome) -> pb.TrackOutcome.ValueType:
+        """The answer's outcome for an event the store took or already had; raises the
+        error of an event it refused."""
         if outcome.status is TrackStatus.ACCEPTED:
-            return pb.TrackResponse(
-                event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_ACCEPTED
-            )
+            return pb.TRACK_OUTCOME_ACCEPTED
         if outcome.status is TrackStatus.DUPLICATE:
-            return pb.TrackResponse(
-                event_id=valid.event.event_id, outcome=pb.TRACK_OUTCOME_DUPLICATE
-            )
+            return pb.TRACK_OUTCOME_DUPLICATE
         if outcome.status is TrackStatus.CAPPED:
             self._metrics.limited.labels("subject_events").inc()
             raise capped(valid.event.cap, int(time.time() * 1000))
@@ -315,35 +322,43 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 [FieldViolation("events", f"1..{MAX_BATCH} events per batch")]
             )
         now_ms = int(time.time() * 1000)
-        resolved: list[ValidEvent | pb.TrackBatchResult] = []
+        resolved: list[ValidEvent | pb.TrackError] = []
         for event in request.events:  # in order, so the stores see them in order too
             try:
                 check_message(event, "event")  # the edge leaves each item to this loop
                 resolved.append(await self._resolve(event, now_ms))
             except SiraError as err:
-                resolved.append(pb.TrackBatchResult(error=track_error(err)))
+                resolved.append(track_error(err))
         # Each event goes the way of a Track call: events of one experiment leave together,
         # with concurrent Track calls, in one round trip.
         valid = [item for item in resolved if isinstance(item, ValidEvent)]
         outcomes = iter(await self._hot.track_each([(v.live.id, v.event) for v in valid]))
-        return pb.TrackBatchResponse(
-            results=[
-                item
-                if isinstance(item, pb.TrackBatchResult)
-                else self._result(item, next(outcomes))
-                for item in resolved
-            ]
-        )
+        # Results are filled in place: building each as a message and passing it in copies
+        # it twice (three times the CPU per event of a 100-event batch).
+        response = pb.TrackBatchResponse()
+        add_result = response.results.add
+        for item in resolved:
+            if isinstance(item, ValidEvent):
+                self._fill_result(add_result(), item, next(outcomes))
+            else:
+                add_result().error.CopyFrom(item)
+        return response
 
-    def _result(
-        self, valid: ValidEvent, outcome: TrackOutcome | BaseException
-    ) -> pb.TrackBatchResult:
+    def _fill_result(
+        self,
+        result: pb.TrackBatchResult,
+        valid: ValidEvent,
+        outcome: TrackOutcome | BaseException,
+    ) -> None:
         """One event's answer: a refused event or a store that cannot take it now is its
         result, never the batch's (a bug still fails the call, logged by the guard)."""
         try:
             if isinstance(outcome, BaseException):
                 raise outcome
-            answer = self._answer(valid, outcome)
+            code = self._outcome(valid, outcome)
         except SiraError as err:
-            return pb.TrackBatchResult(error=track_error(err))
-        return pb.TrackBatchResult(accepted=answer)
+            result.error.CopyFrom(track_error(err))
+            return
+        accepted = result.accepted
+        accepted.event_id = valid.event.event_id
+        accepted.outcome = code
