@@ -9,7 +9,7 @@ import random
 from sira.experiments.v1 import assignment_service_pb2, tracking_service_pb2
 from sira_loadtest.bench_cpu import descendants, group_ticks, process_table
 from sira_loadtest.bench_cpu_report import CpuResult, CpuRun, render_markdown, targets, vs_echo
-from sira_loadtest.bench_profile import frame_name, summarize
+from sira_loadtest.bench_profile import breakdown, frame_name, summarize
 from sira_loadtest.config import LoadConfig
 from sira_loadtest.scenarios import TRACK_BATCH_EVENTS, TRACK_BATCH_METHOD, build_source
 from sira_loadtest.template import IdFactory, RenderContext, returning_subject_id
@@ -129,3 +129,31 @@ def test_profile_summary_counts_self_and_total_once_per_stack() -> None:
     assert summary.total_counts["work (app/b.py)"] == 4  # recursion counted once
     assert summary.total_counts["main (app/a.py)"] == 4
     assert frame_name("f (<frozen runpy>:198)") == "f (<frozen runpy>)"
+
+
+def test_profile_breakdown_does_not_count_the_entry_frames_as_sira_work() -> None:
+    # the stack of sira-server's main thread, as py-spy records it
+    server = "/srv/sira/server/sira_server"
+    entry = ";".join(
+        [
+            "_run_module_as_main (<frozen runpy>:198)",
+            "_run_code (<frozen runpy>:88)",
+            f"<module> ({server}/__main__.py:40)",
+            f"main ({server}/__main__.py:35)",
+            f"run ({server}/launcher.py:60)",
+            f"run_loop ({server}/launcher.py:75)",
+            "Runner.run (/usr/lib/python3.11/asyncio/runners.py:118)",
+        ]
+    )
+    handle = "Handle._run (/usr/lib/python3.11/asyncio/events.py:80)"
+    collapsed = "\n".join(
+        [
+            f"{entry};{handle} 6",  # gRPC's Cython work, which py-spy cannot see into
+            f"{entry};{handle};Autopilot.run ({server}/engine/autopilot.py:7) 3",
+            f"{entry};{handle};Coalescer._send ({server}/store/coalesce.py:7) 1",
+        ]
+    )
+    shares = dict(breakdown(collapsed))
+    assert shares["gRPC core (Cython under Handle._run)"] == 60.0
+    assert shares["other SIRA background tasks"] == 30.0
+    assert shares["Redis client tasks (replies, coalesced sends)"] == 10.0

@@ -63,11 +63,27 @@ def _request_path(frames: list[str]) -> bool:
     return any("Guard.unary" in f or "Servicer." in f for f in frames)
 
 
+_ENTRY_MODULES = frozenset({"sira_server/__main__.py", "sira_server/launcher.py"})
+"""Under every sample of the process: they say nothing about where its time goes."""
+
+
+def _module(frame: str) -> str:
+    """The module of a `frame_name`: "f (pkg/mod.py)" -> "pkg/mod.py"."""
+    return frame[frame.rfind("(") + 1 : -1]
+
+
+def _sira_task(frames: list[str]) -> bool:
+    return any(
+        module.startswith("sira_server/") and module not in _ENTRY_MODULES
+        for module in map(_module, frames)
+    )
+
+
 PARTS: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
     ("SIRA request path (guards, servicer, engine)", _request_path),
     ("write-behind flusher", lambda f: any("store/flusher.py" in x for x in f)),
     ("Redis client tasks (replies, coalesced sends)", lambda f: any("store/" in x for x in f)),
-    ("other SIRA background tasks", lambda f: any("sira_server/" in x for x in f[5:])),
+    ("other SIRA background tasks", _sira_task),
     ("gRPC core (Cython under Handle._run)", lambda f: f[-1].startswith("Handle._run")),
     ("gRPC poller thread (native)", lambda f: f[-1].startswith("Thread.run")),
     ("event loop select (waiting)", lambda f: "select" in f[-1]),
