@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -24,13 +24,11 @@ SendBatch = Callable[[K, list[T]], Awaitable[list[R | BaseException]]]
 that item). Raising fails the whole group."""
 
 
-class _Waiter(NamedTuple, Generic[T]):
-    """Items that joined a batch together, and where their results go: a single item's
-    result (or exception) or, for a group, the list of its results."""
+class _Waiter(NamedTuple, Generic[T, R]):
+    """Items that joined a batch together, and the future of their results."""
 
     items: Sequence[T]
-    future: asyncio.Future[Any]
-    single: bool
+    future: asyncio.Future[list[R | BaseException]]
 
 
 class Coalescer(Generic[K, T, R]):
@@ -47,14 +45,15 @@ class Coalescer(Generic[K, T, R]):
     def __init__(self, send_batch: SendBatch[K, T, R], *, max_in_flight: int = 1) -> None:
         self._send_batch = send_batch
         self._max_in_flight = max_in_flight
-        self._pending: dict[K, list[_Waiter[T]]] = {}
+        self._pending: dict[K, list[_Waiter[T, R]]] = {}
         self._in_flight: dict[K, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, key: K, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._add(key, _Waiter((item,), future, single=True))
-        return await future
+        (result,) = await self.enqueue(key, (item,))
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def enqueue(self, key: K, items: Sequence[T]) -> asyncio.Future[list[R | BaseException]]:
         """Add `items` to `key`'s next batch, in order, at once (no wait in between), as
@@ -62,12 +61,9 @@ class Coalescer(Generic[K, T, R]):
         item's exception (a failed batch fails the future). One future per group, not per
         item: a TrackBatch of 100 events used to pay 100 futures and their wake-ups."""
         future: asyncio.Future[list[R | BaseException]] = asyncio.get_running_loop().create_future()
-        self._add(key, _Waiter(items, future, single=False))
-        return future
-
-    def _add(self, key: K, waiter: _Waiter[T]) -> None:
-        self._pending.setdefault(key, []).append(waiter)
+        self._pending.setdefault(key, []).append(_Waiter(items, future))
         self._maybe_send(key)
+        return future
 
     def _maybe_send(self, key: K) -> None:
         if self._in_flight.get(key, 0) >= self._max_in_flight or not self._pending.get(key):
@@ -78,7 +74,7 @@ class Coalescer(Generic[K, T, R]):
         self._tasks.add(task)  # a strong reference until it is done
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, key: K, waiters: list[_Waiter[T]]) -> None:
+    async def _send(self, key: K, waiters: list[_Waiter[T, R]]) -> None:
         try:
             items = [item for waiter in waiters for item in waiter.items]
             results = await self._send_batch(key, items)
@@ -95,14 +91,8 @@ class Coalescer(Generic[K, T, R]):
             for waiter in waiters:
                 part = results[at : at + len(waiter.items)]
                 at += len(waiter.items)
-                if waiter.future.done():  # the caller was cancelled meanwhile
-                    continue
-                if not waiter.single:
+                if not waiter.future.done():  # else the caller was cancelled meanwhile
                     waiter.future.set_result(part)
-                elif isinstance(part[0], BaseException):
-                    waiter.future.set_exception(part[0])
-                else:
-                    waiter.future.set_result(part[0])
         finally:
             self._in_flight[key] -= 1
             if not self._in_flight[key]:
